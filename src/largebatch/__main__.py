@@ -1,0 +1,3 @@
+from largebatch.cli import main
+
+raise SystemExit(main())

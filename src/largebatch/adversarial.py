@@ -1,0 +1,105 @@
+"""L-infinity attacks: FGSM and PGD.
+
+Both run the model in eval mode (batch-norm statistics untouched) and restore its mode on
+return; gradients are taken with respect to the inputs only, so the parameters' ``.grad``
+fields are left as they were. Budgets are in raw input units (images in [0, 1]).
+
+``clamp`` is the valid input range ``(low, high)``, ``None`` for unbounded inputs, or
+``"batch"`` for the reference code's behaviour: clamp to the min and max of the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["fgsm", "pgd", "eval_mode"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Clamp = tuple[float, float] | Literal["batch"] | None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in eval mode, then restore each module's own mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _bounds(x: torch.Tensor, clamp: Clamp) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    if clamp is None:
+        return -torch.inf, torch.inf
+    if clamp == "batch":
+        return x.min(), x.max()
+    low, high = clamp
+    return low, high
+
+
+def _input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(model(x), y)
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    loss_fn: LossFn | None = None,
+    clamp: Clamp = (0.0, 1.0),
+) -> torch.Tensor:
+    """Fast gradient sign method: ``clamp(x + eps * sign(grad_x loss))``, detached."""
+    loss_fn = loss_fn or F.cross_entropy
+    low, high = _bounds(x, clamp)
+    with eval_mode(model):
+        grad = _input_gradient(model, x, y, loss_fn)
+    return torch.clamp(x.detach() + eps * grad.sign(), low, high).detach()
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    loss_fn: LossFn | None = None,
+    clamp: Clamp = (0.0, 1.0),
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Projected gradient descent in the L-inf ball of radius ``eps`` around ``x``.
+
+    ``steps`` signed-gradient steps of size ``alpha``, each projected back into the ball
+    and the valid range; ``random_start`` begins from a uniform point in the ball.
+    """
+    if steps < 1:
+        raise ValueError("pgd needs steps >= 1")
+    loss_fn = loss_fn or F.cross_entropy
+    low, high = _bounds(x, clamp)
+    x = x.detach()
+    x_adv = x.clone()
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu")
+        x_adv = x_adv + (2 * noise.to(x.device) - 1) * eps
+        x_adv = torch.clamp(x_adv, low, high)
+    with eval_mode(model):
+        for _ in range(steps):
+            grad = _input_gradient(model, x_adv, y, loss_fn)
+            x_adv = x_adv + alpha * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+            x_adv = torch.clamp(x_adv, low, high).detach()
+    return x_adv

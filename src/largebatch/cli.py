@@ -1,0 +1,149 @@
+"""Command line: ``largebatch train|evaluate|hessian ...`` (also ``python -m largebatch``).
+
+Bad input ends with one ``error: ...`` line on stderr and exit status 2, no traceback
+(``--debug`` shows it). Ctrl-C ends with exit status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from largebatch import __version__
+from largebatch.errors import UsageError
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one ``error:`` line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+# (flag, config key, type, help); every flag is also a config key.
+_TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
+    ("--dataset", "dataset", str, "fashion-mnist|mnist|cifar10|cifar100|svhn|digits|mnist1d|synthetic"),
+    ("--data-dir", "data_dir", str, "folder with the dataset files"),
+    ("--model", "model", str, "mlp|c1|c2|resnet20|resnet18"),
+    ("--method", "method", str, "bl|fb|gg|abs|absa"),
+    ("--epochs", "epochs", int, "number of epochs"),
+    ("--batch-size", "batch_size", int, "base (global) batch size B0"),
+    ("--max-batch-size", "max_batch_size", int, "largest global batch Bmax"),
+    ("--micro-batch-size", "micro_batch_size", int, "largest batch run at once (accumulation)"),
+    ("--lr", "lr", float, "learning rate at the base batch"),
+    ("--lr-decay", "lr_decay", float, "LR factor at each milestone"),
+    ("--momentum", "momentum", float, "SGD momentum"),
+    ("--weight-decay", "weight_decay", float, "L2 weight decay"),
+    ("--seed", "seed", int, "random seed"),
+    ("--device", "device", str, "auto|cpu|cuda"),
+    ("--out", "out", str, "output folder"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="largebatch", description="Large-batch training with adaptive batch size.")
+    parser.add_argument("--version", action="version", version=f"largebatch {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a model", description="Train a model.")
+    train.add_argument("--config", help="YAML file of config keys")
+    train.add_argument(
+        "--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+        help="override any config key (repeatable), e.g. --set lr_decay_epochs=[30,60]",
+    )
+    for flag, key, kind, text in _TRAIN_FLAGS:
+        train.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
+    train.add_argument(
+        "--lr-decay-epochs", dest="lr_decay_epochs", type=int, nargs="*",
+        default=argparse.SUPPRESS, metavar="E", help="milestone epochs for LR decay",
+    )
+    train.add_argument(
+        "--resume", dest="resume", action="store_true", default=argparse.SUPPRESS,
+        help="continue the run in --out from its checkpoint",
+    )
+    train.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser(
+        "evaluate", help="clean and adversarial accuracy of a checkpoint",
+        description="Clean and adversarial test accuracy of a trained checkpoint.",
+    )
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--attack", default="none", choices=("none", "fgsm", "pgd"))
+    ev.add_argument("--eps", type=float, default=0.03, help="L-inf budget in raw input units")
+    ev.add_argument("--steps", type=int, default=10, help="PGD steps")
+    ev.add_argument("--alpha", type=float, default=None, help="PGD step size (default 2.5*eps/steps)")
+    ev.add_argument("--data-dir", help="dataset folder, if not the one used in training")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate on the first N test samples")
+    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--seed", type=int, default=0, help="seed for PGD's random start")
+    ev.add_argument("--out", help="write the result as JSON here")
+    ev.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from largebatch.config import apply_overrides, load_config, parse_assignment
+    from largebatch.train import train
+
+    config = load_config(args.config)
+    flags = {key: getattr(args, key) for _, key, _, _ in _TRAIN_FLAGS if hasattr(args, key)}
+    for key in ("lr_decay_epochs", "resume"):
+        if hasattr(args, key):
+            flags[key] = getattr(args, key)
+    config = apply_overrides(config, flags)
+    config = apply_overrides(config, dict(parse_assignment(a) for a in args.assignments))
+    train(config, show_progress=None if not args.quiet else False,
+          echo=None if args.quiet else print)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from largebatch.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        attack=args.attack,
+        eps=args.eps,
+        steps=args.steps,
+        alpha=args.alpha,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        out=args.out,
+    )
+    line = f"clean accuracy {result['clean_acc']:.4f}"
+    if result.get("adv_acc") is not None:
+        line += f", {args.attack} accuracy {result['adv_acc']:.4f} (eps {args.eps:g})"
+    print(line + f" on {result['samples']} test samples")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split())
+        sys.stderr.write(f"error: {message}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

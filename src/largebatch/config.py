@@ -1,0 +1,213 @@
+"""Training configuration: dataclass defaults, then a YAML file, then command-line overrides.
+
+The resolved configuration is written next to every run's results as ``config.yaml``.
+Unknown keys, values of the wrong type and out-of-range values raise
+:class:`~largebatch.errors.ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from largebatch.errors import ConfigError
+
+__all__ = [
+    "METHODS",
+    "DEVICES",
+    "TrainConfig",
+    "load_config",
+    "apply_overrides",
+    "parse_assignment",
+    "config_to_dict",
+    "save_config",
+]
+
+METHODS: tuple[str, ...] = ("bl", "fb", "gg", "abs", "absa")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Defaults are the paper's small-network settings."""
+
+    # data
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None  # None: the dataset's default folder (or cache)
+    augment: bool = False  # random crop + flip (CIFAR, SVHN)
+    limit_train: int | None = None  # use only the first N training samples
+    limit_test: int | None = None
+    # model and method
+    model: str = "c1"
+    method: str = "bl"
+    # schedule
+    epochs: int = 10
+    batch_size: int = 128  # base batch B0 (global, over all ranks)
+    max_batch_size: int = 16384  # cap Bmax for growing / large-batch methods
+    micro_batch_size: int | None = None  # largest batch run at once; None: batch_size
+    lr: float = 0.02  # learning rate at the base batch
+    lr_decay: float = 0.2  # factor applied at each milestone epoch
+    lr_decay_epochs: list[int] = field(default_factory=list)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    # run
+    seed: int = 0
+    device: str = "auto"
+    eval_batch_size: int = 1000
+    out: str = "runs/train"
+    resume: bool = False
+
+    def validate(self) -> TrainConfig:
+        """Check ranges and combinations; raise ConfigError on the first problem."""
+        from largebatch.data import DATASETS
+        from largebatch.models import MODELS
+
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("model", self.model, MODELS)
+        _choice("method", self.method, METHODS)
+        _choice("device", self.device, DEVICES)
+        for key in ("epochs", "batch_size", "max_batch_size", "eval_batch_size"):
+            _at_least(key, getattr(self, key), 1)
+        for key in ("micro_batch_size", "limit_train", "limit_test"):
+            if getattr(self, key) is not None:
+                _at_least(key, getattr(self, key), 1)
+        _at_least("seed", self.seed, 0)
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if any(e < 1 for e in self.lr_decay_epochs) or sorted(self.lr_decay_epochs) != list(
+            self.lr_decay_epochs
+        ):
+            raise ConfigError(
+                f"lr_decay_epochs must be increasing epoch numbers >= 1, got {self.lr_decay_epochs}"
+            )
+        if self.max_batch_size < self.batch_size:
+            raise ConfigError(
+                f"max_batch_size ({self.max_batch_size}) must be at least batch_size "
+                f"({self.batch_size})"
+            )
+        if self.max_batch_size % self.batch_size:
+            raise ConfigError(
+                f"max_batch_size ({self.max_batch_size}) must be a multiple of batch_size "
+                f"({self.batch_size})"
+            )
+        return self
+
+
+def _choice(key: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check ``value`` against the declared type of field ``key``; ints widen to floats."""
+    hint = typing.get_type_hints(TrainConfig)[key]
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} may not be empty")
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    origin = typing.get_origin(base)
+    if origin is list:
+        (item,) = typing.get_args(base)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of {item.__name__}, got {value!r}")
+        return [_scalar(key, v, item) for v in value]
+    return _scalar(key, value, base)
+
+
+def _scalar(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")
+
+
+def apply_overrides(config: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
+    """Return a copy of ``config`` with ``values`` set; unknown keys are errors."""
+    changes = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(
+                f"unknown config key {key!r}; valid keys: {', '.join(sorted(_FIELDS))}"
+            )
+        changes[name] = _coerce(name, value)
+    return dataclasses.replace(config, **changes)
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` from ``--set``; the value is read as YAML (``3``, ``0.1``, ``[30, 60]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML mapping of config keys on top of ``base`` (default: the dataclass defaults)."""
+    config = base or TrainConfig()
+    if path is None:
+        return config
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config file {path} is not readable YAML: {reason}") from None
+    if values is None:
+        return config
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value")
+    return apply_overrides(config, values)
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved configuration as YAML, atomically."""
+    from largebatch.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

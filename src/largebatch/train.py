@@ -1,0 +1,346 @@
+"""The training loop that every method shares.
+
+Read :func:`train` top to bottom: data, model, controller, then per epoch the batches
+(forward, backward, accumulate, update), evaluation, the controller's decision, and the
+records written to ``--out``. Methods differ only in the controller built from the config.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from largebatch.checkpoint import load_checkpoint, save_checkpoint
+from largebatch.config import TrainConfig, config_to_dict, save_config
+from largebatch.controllers import BatchController, Decision, make_controller
+from largebatch.data import DataSource, load_dataset
+from largebatch.errors import CheckpointError, DivergedError, UsageError
+from largebatch.io import append_jsonl, atomic_write_json, write_jsonl
+from largebatch.models import build_model
+from largebatch.sampler import EpochSampler
+
+__all__ = ["train", "evaluate", "resolve_device", "model_spec", "RunState"]
+
+# Keys a resumed run may change; every other key must match the checkpoint.
+_RESUMABLE_CHANGES = {"epochs", "out", "resume", "device", "eval_batch_size", "data_dir"}
+
+
+@dataclass
+class RunState:
+    """Counters that carry over across epochs and restarts (cumulative)."""
+
+    epoch: int = 0  # epochs finished
+    updates: int = 0  # optimizer steps
+    samples: int = 0  # training samples processed
+    wall_s: float = 0.0  # training + evaluation time, eigenvalue time included
+    hessian_s: float = 0.0  # time spent on curvature estimates
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def model_spec(config: TrainConfig, data: DataSource) -> dict[str, Any]:
+    """What :func:`largebatch.models.build_model` needs to rebuild the model from a checkpoint."""
+    return {
+        "name": config.model,
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (fraction) of ``model`` in eval mode on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for begin in range(0, len(y), batch_size):
+        xb = x[begin : begin + batch_size].to(device)
+        yb = y[begin : begin + batch_size].to(device)
+        out = model(xb)
+        loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    return loss_sum / len(y), correct / len(y)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: DataSource,
+    sampler: EpochSampler,
+    controller: BatchController,
+    decision: Decision,
+    config: TrainConfig,
+    state: RunState,
+    device: torch.device,
+    show_progress: bool,
+) -> dict[str, float]:
+    """One pass over the training set; each global batch is one optimizer update.
+
+    A global batch is run as micro-batches of at most ``micro_batch_size`` samples whose
+    gradients accumulate, each weighted by its share of the batch, so the update equals
+    that of the whole batch at once (batch-norm statistics aside). The last, short batch
+    of the epoch is used, weighted by its true size.
+    """
+    model.train()
+    epoch = state.epoch
+    global_batch = decision.batch_size
+    micro = min(config.micro_batch_size or config.batch_size, global_batch)
+    base_lr = config.lr * decision.lr_factor
+    augment_rng = torch.Generator().manual_seed(config.seed * 7919 + epoch)
+    num_batches = sampler.num_batches(global_batch)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(
+        total=num_batches,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="upd",
+        leave=False,
+        disable=not show_progress,
+        file=sys.stderr,
+    )
+    for step, indices in enumerate(sampler.batches(epoch, global_batch)):
+        _set_lr(optimizer, base_lr * controller.warmup_factor(step / num_batches))
+        x, y = data.train_x[indices], data.train_y[indices]
+        if config.augment and data.augment is not None:
+            x = data.augment(x, augment_rng)
+        optimizer.zero_grad(set_to_none=True)
+        for begin in range(0, len(indices), micro):
+            xb = x[begin : begin + micro].to(device, non_blocking=True)
+            yb = y[begin : begin + micro].to(device, non_blocking=True)
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            (loss * (len(yb) / len(indices))).backward()
+            loss_sum += loss.detach() * len(yb)
+            correct += (out.argmax(1) == yb).sum()
+        # A diverged run must stop before a non-finite update reaches the weights.
+        if not torch.isfinite(loss_sum):
+            raise DivergedError(
+                f"training loss became non-finite in epoch {epoch + 1} "
+                f"(update {state.updates + 1}, lr {base_lr:g}); lower --lr and try again"
+            )
+        optimizer.step()
+        state.updates += 1
+        seen += len(indices)
+        bar.update(1)
+    bar.close()
+    state.samples += seen
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    for key, value in config_to_dict(config).items():
+        if key in _RESUMABLE_CHANGES or key not in saved:
+            continue
+        if saved[key] != value:
+            raise CheckpointError(
+                f"cannot resume {path}: it was trained with {key}={saved[key]!r}, "
+                f"not {value!r}; use another --out for a new run"
+            )
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _format_row(record: dict[str, Any]) -> str:
+    eig = record.get("eigenvalue")
+    eig_text = f"{eig:9.3g}" if eig is not None else f"{'-':>9}"
+    return (
+        f"{record['epoch']:>5} {record['batch_size']:>7} {record['lr']:>9.4g} "
+        f"{record['updates']:>8} {record['train_loss']:>10.4f} {record['train_acc']:>9.4f} "
+        f"{record['test_loss']:>9.4f} {record['test_acc']:>8.4f} {eig_text} "
+        f"{record['wall_s']:>8.1f}"
+    )
+
+
+TABLE_HEADER = (
+    f"{'epoch':>5} {'batch':>7} {'lr':>9} {'updates':>8} {'train_loss':>10} {'train_acc':>9} "
+    f"{'test_loss':>9} {'test_acc':>8} {'eigval':>9} {'wall_s':>8}"
+)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    show_progress: bool | None = None,
+    echo: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Train as ``config`` says, writing results to ``config.out``; return the summary.
+
+    ``show_progress`` (default: when stderr is a terminal) shows a progress bar per epoch;
+    ``echo`` receives the table of epochs, one line each (None for silence).
+    """
+    config.validate()
+    echo = echo or (lambda _line: None)
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    out = Path(config.out)
+    ckpt_path = out / "checkpoint.pt"
+    if not config.resume and (ckpt_path.exists() or (out / "summary.json").exists()):
+        raise UsageError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    device = resolve_device(config.device)
+
+    _seed_everything(config.seed)
+    data = load_dataset(
+        config.dataset,
+        config.data_dir,
+        augment=config.augment,
+        seed=config.seed,
+        limit_train=config.limit_train,
+        limit_test=config.limit_test,
+    )
+    spec = model_spec(config, data)
+    model = build_model(**spec).to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    controller = make_controller(config)
+    sampler = EpochSampler(len(data.train_y), config.seed)
+    state = RunState()
+
+    if config.resume and ckpt_path.exists():
+        saved = load_checkpoint(ckpt_path, map_location=device)
+        _check_resumable(saved["config"], config, ckpt_path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        controller.load_state_dict(saved["controller"])
+        state = RunState(**saved["run"])
+        _set_rng_state(saved["rng"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    # The checkpoint's history is the truth: it drops epochs logged after the last save.
+    write_jsonl(out / "metrics.jsonl", state.history)
+
+    echo(f"training {config.model} on {config.dataset} ({len(data.train_y)} samples), "
+         f"method {config.method}, device {device}")
+    echo(TABLE_HEADER)
+    for record in state.history:
+        echo(_format_row(record))
+    while state.epoch < config.epochs:
+        started = time.perf_counter()
+        decision = controller.decision()
+        train_stats = _train_epoch(
+            model, optimizer, data, sampler, controller, decision, config, state, device,
+            show_progress,
+        )
+        test_loss, test_acc = evaluate(
+            model, data.test_x, data.test_y, config.eval_batch_size, device
+        )
+        hessian_s = 0.0
+        eigenvalue = None
+        controller.step({"eigenvalue": eigenvalue, "test_acc": test_acc})
+        state.epoch += 1
+        state.hessian_s += hessian_s
+        state.wall_s += time.perf_counter() - started
+        record = {
+            "epoch": state.epoch,
+            "batch_size": decision.batch_size,
+            "lr": optimizer.param_groups[0]["lr"],
+            "eigenvalue": eigenvalue,
+            "adv_ratio": decision.adv_ratio,
+            "updates": state.updates,
+            "samples": state.samples,
+            **train_stats,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "wall_s": state.wall_s,
+            "hessian_s": state.hessian_s,
+        }
+        state.history.append(record)
+        append_jsonl(out / "metrics.jsonl", record)
+        save_checkpoint(
+            ckpt_path,
+            {
+                "config": config_to_dict(config),
+                "model_spec": spec,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "controller": controller.state_dict(),
+                "run": vars(state),
+                "rng": _rng_state(),
+            },
+        )
+        echo(_format_row(record))
+
+    summary = _summary(config, state, controller)
+    atomic_write_json(out / "summary.json", summary)
+    echo(f"results in {out}/ (metrics.jsonl, summary.json, checkpoint.pt, config.yaml)")
+    return summary
+
+
+def _summary(config: TrainConfig, state: RunState, controller: BatchController) -> dict[str, Any]:
+    history = state.history
+    last = history[-1] if history else {}
+    return {
+        "method": config.method,
+        "dataset": config.dataset,
+        "model": config.model,
+        "seed": config.seed,
+        "epochs": state.epoch,
+        "final_test_acc": last.get("test_acc", math.nan),
+        "best_test_acc": max((r["test_acc"] for r in history), default=math.nan),
+        "final_test_loss": last.get("test_loss", math.nan),
+        "final_train_loss": last.get("train_loss", math.nan),
+        "updates": state.updates,
+        "samples": state.samples,
+        "wall_s": state.wall_s,
+        "hessian_s": state.hessian_s,
+        "final_batch_size": last.get("batch_size", controller.decision().batch_size),
+        "base_batch_size": config.batch_size,
+        "max_batch_size": config.max_batch_size,
+    }

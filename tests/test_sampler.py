@@ -1,0 +1,41 @@
+import torch
+
+from largebatch.controllers import FixedBatch, step_decay
+from largebatch.sampler import EpochSampler
+
+
+def test_epoch_order_is_a_seeded_permutation_independent_of_batch_size():
+    sampler = EpochSampler(103, seed=5)
+    order = sampler.order(2)
+    assert sorted(order.tolist()) == list(range(103))
+    assert torch.equal(order, EpochSampler(103, seed=5).order(2))
+    assert not torch.equal(order, sampler.order(3))
+    for batch_size in (1, 10, 64, 200):
+        assert torch.equal(torch.cat(list(sampler.batches(2, batch_size))), order)
+
+
+def test_batches_keep_the_short_last_batch_and_resume_from_a_sample_position():
+    sampler = EpochSampler(10, seed=0)
+    sizes = [len(b) for b in sampler.batches(0, 4)]
+    assert sizes == [4, 4, 2] and sampler.num_batches(4) == 3
+    tail = torch.cat(list(sampler.batches(0, 3, start=4)))
+    assert torch.equal(tail, sampler.order(0)[4:])
+    assert sampler.num_batches(3, start=4) == 2
+
+
+def test_step_decay_counts_milestones_reached():
+    assert [step_decay(e, [2, 4], 0.1) for e in range(6)] == [
+        1, 1, 0.1, 0.1, 0.1**2, 0.1**2
+    ]
+
+
+def test_fixed_batch_decays_at_milestones_and_resumes_from_its_state():
+    controller = FixedBatch(128, milestones=[1, 2], decay=0.5)
+    decisions = [controller.decision()]
+    for _ in range(3):
+        decisions.append(controller.step({"eigenvalue": None}))
+    assert [d.batch_size for d in decisions] == [128] * 4
+    assert [d.lr_factor for d in decisions] == [1.0, 0.5, 0.25, 0.25]
+    clone = FixedBatch(128, milestones=[1, 2], decay=0.5)
+    clone.load_state_dict(controller.state_dict())
+    assert clone.decision() == controller.decision()

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from largebatch.checkpoint import load_checkpoint
+from largebatch.config import TrainConfig
+from largebatch.errors import DivergedError, UsageError
+from largebatch.io import read_jsonl
+from largebatch.train import train
+
+METRIC_KEYS = {
+    "epoch", "batch_size", "lr", "eigenvalue", "adv_ratio", "updates", "samples",
+    "train_loss", "train_acc", "test_loss", "test_acc", "wall_s", "hessian_s",
+}
+SUMMARY_KEYS = {
+    "method", "dataset", "model", "epochs", "final_test_acc", "best_test_acc", "updates",
+    "samples", "wall_s", "hessian_s", "final_batch_size",
+}
+
+
+def _config(tmp_path, name="run", **changes):
+    values = dict(
+        dataset="synthetic", model="mlp", epochs=3, batch_size=32, max_batch_size=32 * 64,
+        lr=0.05, lr_decay_epochs=[2], out=str(tmp_path / name), device="cpu",
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def _without_times(records):
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+
+def test_a_run_learns_and_writes_the_four_files(tmp_path):
+    summary = train(_config(tmp_path), echo=None, show_progress=False)
+    out = tmp_path / "run"
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all(METRIC_KEYS <= set(r) for r in records)
+    assert all(0 <= r["test_acc"] <= 1 and 0 <= r["train_acc"] <= 1 for r in records)
+    # 512 synthetic samples at batch 32 is 16 updates per epoch.
+    assert [r["updates"] for r in records] == [16, 32, 48]
+    assert [r["samples"] for r in records] == [512, 1024, 1536]
+    assert records[0]["lr"] == pytest.approx(0.05) and records[2]["lr"] == pytest.approx(0.01)
+    assert records[-1]["test_acc"] > 0.5  # 10 classes: chance is 0.1
+    assert SUMMARY_KEYS <= set(json.loads((out / "summary.json").read_text()))
+    assert summary["final_test_acc"] == records[-1]["test_acc"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr_decay_epochs"] == [2]
+    assert load_checkpoint(out / "checkpoint.pt")["run"]["epoch"] == 3
+
+
+def test_same_seed_same_metrics_on_cpu(tmp_path):
+    a = train(_config(tmp_path, "a", epochs=2), echo=None, show_progress=False)
+    b = train(_config(tmp_path, "b", epochs=2), echo=None, show_progress=False)
+    ra = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    rb = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert _without_times(ra) == _without_times(rb)
+    assert a["final_test_acc"] == b["final_test_acc"]
+
+
+def test_resume_after_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path):
+    train(_config(tmp_path, "full"), echo=None, show_progress=False)
+    train(_config(tmp_path, "split", epochs=1), echo=None, show_progress=False)
+    train(_config(tmp_path, "split", resume=True), echo=None, show_progress=False)
+    full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    split = read_jsonl(tmp_path / "split" / "metrics.jsonl")
+    assert _without_times(full) == _without_times(split)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_micro_batches_accumulate_to_the_whole_batch_update(tmp_path):
+    # The MLP has no batch-norm, so accumulation must match one big batch to rounding.
+    whole = _config(tmp_path, "whole", epochs=1, batch_size=64, max_batch_size=64)
+    split = _config(tmp_path, "split", epochs=1, batch_size=64, max_batch_size=64,
+                    micro_batch_size=16)
+    train(whole, echo=None, show_progress=False)
+    train(split, echo=None, show_progress=False)
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_short_last_batch_is_used(tmp_path):
+    records = []
+    train(_config(tmp_path, epochs=1, batch_size=100, max_batch_size=100),
+          echo=records.append, show_progress=False)
+    (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert record["samples"] == 512 and record["updates"] == 6
+    assert any("test_acc" in line for line in records)  # the table header was echoed
+
+
+def test_a_diverging_lr_stops_with_a_clear_error_and_keeps_no_bad_checkpoint(tmp_path):
+    with pytest.raises(DivergedError, match="lower --lr"):
+        train(_config(tmp_path, lr=1e12, momentum=0.0), echo=None, show_progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(tmp_path):
+    train(_config(tmp_path, epochs=1), echo=None, show_progress=False)
+    with pytest.raises(UsageError, match="--resume"):
+        train(_config(tmp_path, epochs=1), echo=None, show_progress=False)
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(_config(tmp_path, epochs=1), echo=None, show_progress=False)
+    with pytest.raises(UsageError, match="model='mlp'"):
+        train(_config(tmp_path, model="c1", resume=True), echo=None, show_progress=False)
