@@ -40,18 +40,51 @@ def test_bad_input_is_one_error_line_and_exit_status_2(args, fragment):
 
 def test_train_then_evaluate_under_attack(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main([
-        "train", "--dataset", "synthetic", "--model", "mlp", "--epochs", "2",
-        "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--out", str(out),
-        "--set", "max_batch_size=64",
-    ]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "synthetic",
+                "--model",
+                "mlp",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--lr",
+                "0.05",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--set",
+                "max_batch_size=64",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "test_acc" in table and str(out) in table
     result_path = tmp_path / "eval.json"
-    assert main([
-        "evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--attack", "pgd",
-        "--eps", "0.1", "--steps", "3", "--out", str(result_path),
-    ]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(out / "checkpoint.pt"),
+                "--attack",
+                "pgd",
+                "--eps",
+                "0.1",
+                "--steps",
+                "3",
+                "--out",
+                str(result_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads(result_path.read_text())
     assert result["samples"] == 256 and result["attack"] == "pgd"
     assert 0 <= result["adv_acc"] <= result["clean_acc"] <= 1

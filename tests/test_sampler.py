@@ -24,9 +24,7 @@ def test_batches_keep_the_short_last_batch_and_resume_from_a_sample_position():
 
 
 def test_step_decay_counts_milestones_reached():
-    assert [step_decay(e, [2, 4], 0.1) for e in range(6)] == [
-        1, 1, 0.1, 0.1, 0.1**2, 0.1**2
-    ]
+    assert [step_decay(e, [2, 4], 0.1) for e in range(6)] == [1, 1, 0.1, 0.1, 0.1**2, 0.1**2]
 
 
 def test_fixed_batch_decays_at_milestones_and_resumes_from_its_state():

@@ -11,19 +11,46 @@ from largebatch.io import read_jsonl
 from largebatch.train import train
 
 METRIC_KEYS = {
-    "epoch", "batch_size", "lr", "eigenvalue", "adv_ratio", "updates", "samples",
-    "train_loss", "train_acc", "test_loss", "test_acc", "wall_s", "hessian_s",
+    "epoch",
+    "batch_size",
+    "lr",
+    "eigenvalue",
+    "adv_ratio",
+    "updates",
+    "samples",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "wall_s",
+    "hessian_s",
 }
 SUMMARY_KEYS = {
-    "method", "dataset", "model", "epochs", "final_test_acc", "best_test_acc", "updates",
-    "samples", "wall_s", "hessian_s", "final_batch_size",
+    "method",
+    "dataset",
+    "model",
+    "epochs",
+    "final_test_acc",
+    "best_test_acc",
+    "updates",
+    "samples",
+    "wall_s",
+    "hessian_s",
+    "final_batch_size",
 }
 
 
 def _config(tmp_path, name="run", **changes):
     values = dict(
-        dataset="synthetic", model="mlp", epochs=3, batch_size=32, max_batch_size=32 * 64,
-        lr=0.05, lr_decay_epochs=[2], out=str(tmp_path / name), device="cpu",
+        dataset="synthetic",
+        model="mlp",
+        epochs=3,
+        batch_size=32,
+        max_batch_size=32 * 64,
+        lr=0.05,
+        lr_decay_epochs=[2],
+        out=str(tmp_path / name),
+        device="cpu",
     )
     values.update(changes)
     return TrainConfig(**values)
@@ -75,8 +102,9 @@ def test_resume_after_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path):
 def test_micro_batches_accumulate_to_the_whole_batch_update(tmp_path):
     # The MLP has no batch-norm, so accumulation must match one big batch to rounding.
     whole = _config(tmp_path, "whole", epochs=1, batch_size=64, max_batch_size=64)
-    split = _config(tmp_path, "split", epochs=1, batch_size=64, max_batch_size=64,
-                    micro_batch_size=16)
+    split = _config(
+        tmp_path, "split", epochs=1, batch_size=64, max_batch_size=64, micro_batch_size=16
+    )
     train(whole, echo=None, show_progress=False)
     train(split, echo=None, show_progress=False)
     a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
@@ -86,8 +114,11 @@ def test_micro_batches_accumulate_to_the_whole_batch_update(tmp_path):
 
 def test_short_last_batch_is_used(tmp_path):
     records = []
-    train(_config(tmp_path, epochs=1, batch_size=100, max_batch_size=100),
-          echo=records.append, show_progress=False)
+    train(
+        _config(tmp_path, epochs=1, batch_size=100, max_batch_size=100),
+        echo=records.append,
+        show_progress=False,
+    )
     (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert record["samples"] == 512 and record["updates"] == 6
     assert any("test_acc" in line for line in records)  # the table header was echoed

@@ -45,7 +45,9 @@ def _bounds(x: torch.Tensor, clamp: Clamp) -> tuple[torch.Tensor | float, torch.
     return low, high
 
 
-def _input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+def _input_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+) -> torch.Tensor:
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(model(x), y)

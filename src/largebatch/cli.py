@@ -28,7 +28,12 @@ class _Parser(argparse.ArgumentParser):
 
 # (flag, config key, type, help); every flag is also a config key.
 _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
-    ("--dataset", "dataset", str, "fashion-mnist|mnist|cifar10|cifar100|svhn|digits|mnist1d|synthetic"),
+    (
+        "--dataset",
+        "dataset",
+        str,
+        "fashion-mnist|mnist|cifar10|cifar100|svhn|digits|mnist1d|synthetic",
+    ),
     ("--data-dir", "data_dir", str, "folder with the dataset files"),
     ("--model", "model", str, "mlp|c1|c2|resnet20|resnet18"),
     ("--method", "method", str, "bl|fb|gg|abs|absa"),
@@ -47,7 +52,9 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="largebatch", description="Large-batch training with adaptive batch size.")
+    parser = _Parser(
+        prog="largebatch", description="Large-batch training with adaptive batch size."
+    )
     parser.add_argument("--version", action="version", version=f"largebatch {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -55,31 +62,46 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model", description="Train a model.")
     train.add_argument("--config", help="YAML file of config keys")
     train.add_argument(
-        "--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override any config key (repeatable), e.g. --set lr_decay_epochs=[30,60]",
     )
     for flag, key, kind, text in _TRAIN_FLAGS:
         train.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
     train.add_argument(
-        "--lr-decay-epochs", dest="lr_decay_epochs", type=int, nargs="*",
-        default=argparse.SUPPRESS, metavar="E", help="milestone epochs for LR decay",
+        "--lr-decay-epochs",
+        dest="lr_decay_epochs",
+        type=int,
+        nargs="*",
+        default=argparse.SUPPRESS,
+        metavar="E",
+        help="milestone epochs for LR decay",
     )
     train.add_argument(
-        "--resume", dest="resume", action="store_true", default=argparse.SUPPRESS,
+        "--resume",
+        dest="resume",
+        action="store_true",
+        default=argparse.SUPPRESS,
         help="continue the run in --out from its checkpoint",
     )
     train.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser(
-        "evaluate", help="clean and adversarial accuracy of a checkpoint",
+        "evaluate",
+        help="clean and adversarial accuracy of a checkpoint",
         description="Clean and adversarial test accuracy of a trained checkpoint.",
     )
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--attack", default="none", choices=("none", "fgsm", "pgd"))
     ev.add_argument("--eps", type=float, default=0.03, help="L-inf budget in raw input units")
     ev.add_argument("--steps", type=int, default=10, help="PGD steps")
-    ev.add_argument("--alpha", type=float, default=None, help="PGD step size (default 2.5*eps/steps)")
+    ev.add_argument(
+        "--alpha", type=float, default=None, help="PGD step size (default 2.5*eps/steps)"
+    )
     ev.add_argument("--data-dir", help="dataset folder, if not the one used in training")
     ev.add_argument("--limit", type=int, default=None, help="evaluate on the first N test samples")
     ev.add_argument("--batch-size", type=int, default=500)
@@ -101,8 +123,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             flags[key] = getattr(args, key)
     config = apply_overrides(config, flags)
     config = apply_overrides(config, dict(parse_assignment(a) for a in args.assignments))
-    train(config, show_progress=None if not args.quiet else False,
-          echo=None if args.quiet else print)
+    train(
+        config, show_progress=None if not args.quiet else False, echo=None if args.quiet else print
+    )
     return 0
 
 

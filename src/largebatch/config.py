@@ -57,6 +57,25 @@ class TrainConfig:
     lr_decay_epochs: list[int] = field(default_factory=list)
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # fb: gradual warm-up (Goyal et al.)
+    warmup_epochs: int = 5
+    # abs / absa: the eigenvalue rule (reference values as defaults)
+    abs_decrease_ratio: float = 2.0  # grow when the eigenvalue fell to 1/ratio of the reference
+    abs_growth_factor: int = 2  # batch multiple per growth; the LR scales by the same factor
+    abs_duration: int = 10  # grow anyway after this many epochs without a growth
+    # absa: adversarial training while the batch is small
+    adv_ratio: float = 0.2  # initial fraction g0 of each micro-batch replaced by attacks
+    adv_eps: float = 0.005  # L-inf budget, raw input units
+    adv_attack: str = "fgsm"  # fgsm | pgd
+    adv_pgd_steps: int = 3
+    adv_clamp: str = "range"  # range: the data's valid range; batch: the reference's min/max
+    adv_stop_fraction: float = 0.5  # no adversarial examples from epoch epochs * fraction on
+    # curvature probe (abs, absa)
+    hessian_samples: int = 128  # probe set drawn once from the training data
+    hessian_every: int = 1  # epochs between estimates
+    hessian_mode: str = "tracker"  # tracker: warm-started Lanczos; reference: cold power, 10 its
+    hessian_tol: float = 1e-2  # relative residual target of the tracker
+    hessian_max_matvecs: int = 20  # product budget per estimate
     # run
     seed: int = 0
     device: str = "auto"
@@ -73,6 +92,31 @@ class TrainConfig:
         _choice("model", self.model, MODELS)
         _choice("method", self.method, METHODS)
         _choice("device", self.device, DEVICES)
+        _choice("adv_attack", self.adv_attack, ("fgsm", "pgd"))
+        _choice("adv_clamp", self.adv_clamp, ("range", "batch"))
+        _choice("hessian_mode", self.hessian_mode, ("tracker", "reference"))
+        for key in (
+            "abs_growth_factor",
+            "abs_duration",
+            "hessian_samples",
+            "hessian_every",
+            "hessian_max_matvecs",
+            "adv_pgd_steps",
+        ):
+            _at_least(key, getattr(self, key), 1)
+        _at_least("warmup_epochs", self.warmup_epochs, 0)
+        if self.abs_growth_factor < 2:
+            raise ConfigError(f"abs_growth_factor must be >= 2, got {self.abs_growth_factor}")
+        if not self.abs_decrease_ratio > 1:
+            raise ConfigError(f"abs_decrease_ratio must be > 1, got {self.abs_decrease_ratio}")
+        if not 0 <= self.adv_ratio <= 1:
+            raise ConfigError(f"adv_ratio must be in [0, 1], got {self.adv_ratio}")
+        if not 0 <= self.adv_stop_fraction <= 1:
+            raise ConfigError(f"adv_stop_fraction must be in [0, 1], got {self.adv_stop_fraction}")
+        if self.adv_eps < 0:
+            raise ConfigError(f"adv_eps must be >= 0, got {self.adv_eps}")
+        if not 0 < self.hessian_tol < 1:
+            raise ConfigError(f"hessian_tol must be in (0, 1), got {self.hessian_tol}")
         for key in ("epochs", "batch_size", "max_batch_size", "eval_batch_size"):
             _at_least(key, getattr(self, key), 1)
         for key in ("micro_batch_size", "limit_train", "limit_test"):
@@ -171,7 +215,7 @@ def apply_overrides(config: TrainConfig, values: Mapping[str, Any]) -> TrainConf
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """Parse ``key=value`` from ``--set``; the value is read as YAML (``3``, ``0.1``, ``[30, 60]``)."""
+    """Parse ``key=value`` from ``--set``; the value is YAML (``3``, ``0.1``, ``[30, 60]``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {text!r}")

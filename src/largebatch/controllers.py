@@ -8,6 +8,7 @@ with a :class:`Decision` for the next one. Its state is plain numbers, with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,16 @@ from typing import Any
 from largebatch.config import TrainConfig
 from largebatch.errors import ConfigError
 
-__all__ = ["Decision", "BatchController", "FixedBatch", "step_decay", "make_controller"]
+__all__ = [
+    "Decision",
+    "BatchController",
+    "FixedBatch",
+    "LinearScalingWarmup",
+    "IncreaseBatchInsteadOfDecay",
+    "AdaptiveBatch",
+    "step_decay",
+    "make_controller",
+]
 
 
 @dataclass(frozen=True)
@@ -85,10 +95,194 @@ class FixedBatch(BatchController):
         return Decision(self.batch_size, step_decay(self.epoch, self.milestones, self.decay))
 
 
+class LinearScalingWarmup(BatchController):
+    """``fb`` (Goyal et al.): the large batch from the start, LR scaled by ``B / B0``,
+    reached by a linear warm-up from the base LR over the first ``warmup_epochs`` epochs."""
+
+    name = "fb"
+
+    def __init__(
+        self,
+        base_batch: int,
+        batch_size: int,
+        milestones: Sequence[int],
+        decay: float,
+        warmup_epochs: int,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.scale = batch_size / base_batch
+        self.milestones = tuple(milestones)
+        self.decay = decay
+        self.warmup_epochs = warmup_epochs
+
+    def decision(self) -> Decision:
+        lr_factor = self.scale * step_decay(self.epoch, self.milestones, self.decay)
+        return Decision(self.batch_size, lr_factor)
+
+    def warmup_factor(self, progress: float) -> float:
+        done = (self.epoch + progress) / self.warmup_epochs if self.warmup_epochs else 1.0
+        if done >= 1.0:
+            return 1.0
+        # From the base LR (1 / scale of the target) up to the scaled LR, linearly.
+        return (1.0 + done * (self.scale - 1.0)) / self.scale
+
+
+class IncreaseBatchInsteadOfDecay(BatchController):
+    """``gg`` (Smith et al.): at each milestone the batch grows by ``1 / decay`` in place of
+    the LR decay, up to the cap; decays that no longer fit in the batch go to the LR.
+
+    When only part of a growth fits under the cap, the LR takes the rest of the factor, so
+    the ratio LR / batch follows the step-decay schedule throughout.
+    """
+
+    name = "gg"
+
+    def __init__(
+        self, base_batch: int, max_batch: int, milestones: Sequence[int], decay: float
+    ) -> None:
+        super().__init__()
+        self.base_batch = base_batch
+        self.max_batch = max_batch
+        self.milestones = tuple(milestones)
+        self.decay = decay
+
+    def decision(self) -> Decision:
+        batch, lr_factor = float(self.base_batch), 1.0
+        for _ in range(sum(1 for m in self.milestones if self.epoch >= m)):
+            grown = min(batch / self.decay, float(self.max_batch))
+            lr_factor *= self.decay * grown / batch
+            batch = grown
+        return Decision(int(round(batch)), lr_factor)
+
+
+class AdaptiveBatch(BatchController):
+    """``abs`` and ``absa``: the batch grows when the top Hessian eigenvalue has fallen.
+
+    At the end of each epoch, while the batch is below the cap, :meth:`step` reads the
+    measured ``eigenvalue``: the first one becomes the reference; one at most
+    ``reference / decrease_ratio`` becomes the new reference and the batch grows by
+    ``growth_factor``; after ``duration`` epochs without growth the batch grows anyway
+    (the reference stays). Each growth scales the LR by the batch ratio (linear scaling)
+    and divides the adversarial fraction by the growth factor; at the cap the adversarial
+    fraction is zero and no more eigenvalues are asked for. Milestone LR decay multiplies
+    on top. Adversarial training stops for good from epoch ``adv_stop_epoch``.
+    A missing or non-finite eigenvalue keeps the batch and the reference as they are.
+    """
+
+    name = "abs"
+
+    def __init__(
+        self,
+        base_batch: int,
+        max_batch: int,
+        milestones: Sequence[int],
+        decay: float,
+        decrease_ratio: float = 2.0,
+        growth_factor: int = 2,
+        duration: int = 10,
+        adv_ratio: float = 0.0,
+        adv_stop_epoch: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_batch = base_batch
+        self.max_batch = max_batch
+        self.milestones = tuple(milestones)
+        self.decay = decay
+        self.decrease_ratio = decrease_ratio
+        self.growth_factor = growth_factor
+        self.duration = duration
+        self.adv_stop_epoch = adv_stop_epoch
+        # state
+        self.batch_size = base_batch
+        self.reference: float | None = None
+        self.epochs_since_growth = 0
+        self.adv_ratio = adv_ratio
+        self.growths = 0
+        self.last_reason = ""
+
+    @property
+    def wants_eigenvalue(self) -> bool:  # type: ignore[override]
+        return self.batch_size < self.max_batch
+
+    def decision(self) -> Decision:
+        lr_factor = (
+            self.batch_size / self.base_batch * step_decay(self.epoch, self.milestones, self.decay)
+        )
+        adv = self.adv_ratio
+        if self.adv_stop_epoch is not None and self.epoch >= self.adv_stop_epoch:
+            adv = 0.0
+        return Decision(self.batch_size, lr_factor, adv)
+
+    def step(self, measurements: Mapping[str, Any] | None = None) -> Decision:
+        eigenvalue = (measurements or {}).get("eigenvalue")
+        self.last_reason = ""
+        if self.batch_size < self.max_batch:
+            self.epochs_since_growth += 1
+            usable = eigenvalue is not None and math.isfinite(eigenvalue)
+            if usable and self.reference is None:
+                self.reference = float(eigenvalue)
+                self.last_reason = "reference"
+            elif usable and eigenvalue <= self.reference / self.decrease_ratio:
+                self.reference = float(eigenvalue)
+                self._grow("eigenvalue")
+            elif self.epochs_since_growth >= self.duration:
+                self._grow("duration")
+        return super().step(measurements)
+
+    def _grow(self, reason: str) -> None:
+        self.batch_size = min(self.batch_size * self.growth_factor, self.max_batch)
+        self.adv_ratio = (
+            0.0 if self.batch_size >= self.max_batch else (self.adv_ratio / self.growth_factor)
+        )
+        self.epochs_since_growth = 0
+        self.growths += 1
+        self.last_reason = reason
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "batch_size": self.batch_size,
+            "reference": self.reference,
+            "epochs_since_growth": self.epochs_since_growth,
+            "adv_ratio": self.adv_ratio,
+            "growths": self.growths,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.batch_size = int(state["batch_size"])
+        self.reference = None if state["reference"] is None else float(state["reference"])
+        self.epochs_since_growth = int(state["epochs_since_growth"])
+        self.adv_ratio = float(state["adv_ratio"])
+        self.growths = int(state["growths"])
+
+
 def make_controller(config: TrainConfig) -> BatchController:
     """The controller for ``config.method``."""
+    milestones, decay = config.lr_decay_epochs, config.lr_decay
     if config.method == "bl":
-        return FixedBatch(config.batch_size, config.lr_decay_epochs, config.lr_decay)
-    raise ConfigError(
-        f"method {config.method!r} is not available yet in this version; use --method bl"
-    )
+        return FixedBatch(config.batch_size, milestones, decay)
+    if config.method == "fb":
+        return LinearScalingWarmup(
+            config.batch_size, config.max_batch_size, milestones, decay, config.warmup_epochs
+        )
+    if config.method == "gg":
+        return IncreaseBatchInsteadOfDecay(
+            config.batch_size, config.max_batch_size, milestones, decay
+        )
+    if config.method in ("abs", "absa"):
+        controller = AdaptiveBatch(
+            config.batch_size,
+            config.max_batch_size,
+            milestones,
+            decay,
+            decrease_ratio=config.abs_decrease_ratio,
+            growth_factor=config.abs_growth_factor,
+            duration=config.abs_duration,
+            adv_ratio=config.adv_ratio if config.method == "absa" else 0.0,
+            adv_stop_epoch=int(config.epochs * config.adv_stop_fraction),
+        )
+        controller.name = config.method
+        return controller
+    raise ConfigError(f"unknown method {config.method!r}")

@@ -288,9 +288,8 @@ _IDX_DATASETS: dict[str, tuple[_Where, tuple[float, ...], tuple[float, ...]]] = 
     "mnist": (
         _Where(
             "MNIST",
-            "pass --data-dir with the MNIST IDX files train-images-idx3-ubyte, "
-            "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
-            "(.gz or plain)",
+            "pass --data-dir with the four MNIST IDX files "
+            "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-..., .gz or plain)",
         ),
         (0.1307,),
         (0.3081,),
@@ -645,7 +644,8 @@ def _read_mnist1d_cache(path: Path) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        # Open the file ourselves: np.load leaks its handle when the zip is corrupt.
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in _MNIST1D_KEYS}
     except Exception:  # truncated zip, foreign file, missing key: regenerate instead
         arrays = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from largebatch.cli import main as cli_main
 from largebatch.data import DEFAULT_DATA_DIRS
@@ -30,8 +31,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="largebatch.demo", description=__doc__)
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args(argv)
-    from pathlib import Path
-
     folder = Path(DEFAULT_DATA_DIRS["fashion-mnist"])
     available = (folder / "train-images-idx3-ubyte.gz").exists() or (
         folder / "train-images-idx3-ubyte"

@@ -56,7 +56,9 @@ def evaluate_checkpoint(
     model, saved = load_trained(checkpoint, dev)
     config = saved["config"]
     data = load_dataset(
-        config["dataset"], data_dir or config.get("data_dir"), seed=config["seed"],
+        config["dataset"],
+        data_dir or config.get("data_dir"),
+        seed=config["seed"],
         limit_test=limit if limit is not None else config.get("limit_test"),
     )
     step = alpha if alpha is not None else 2.5 * eps / steps

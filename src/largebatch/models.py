@@ -69,7 +69,11 @@ def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 def _conv_relu_bn(cin: int, cout: int, kernel: int, padding: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, padding=padding), nn.ReLU(inplace=True), nn.BatchNorm2d(cout)]
+    return [
+        nn.Conv2d(cin, cout, kernel, padding=padding),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm2d(cout),
+    ]
 
 
 def _c1(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -88,7 +92,9 @@ def _c1(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 def _c2(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     c, h, w = input_shape
     if min(h, w) < 16:
-        raise UsageError(f"model c2 needs images of at least 16x16 pixels, got {h}x{w}; use c1 or mlp")
+        raise UsageError(
+            f"model c2 needs images of at least 16x16 pixels, got {h}x{w}; use c1 or mlp"
+        )
     features = nn.Sequential(
         *_conv_relu_bn(c, 64, 3, 0),
         *_conv_relu_bn(64, 64, 3, 0),

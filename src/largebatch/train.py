@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from largebatch.adversarial import fgsm, pgd
 from largebatch.checkpoint import load_checkpoint, save_checkpoint
 from largebatch.config import TrainConfig, config_to_dict, save_config
 from largebatch.controllers import BatchController, Decision, make_controller
@@ -148,6 +149,7 @@ def _train_epoch(
         for begin in range(0, len(indices), micro):
             xb = x[begin : begin + micro].to(device, non_blocking=True)
             yb = y[begin : begin + micro].to(device, non_blocking=True)
+            xb = _with_adversarial_share(model, xb, yb, decision.adv_ratio, config, data)
             out = model(xb)
             loss = F.cross_entropy(out, yb)
             (loss * (len(yb) / len(indices))).backward()
@@ -166,6 +168,35 @@ def _train_epoch(
     bar.close()
     state.samples += seen
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+
+
+def _with_adversarial_share(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ratio: float,
+    config: TrainConfig,
+    data: DataSource,
+) -> torch.Tensor:
+    """Replace the first ``round(ratio * len(x))`` samples by attacked ones (ABSA).
+
+    As in the reference code, nothing is replaced while ``ratio * len(x) < 1``. The attack
+    runs in eval mode, so batch-norm statistics only ever see the training batch.
+    """
+    count = round(ratio * len(x))
+    if ratio * len(x) < 1 or count < 1 or config.adv_eps == 0:
+        return x
+    # The reference clamps to the min and max of the whole batch, not of the attacked part.
+    clamp = (x.min().item(), x.max().item()) if config.adv_clamp == "batch" else data.input_range
+    head_x, head_y = x[:count], y[:count]
+    if config.adv_attack == "pgd":
+        steps = config.adv_pgd_steps
+        attacked = pgd(
+            model, head_x, head_y, config.adv_eps, 2.5 * config.adv_eps / steps, steps, clamp=clamp
+        )
+    else:
+        attacked = fgsm(model, head_x, head_y, config.adv_eps, clamp=clamp)
+    return torch.cat([attacked, x[count:]])
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
@@ -266,8 +297,10 @@ def train(
     # The checkpoint's history is the truth: it drops epochs logged after the last save.
     write_jsonl(out / "metrics.jsonl", state.history)
 
-    echo(f"training {config.model} on {config.dataset} ({len(data.train_y)} samples), "
-         f"method {config.method}, device {device}")
+    echo(
+        f"training {config.model} on {config.dataset} ({len(data.train_y)} samples), "
+        f"method {config.method}, device {device}"
+    )
     echo(TABLE_HEADER)
     for record in state.history:
         echo(_format_row(record))
@@ -275,7 +308,15 @@ def train(
         started = time.perf_counter()
         decision = controller.decision()
         train_stats = _train_epoch(
-            model, optimizer, data, sampler, controller, decision, config, state, device,
+            model,
+            optimizer,
+            data,
+            sampler,
+            controller,
+            decision,
+            config,
+            state,
+            device,
             show_progress,
         )
         test_loss, test_acc = evaluate(

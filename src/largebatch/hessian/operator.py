@@ -1,0 +1,295 @@
+"""Hessian-vector products of a model's loss over a fixed probe set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from largebatch.hessian.batches import Batch, Data, as_batches, sample_count
+from largebatch.hessian.distributed import all_reduce_sum, broadcast_seed, distributed_enabled
+from largebatch.hessian.model_state import preserved_model_state
+from largebatch.hessian.params import ParamSpec, flatten, select_parameters, unflatten
+
+__all__ = [
+    "HVP_METHODS",
+    "HessianOperator",
+    "HessianOperatorError",
+    "LossFn",
+    "NondeterministicHessianError",
+]
+
+#: ``loss_fn(outputs, targets)`` returning the mean loss over the batch (a scalar).
+LossFn = Callable[[Any, Any], torch.Tensor]
+HVP_METHODS = ("double_backward", "forward_over_reverse")
+
+
+class HessianOperatorError(RuntimeError):
+    """The operator was used in a way that would give wrong products."""
+
+
+class NondeterministicHessianError(HessianOperatorError):
+    """The loss over the probe data changed between products (data, dropout, ...)."""
+
+
+class HessianOperator:
+    """The Hessian of a model's mean loss over fixed data, as a linear operator.
+
+    The loss is the sample-weighted mean over all batches of ``data``,
+    ``L = sum_b n_b * loss_fn(model(x_b), y_b) / N``, differentiated twice with respect to
+    the selected parameters. Vectors are flat 1-D tensors of length :attr:`dim` in the
+    parameters' order (see :meth:`flatten` / :meth:`unflatten`).
+
+    Use it as a context manager (``with HessianOperator(...) as op:``) or call
+    :meth:`open` and :meth:`close`. While open the model is in eval mode (if
+    ``eval_mode``) and the parameters must not change; :meth:`close` frees the cached
+    graphs and puts back the model's train/eval mode, every buffer (batch-norm running
+    statistics) and each parameter's ``.grad``. A closed operator can be opened again,
+    for instance after a training step.
+
+    Args:
+        model: the network; a DistributedDataParallel wrapper is unwrapped.
+        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch.
+        data: one ``(inputs, targets)`` pair or an iterable of pairs, read once and kept.
+        params: which parameters (see :func:`select_parameters`); default all trainable.
+        eval_mode: run the model in eval mode during products (default True).
+        method: ``"double_backward"`` (default; builds each batch's gradient graph once
+            and differentiates it again per product, the fastest on CPU) or
+            ``"forward_over_reverse"`` (``torch.func.jvp`` of ``torch.func.grad``; needs
+            batch-norm in eval mode).
+        check_determinism: before every product recompute each batch's loss without
+            gradients and raise :class:`NondeterministicHessianError` if it moved (costs
+            one forward pass per batch per product).
+        distributed: all-reduce products over the default process group; ``None`` means
+            "if one is initialized". Each rank passes its own shard of the probe data.
+        cache_graph: keep every batch's gradient graph between products (double backward
+            only). False rebuilds it per product: less memory, one more backward.
+
+    Attributes:
+        dim: number of selected scalars. dtype, device: those of the parameters.
+        matvecs: products computed so far. param_names: names of the selected parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Data,
+        params: ParamSpec | None = None,
+        eval_mode: bool = True,
+        method: str = "double_backward",
+        check_determinism: bool = False,
+        distributed: bool | None = None,
+        cache_graph: bool = True,
+    ) -> None:
+        if method not in HVP_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {HVP_METHODS}")
+        if isinstance(model, DistributedDataParallel):
+            # Its forward would expect a matching backward all-reduce; products use
+            # autograd.grad, which never fires DDP's hooks.
+            model = model.module
+        self.model = model
+        self.loss_fn = loss_fn
+        self.method = method
+        self.eval_mode = eval_mode
+        self.check_determinism = check_determinism
+        self.cache_graph = cache_graph
+        named = select_parameters(model, params)
+        self.param_names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"selected parameters mix dtypes {sorted(map(str, dtypes))}")
+        self.dtype: torch.dtype = self.params[0].dtype
+        self.device: torch.device = self.params[0].device
+        self.dim = sum(p.numel() for p in self.params)
+        self.distributed = distributed_enabled(distributed)
+        self.batches: list[Batch] = [
+            b for b in as_batches(data, self.device) if sample_count(b) > 0
+        ]
+        self.matvecs = 0
+        self._stack: ExitStack | None = None
+        self._weights: list[float] = []
+        self._graphs: list[tuple[torch.Tensor, ...] | None] = []
+        self._versions: list[int] = []
+        self._reference_losses: list[float] | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def is_open(self) -> bool:
+        """Whether products may be taken now."""
+        return self._stack is not None
+
+    def open(self) -> HessianOperator:
+        """Snapshot the model's state, switch to eval mode if asked; returns self."""
+        if self._stack is not None:
+            return self
+        stack = ExitStack()
+        stack.enter_context(preserved_model_state(self.model, self.eval_mode))
+        self._stack = stack
+        try:
+            counts = [sample_count(b) for b in self.batches]
+            total = torch.tensor(float(sum(counts)), dtype=torch.float64, device=self.device)
+            if self.distributed:
+                all_reduce_sum(total)
+            if total.item() <= 0:
+                raise ValueError("the probe data holds no samples")
+            self._weights = [n / total.item() for n in counts]
+        except BaseException:
+            self.close()
+            raise
+        self._graphs = [None] * len(self.batches)
+        self._versions = self._param_versions()
+        self._reference_losses = None
+        return self
+
+    def close(self) -> None:
+        """Free cached graphs and restore the model's mode, buffers and ``.grad``."""
+        self._graphs = []
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    def __enter__(self) -> HessianOperator:
+        return self.open()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ products
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """``H @ vector`` for a flat vector of shape ``(dim,)``; returns shape ``(dim,)``."""
+        self._check_usable()
+        vector = vector.to(dtype=self.dtype, device=self.device)
+        if vector.shape != (self.dim,):
+            raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(vector.shape)}")
+        if self.check_determinism:
+            self._check_losses()
+        pieces = unflatten(vector.detach(), self.params)
+        product = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        batch_product = (
+            self._double_backward_product
+            if self.method == "double_backward"
+            else self._forward_over_reverse_product
+        )
+        for index in range(len(self.batches)):
+            product += batch_product(index, pieces)
+        if self.distributed:
+            all_reduce_sum(product)
+        self.matvecs += 1
+        return product
+
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        """``H @ v`` for ``v`` of shape ``(dim,)`` or column by column for ``(dim, m)``."""
+        if other.dim() == 2:
+            return torch.stack([self.matvec(column) for column in other.T], dim=1)
+        return self.matvec(other)
+
+    def dense(self) -> torch.Tensor:
+        """The full ``(dim, dim)`` Hessian from ``dim`` products (tiny models only)."""
+        return self @ torch.eye(self.dim, dtype=self.dtype, device=self.device)
+
+    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor per selected parameter -> flat vector of shape ``(dim,)``."""
+        return flatten(tensors)
+
+    def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        """Flat vector of shape ``(dim,)`` -> views shaped like the selected parameters."""
+        return unflatten(vector, self.params)
+
+    def synchronize_seed(self, seed: int) -> int:
+        """The seed every rank should use for random probes (rank 0's when distributed)."""
+        return broadcast_seed(seed, self.device) if self.distributed else seed
+
+    # ------------------------------------------------------------------ internals
+    def _check_usable(self) -> None:
+        if self._stack is None:
+            raise HessianOperatorError(
+                "HessianOperator is closed: use `with HessianOperator(...) as op:` "
+                "or call op.open() first"
+            )
+        if self._param_versions() != self._versions:
+            raise HessianOperatorError(
+                "parameters changed while the HessianOperator was open; close() it and "
+                "open() it again to take the Hessian at the new parameters"
+            )
+
+    def _param_versions(self) -> list[int]:
+        return [p._version for p in self.params]
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        inputs, targets = batch
+        return self.loss_fn(self.model(inputs), targets)
+
+    def _gradient_graph(self, index: int) -> tuple[torch.Tensor, ...]:
+        cached = self._graphs[index]
+        if cached is not None:
+            return cached
+        with torch.enable_grad():
+            loss = self._loss(self.batches[index]) * self._weights[index]
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        graph = tuple(_zeros_if_none(g, p) for g, p in zip(grads, self.params, strict=True))
+        if self.cache_graph:
+            self._graphs[index] = graph
+        return graph
+
+    def _double_backward_product(self, index: int, pieces: list[torch.Tensor]) -> torch.Tensor:
+        grads = self._gradient_graph(index)
+        # A gradient entry that does not depend on any parameter has a zero Hessian row.
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        if not live:
+            return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        with torch.enable_grad():
+            second = torch.autograd.grad(
+                [grads[i] for i in live],
+                self.params,
+                grad_outputs=[pieces[i] for i in live],
+                retain_graph=self.cache_graph,
+                allow_unused=True,
+            )
+        return flatten([_zeros_if_none(s, p) for s, p in zip(second, self.params, strict=True)])
+
+    def _forward_over_reverse_product(
+        self, index: int, pieces: list[torch.Tensor]
+    ) -> torch.Tensor:
+        inputs, targets = self.batches[index]
+        weight = self._weights[index]
+
+        def weighted_loss(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            replaced = dict(zip(self.param_names, values, strict=True))
+            outputs = torch.func.functional_call(self.model, replaced, (inputs,))
+            return self.loss_fn(outputs, targets) * weight
+
+        primals = tuple(p.detach() for p in self.params)
+        _, product = torch.func.jvp(torch.func.grad(weighted_loss), (primals,), (tuple(pieces),))
+        return flatten([t.detach() for t in product])
+
+    def _check_losses(self) -> None:
+        with torch.no_grad():
+            losses = [float(self._loss(batch)) for batch in self.batches]
+        if self._reference_losses is None:
+            self._reference_losses = losses
+            return
+        slack = 1e3 * torch.finfo(self.dtype).eps
+        for index, (now, then) in enumerate(zip(losses, self._reference_losses, strict=True)):
+            if not abs(now - then) <= slack * max(1.0, abs(then)):
+                raise NondeterministicHessianError(
+                    f"loss of probe batch {index} changed between products ({then!r} -> "
+                    f"{now!r}): the data, the parameters or a random layer (dropout with "
+                    "eval_mode=False) changed, so the products are not of one Hessian"
+                )
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else "closed"
+        return (
+            f"HessianOperator(dim={self.dim}, method={self.method!r}, "
+            f"batches={len(self.batches)}, {state}, matvecs={self.matvecs})"
+        )
+
+
+def _zeros_if_none(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if value is None else value

@@ -1,0 +1,105 @@
+"""Result records of the Hessian solvers: tensors plus the cost of getting them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["DensityResult", "EigenResult", "TraceResult"]
+
+
+@dataclass
+class EigenResult:
+    """Top eigenpairs of a symmetric operator.
+
+    Attributes:
+        values: float64, shape ``(k,)``, the k largest algebraic eigenvalues, largest first
+            (method ``"reference"``: the largest in magnitude, as the reference code).
+        vectors: shape ``(k, dim)``, unit eigenvectors as flat vectors in the operator's
+            dtype (``HessianOperator.unflatten`` gives the per-parameter layout).
+        residuals: float64, shape ``(k,)``, ``|H v - value v| / |value|`` per pair,
+            measured with true products.
+        matvecs: Hessian-vector products spent, the final check included.
+        converged: every residual is within the tolerance (method ``"reference"``: the
+            relative change of the eigenvalue fell below it).
+        method: the solver used.
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    matvecs: int
+    converged: bool
+    method: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain numbers for JSON, without the vectors."""
+        return {
+            "values": self.values.tolist(),
+            "residuals": self.residuals.tolist(),
+            "matvecs": self.matvecs,
+            "converged": self.converged,
+            "method": self.method,
+        }
+
+
+@dataclass
+class TraceResult:
+    """Stochastic estimate of the trace.
+
+    Attributes:
+        estimate: the trace estimate.
+        stderr: standard error of the estimate from the spread of the probe values
+            (``nan`` with fewer than two probes). For Hutch++ it is the standard error of
+            the stochastic part given the sketched subspace, whose trace is exact; it does
+            not include the (smaller) variation due to the random sketch itself.
+        matvecs: products spent. probes: random probes averaged (Hutch++: in the
+            stochastic part only). method: ``"hutchinson"`` or ``"hutch++"``.
+    """
+
+    estimate: float
+    stderr: float
+    matvecs: int
+    probes: int
+    method: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain numbers for JSON."""
+        return dict(vars(self))
+
+
+@dataclass
+class DensityResult:
+    """Smoothed spectral density from stochastic Lanczos quadrature.
+
+    Attributes:
+        grid: float64, shape ``(grid_points,)``, eigenvalue axis.
+        density: float64, same shape, non-negative, integrating to 1 over ``grid``
+            (trapezoid rule).
+        nodes, weights: float64 quadrature nodes (Ritz values) and weights of all probes,
+            concatenated; weights sum to 1. ``density`` is their Gaussian smoothing.
+        sigma: standard deviation of the Gaussian kernel, eigenvalue units.
+        matvecs: products spent. probes: random start vectors used.
+    """
+
+    grid: torch.Tensor
+    density: torch.Tensor
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    sigma: float
+    matvecs: int
+    probes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain numbers for JSON."""
+        return {
+            "grid": self.grid.tolist(),
+            "density": self.density.tolist(),
+            "nodes": self.nodes.tolist(),
+            "weights": self.weights.tolist(),
+            "sigma": self.sigma,
+            "matvecs": self.matvecs,
+            "probes": self.probes,
+        }
