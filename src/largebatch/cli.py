@@ -109,6 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed for PGD's random start")
     ev.add_argument("--out", help="write the result as JSON here")
     ev.set_defaults(func=_cmd_evaluate)
+
+    hs = sub.add_parser(
+        "hessian",
+        help="top eigenvalues, trace and spectral density of a checkpoint",
+        description="Curvature of the training loss of a checkpoint (batch-norm in eval mode).",
+    )
+    hs.add_argument("--checkpoint", required=True)
+    hs.add_argument("--samples", type=int, default=256, help="training samples in the loss")
+    hs.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues")
+    hs.add_argument("--tol", type=float, default=1e-3, help="relative residual target")
+    hs.add_argument("--trace", action="store_true", help="also estimate the trace")
+    hs.add_argument("--trace-probes", type=int, default=100)
+    hs.add_argument("--density", action="store_true", help="also the spectral density (+ PNG)")
+    hs.add_argument("--density-probes", type=int, default=2)
+    hs.add_argument("--lanczos-steps", type=int, default=80)
+    hs.add_argument("--batch-size", type=int, default=128)
+    hs.add_argument("--seed", type=int, default=0, help="probe sample and vector seed")
+    hs.add_argument("--data-dir", help="dataset folder, if not the one used in training")
+    hs.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    hs.add_argument("--out", help="write the result as JSON here (the density PNG beside it)")
+    hs.set_defaults(func=_cmd_hessian)
     return parser
 
 
@@ -149,6 +170,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if result.get("adv_acc") is not None:
         line += f", {args.attack} accuracy {result['adv_acc']:.4f} (eps {args.eps:g})"
     print(line + f" on {result['samples']} test samples")
+    return 0
+
+
+def _cmd_hessian(args: argparse.Namespace) -> int:
+    from largebatch.analysis import analyze_checkpoint
+
+    result = analyze_checkpoint(
+        args.checkpoint,
+        samples=args.samples,
+        top_k=args.top_k,
+        trace=args.trace,
+        density=args.density,
+        out=args.out,
+        batch_size=args.batch_size,
+        tol=args.tol,
+        trace_probes=args.trace_probes,
+        density_probes=args.density_probes,
+        lanczos_steps=args.lanczos_steps,
+        seed=args.seed,
+        device=args.device,
+        data_dir=args.data_dir,
+    )
+    eig = result["eigenvalues"]
+    values = ", ".join(f"{v:.6g}" for v in eig["values"])
+    print(
+        f"top eigenvalues: {values} (max residual {max(eig['residuals']):.1e}, "
+        f"{eig['matvecs']} Hessian-vector products, {result['samples']} samples)"
+    )
+    if "trace" in result:
+        print(f"trace: {result['trace']['estimate']:.6g} +- {result['trace']['stderr']:.2g}")
+    if "density_png" in result:
+        print(f"spectral density: {result['density_png']}")
+    if args.out:
+        print(f"written: {args.out}")
     return 0
 
 

@@ -130,9 +130,7 @@ def make_generator(op: CountingOperator, seed: int | None) -> torch.Generator:
     return generator
 
 
-def rademacher(
-    count: int, op: CountingOperator, generator: torch.Generator
-) -> torch.Tensor:
+def rademacher(count: int, op: CountingOperator, generator: torch.Generator) -> torch.Tensor:
     """``count`` random +-1 vectors, shape ``(count, op.dim)``, on ``op``'s device/dtype."""
     signs = torch.randint(0, 2, (count, op.dim), generator=generator) * 2 - 1
     return signs.to(dtype=op.dtype, device=op.device)

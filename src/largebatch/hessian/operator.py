@@ -253,9 +253,7 @@ class HessianOperator:
             )
         return flatten([_zeros_if_none(s, p) for s, p in zip(second, self.params, strict=True)])
 
-    def _forward_over_reverse_product(
-        self, index: int, pieces: list[torch.Tensor]
-    ) -> torch.Tensor:
+    def _forward_over_reverse_product(self, index: int, pieces: list[torch.Tensor]) -> torch.Tensor:
         inputs, targets = self.batches[index]
         weight = self._weights[index]
 

@@ -1,0 +1,227 @@
+"""Top eigenvalues of a symmetric operator: Lanczos (default), power iteration, and the
+reference code's power iteration."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from largebatch.hessian.batches import Data
+from largebatch.hessian.krylov import (
+    LanczosProcess,
+    orthogonalize,
+    rayleigh_ritz,
+    relative_residual,
+)
+from largebatch.hessian.linear_operator import (
+    CountingOperator,
+    OperatorLike,
+    make_generator,
+    operator_for,
+    rademacher,
+)
+from largebatch.hessian.operator import LossFn
+from largebatch.hessian.results import EigenResult
+
+__all__ = ["EIGEN_METHODS", "top_eigenvalues"]
+
+EIGEN_METHODS = ("lanczos", "power", "reference")
+
+#: Smallest Lanczos basis; the default is ``max(MIN_KRYLOV_DIM, 2 k + 8)`` vectors.
+MIN_KRYLOV_DIM = 20
+
+InitVectors = torch.Tensor | Sequence[torch.Tensor]
+
+
+def top_eigenvalues(
+    target: OperatorLike | nn.Module,
+    loss_fn: LossFn | None = None,
+    data: Data | None = None,
+    *,
+    k: int = 1,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    method: str = "lanczos",
+    init: InitVectors | None = None,
+    seed: int | None = None,
+    krylov_dim: int | None = None,
+    operator_options: Mapping[str, Any] | None = None,
+) -> EigenResult:
+    """The ``k`` largest (algebraic) eigenvalues of the Hessian, with eigenvectors.
+
+    Call as ``top_eigenvalues(model, loss_fn, data, ...)`` or ``top_eigenvalues(op, ...)``
+    with an operator or a dense symmetric matrix.
+
+    Args:
+        k: number of eigenpairs.
+        tol: stop when every pair's relative residual ``|H v - l v| / |l|`` is at most
+            ``tol`` (method ``"reference"``: when the eigenvalue's relative change between
+            two iterations is below ``tol``; the reference code uses 1e-2).
+        max_iter: ``"lanczos"``: at most this many Lanczos steps (products), plus ``k``
+            products to measure the final residuals. ``"power"``/``"reference"``: at most
+            this many iterations (products) per eigenpair; ``"power"`` spends up to twice
+            that on a pair whose dominant eigenvalue is negative (it then shifts).
+        method: ``"lanczos"`` (full reorthogonalization, thick restart), ``"power"``
+            (power iteration with deflation, the reference method, slower) or
+            ``"reference"`` (power iteration as the papers' code: largest magnitude,
+            stopping on the relative change; pass ``max_iter=10, tol=1e-2`` to match it).
+        init: warm start, flat vectors of shape ``(m, dim)`` or ``(dim,)`` (for example a
+            previous result's ``vectors``). Lanczos starts from their sum; power iteration
+            starts pair i from vector i. Missing ones are random.
+        seed: seed of the random start vectors; ``None`` draws one from torch's RNG.
+        krylov_dim: Lanczos basis size before a restart (default ``max(20, 2k + 8)``);
+            memory is ``krylov_dim + 1`` vectors of ``dim`` entries.
+        operator_options: keyword arguments of :class:`HessianOperator` (``params``,
+            ``method``, ...) when a model is given.
+
+    Returns:
+        :class:`EigenResult`; the model's mode, buffers and ``.grad`` are as they were.
+
+    Note:
+        Single-vector Lanczos may miss a copy of an exactly repeated eigenvalue; use
+        ``method="power"`` if that matters.
+    """
+    if method not in EIGEN_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {EIGEN_METHODS}")
+    if k < 1 or max_iter < 1 or not tol > 0:
+        raise ValueError("need k >= 1, max_iter >= 1 and tol > 0")
+    if method == "lanczos" and max_iter < k:
+        raise ValueError(f"Lanczos needs max_iter >= k, got max_iter={max_iter}, k={k}")
+    with operator_for(target, loss_fn, data, operator_options) as op:
+        if k > op.dim:
+            raise ValueError(f"k={k} exceeds the dimension {op.dim}")
+        generator = make_generator(op, seed)
+        starts = _init_rows(init, op)
+        if method == "lanczos":
+            size = krylov_dim or max(MIN_KRYLOV_DIM, 2 * k + 8)
+            vectors, products = _lanczos(op, k, tol, max_iter, starts, generator, size)
+            change_converged = True
+        else:
+            vectors, products, change_converged = _power(
+                op, k, tol, max_iter, starts, generator, reference=method == "reference"
+            )
+        values, vectors, residuals = rayleigh_ritz(vectors, products)
+        converged = change_converged if method == "reference" else bool((residuals <= tol).all())
+        return EigenResult(values, vectors, residuals, op.matvecs, converged, method)
+
+
+def _init_rows(init: InitVectors | None, op: CountingOperator) -> torch.Tensor | None:
+    if init is None:
+        return None
+    rows = init if isinstance(init, torch.Tensor) else torch.stack(list(init))
+    rows = rows.reshape(-1, op.dim) if rows.dim() == 1 else rows
+    if rows.dim() != 2 or rows.shape[1] != op.dim:
+        raise ValueError(f"init must have shape (m, {op.dim}), got {tuple(rows.shape)}")
+    return rows.detach().to(dtype=op.dtype, device=op.device)
+
+
+def _lanczos(
+    op: CountingOperator,
+    k: int,
+    tol: float,
+    max_steps: int,
+    starts: torch.Tensor | None,
+    generator: torch.Generator,
+    krylov_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k Ritz vectors to ``tol`` (estimated residual) and their true products."""
+    start = _warm_start(starts, op, generator)
+    process = LanczosProcess(op, start, max(krylov_dim, k + 2), generator)
+    keep = min(max(k + 1, process.max_size // 2), process.max_size - 1)
+    steps = 0
+    while True:
+        process.step()
+        steps += 1
+        if process.size >= k:
+            pairs = process.ritz()
+            small = relative_residual(pairs.estimates[-k:], pairs.theta[-k:]) <= tol
+            if process.exhausted or bool(small.all()) or steps >= max_steps:
+                break
+        if process.full:
+            process.restart(keep)
+    vectors = process.ritz_vectors(pairs.coords[:, -k:])
+    return vectors, torch.stack([op.matvec(v) for v in vectors])
+
+
+def _warm_start(
+    starts: torch.Tensor | None, op: CountingOperator, generator: torch.Generator
+) -> torch.Tensor:
+    # The sum of k near-eigenvectors spans them all within k Krylov steps.
+    if starts is not None:
+        norms = torch.linalg.vector_norm(starts, dim=1, keepdim=True)
+        combined = (starts / norms.clamp_min(torch.finfo(op.dtype).tiny)).sum(dim=0)
+        if torch.isfinite(combined).all() and torch.linalg.vector_norm(combined) > 0:
+            return combined
+    return rademacher(1, op, generator)[0]
+
+
+def _power(
+    op: CountingOperator,
+    k: int,
+    tol: float,
+    max_iter: int,
+    starts: torch.Tensor | None,
+    generator: torch.Generator,
+    reference: bool,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Power iteration with deflation; returns vectors, their products, all converged."""
+    found: list[torch.Tensor] = []
+    products: list[torch.Tensor] = []
+    all_converged = True
+    for index in range(k):
+        start = starts[index] if starts is not None and index < len(starts) else None
+        vector, product, converged = _power_pair(
+            op, start, found, tol, max_iter, generator, shift=0.0, reference=reference
+        )
+        value = float(vector.double() @ product.double())
+        if value < 0 and not reference:
+            # The dominant eigenvalue is negative; shifting by it makes the largest
+            # algebraic eigenvalue the dominant one.
+            vector, product, converged = _power_pair(
+                op, None, found, tol, max_iter, generator, shift=value, reference=False
+            )
+        found.append(vector)
+        products.append(product)
+        all_converged = all_converged and converged
+    return torch.stack(found), torch.stack(products), all_converged
+
+
+def _power_pair(
+    op: CountingOperator,
+    start: torch.Tensor | None,
+    found: list[torch.Tensor],
+    tol: float,
+    max_iter: int,
+    generator: torch.Generator,
+    shift: float,
+    reference: bool,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Iterate ``v <- P (H - shift) v / norm`` with P projecting out ``found``."""
+    basis = torch.stack(found) if found else None
+    vector = _unit(_deflate(start if start is not None else rademacher(1, op, generator)[0], basis))
+    previous: float | None = None
+    for iteration in range(max_iter):
+        product = op.matvec(vector)
+        value = float(vector.double() @ product.double())
+        if reference:
+            done = previous is not None and abs(value - previous) <= tol * abs(previous)
+        else:
+            residual = torch.linalg.vector_norm((product - value * vector).double())
+            done = bool(relative_residual(residual, torch.tensor(value)) <= tol)
+        following = _deflate(product - shift * vector, basis)
+        if done or iteration == max_iter - 1 or not bool(following.any()):
+            return vector, product, done
+        previous = value
+        vector = _unit(following)
+    raise AssertionError("unreachable")
+
+
+def _deflate(vector: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    return vector if basis is None else orthogonalize(vector, basis)[0]
+
+
+def _unit(vector: torch.Tensor) -> torch.Tensor:
+    return vector / torch.linalg.vector_norm(vector)

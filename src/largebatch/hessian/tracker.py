@@ -1,0 +1,189 @@
+"""The top Hessian eigenvalue during training: warm-started, on a budget, resumable."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from largebatch.hessian.batches import Data
+from largebatch.hessian.eigen import EIGEN_METHODS, top_eigenvalues
+from largebatch.hessian.operator import HessianOperator, LossFn
+
+__all__ = ["REFERENCE_MAX_ITER", "REFERENCE_TOL", "EigenTracker", "TrackerResult"]
+
+#: The papers' reference code: at most 10 power iterations, stopping when the
+#: eigenvalue's relative change is below 1e-2, from a new random vector every time.
+REFERENCE_MAX_ITER = 10
+REFERENCE_TOL = 1e-2
+
+
+@dataclass
+class TrackerResult:
+    """One estimate.
+
+    Attributes:
+        values: float64 ``(k,)``, top eigenvalues, largest first.
+        residuals: float64 ``(k,)``, relative residuals ``|H v - l v| / |l|`` (the error
+            bar: the eigenvalue is off by at most about ``residual * |l|``).
+        matvecs: Hessian-vector products spent (the cost).
+        seconds: wall time of the estimate, graph building included.
+        converged: the stopping rule was met within the budget.
+        warm_started: started from the previous estimate's eigenvectors.
+    """
+
+    values: torch.Tensor
+    residuals: torch.Tensor
+    matvecs: int
+    seconds: float
+    converged: bool
+    warm_started: bool
+
+    @property
+    def eigenvalue(self) -> float:
+        """The top eigenvalue as a float."""
+        return float(self.values[0])
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain numbers for JSON (metrics files)."""
+        return {
+            "eigenvalue": self.eigenvalue,
+            "values": self.values.tolist(),
+            "residuals": self.residuals.tolist(),
+            "matvecs": self.matvecs,
+            "seconds": self.seconds,
+            "converged": self.converged,
+            "warm_started": self.warm_started,
+        }
+
+
+class EigenTracker:
+    """Estimates the top Hessian eigenvalue(s) of a model on a probe set, call after call.
+
+    Each :meth:`estimate` starts from the eigenvectors found by the previous one (when
+    ``warm_start`` and the parameter count is unchanged), so after a short stretch of
+    training a few products suffice. It stops on the relative residual ``tol`` or after
+    ``max_matvecs`` products, and reports both.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets)``, mean loss of a batch.
+        data: probe set, one ``(inputs, targets)`` pair or an iterable of pairs (under
+            torch.distributed: this rank's shard, see :func:`shard_batch`).
+        k: eigenpairs to track.
+        tol: relative residual to reach.
+        max_matvecs: most products per estimate, the final residual check included
+            (``"lanczos"`` needs at least ``2 k``). ``"power"`` spends at most
+            ``max_matvecs // k`` iterations per pair, twice that for a pair whose dominant
+            eigenvalue is negative.
+        method: ``"lanczos"``, ``"power"``, or ``"reference"``: the papers' reference code
+            (cold random start every time, plain power iteration, at most 10 iterations,
+            stop when the relative change is below 1e-2; ``tol``, ``max_matvecs`` and
+            ``warm_start`` are then ignored).
+        warm_start: reuse the last eigenvectors as the start.
+        seed: seed of the tracker's own random stream (start vectors).
+        operator_options: keyword arguments of :class:`HessianOperator` (``params``,
+            ``method``, ``eval_mode``, ...).
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        data: Data,
+        k: int = 1,
+        tol: float = 1e-3,
+        max_matvecs: int = 100,
+        method: str = "lanczos",
+        warm_start: bool = True,
+        seed: int = 0,
+        operator_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if method not in EIGEN_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {EIGEN_METHODS}")
+        least = 2 * k if method == "lanczos" else k
+        if k < 1 or max_matvecs < least:
+            raise ValueError(f"{method} with k={k} needs max_matvecs >= {least}")
+        self.loss_fn = loss_fn
+        self.data = data
+        self.k = k
+        self.tol = tol
+        self.max_matvecs = max_matvecs
+        self.method = method
+        self.warm_start = warm_start and method != "reference"
+        self.operator_options = dict(operator_options or {})
+        self.last: TrackerResult | None = None
+        self._vectors: torch.Tensor | None = None
+        self._generator = torch.Generator()
+        self._generator.manual_seed(seed)
+
+    @property
+    def vectors(self) -> torch.Tensor | None:
+        """The last eigenvectors, flat, shape ``(k, dim)`` on the CPU, or None."""
+        return self._vectors
+
+    def estimate(self, model: nn.Module, data: Data | None = None) -> TrackerResult:
+        """Top eigenvalue(s) of ``model``'s loss Hessian on the probe set (or ``data``).
+
+        The model's train/eval mode, buffers and ``.grad`` are left as they were.
+        """
+        started = time.perf_counter()
+        seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
+        probe = self.data if data is None else data
+        with HessianOperator(model, self.loss_fn, probe, **self.operator_options) as op:
+            usable = self._vectors is not None and self._vectors.shape[1] == op.dim
+            init = self._vectors if self.warm_start and usable else None
+            result = top_eigenvalues(op, init=init, seed=seed, **self._solver_settings())
+        self._vectors = result.vectors.detach().cpu()
+        self.last = TrackerResult(
+            values=result.values,
+            residuals=result.residuals,
+            matvecs=result.matvecs,
+            seconds=time.perf_counter() - started,
+            converged=result.converged,
+            warm_started=init is not None,
+        )
+        return self.last
+
+    def reset(self) -> None:
+        """Forget the eigenvectors: the next estimate starts cold."""
+        self._vectors = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Eigenvectors and random state, so a resumed run estimates exactly the same."""
+        return {
+            "k": self.k,
+            "method": self.method,
+            "vectors": self._vectors,
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: a state saved by a tracker with another ``k`` or method.
+        """
+        if state["k"] != self.k or state["method"] != self.method:
+            raise ValueError(
+                f"tracker state is for k={state['k']}, method={state['method']!r}; this "
+                f"tracker has k={self.k}, method={self.method!r}"
+            )
+        vectors = state["vectors"]
+        self._vectors = None if vectors is None else vectors.detach().cpu().clone()
+        self._generator.set_state(state["generator"])
+
+    def _solver_settings(self) -> dict[str, Any]:
+        if self.method == "reference":
+            return {
+                "k": self.k,
+                "tol": REFERENCE_TOL,
+                "max_iter": REFERENCE_MAX_ITER,
+                "method": "reference",
+            }
+        budget = (
+            self.max_matvecs - self.k if self.method == "lanczos" else self.max_matvecs // self.k
+        )
+        return {"k": self.k, "tol": self.tol, "max_iter": budget, "method": self.method}

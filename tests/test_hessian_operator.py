@@ -1,0 +1,184 @@
+"""HessianOperator against the exact Hessian, and the model left as it was found."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largebatch.hessian import (
+    EigenTracker,
+    HessianOperator,
+    HessianOperatorError,
+    NondeterministicHessianError,
+    dense_hessian,
+    hessian_trace,
+    spectral_density,
+    top_eigenvalues,
+)
+
+
+def mlp_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(23, 4, dtype=torch.float64), torch.randint(0, 3, (23,))
+    # Unequal batches: the Hessian must be of the sample-weighted mean loss.
+    return model, [(x[:5], y[:5]), (x[5:16], y[5:16]), (x[16:], y[16:])], (x, y)
+
+
+def conv_bn_problem():
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(18, 3)
+    ).double()
+    with torch.no_grad():  # non-trivial running statistics, so eval mode matters
+        model[2].running_mean.uniform_(-0.5, 0.5)
+        model[2].running_var.uniform_(0.5, 2.0)
+    x, y = torch.randn(10, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    return model, [(x[:4], y[:4]), (x[4:], y[4:])], (x, y)
+
+
+PROBLEMS = {"mlp": mlp_problem, "conv_bn": conv_bn_problem}
+
+
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_products_match_dense_hessian(problem, method):
+    model, batches, _ = PROBLEMS[problem]()
+    truth = dense_hessian(model, F.cross_entropy, batches)
+    with HessianOperator(model, F.cross_entropy, batches, method=method) as op:
+        assert op.dim == truth.shape[0] and op.dtype == torch.float64
+        built = op.dense()
+        assert op.matvecs == op.dim
+    torch.testing.assert_close(built, truth, rtol=1e-10, atol=1e-12)
+
+
+def test_split_batches_give_the_hessian_of_the_whole_mean():
+    model, batches, whole = mlp_problem()
+    split = dense_hessian(model, F.cross_entropy, batches)
+    torch.testing.assert_close(split, dense_hessian(model, F.cross_entropy, whole))
+    torch.testing.assert_close(split, split.T)
+
+
+def test_restriction_to_one_layer_is_the_dense_sub_block():
+    model, batches, _ = conv_bn_problem()
+    truth = dense_hessian(model, F.cross_entropy, batches)
+    # Parameters in model order: conv (2*9 + 2), bn (2 + 2), linear (3*18 + 3).
+    start = 2 * 9 + 2 + 2 + 2
+    with HessianOperator(model, F.cross_entropy, batches, params="4") as op:
+        assert op.param_names == ["4.weight", "4.bias"]
+        block = op.dense()
+    torch.testing.assert_close(block, truth[start:, start:], rtol=1e-10, atol=1e-12)
+    with HessianOperator(model, F.cross_entropy, batches, params=[model[0].bias]) as op:
+        torch.testing.assert_close(op.dense(), truth[18:20, 18:20], rtol=1e-10, atol=1e-12)
+
+
+def test_flatten_and_unflatten_round_trip():
+    model, batches, _ = mlp_problem()
+    with HessianOperator(model, F.cross_entropy, batches) as op:
+        vector = torch.arange(op.dim, dtype=torch.float64)
+        pieces = op.unflatten(vector)
+        assert [p.shape for p in pieces] == [p.shape for p in model.parameters()]
+        torch.testing.assert_close(op.flatten(pieces), vector)
+        torch.testing.assert_close(op @ vector, op @ vector[:, None].expand(-1, 2)[:, 0])
+
+
+def capture(model):
+    """Everything a Hessian call must leave alone."""
+    return {
+        "modes": [m.training for m in model.modules()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "grad_ids": [id(p.grad) for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    }
+
+
+def assert_unchanged(model, before):
+    after = capture(model)
+    assert after["modes"] == before["modes"]
+    assert after["grad_ids"] == before["grad_ids"]
+    for now, then in zip(after["buffers"] + after["grads"], before["buffers"] + before["grads"]):
+        assert (now is None and then is None) or torch.equal(now, then)
+
+
+def training_model():
+    """The conv/BN model mid-training: train mode, one stale .grad, one None."""
+    model, batches, _ = conv_bn_problem()
+    model.train()
+    model[4].eval()  # a sub-module in another mode must keep it
+    model[0].weight.grad = torch.full_like(model[0].weight, 0.25)
+    model[4].bias.grad = None
+    return model, batches
+
+
+CALLS = {
+    "operator": lambda m, b: HessianOperator(m, F.cross_entropy, b).open().matvec(
+        torch.ones(sum(p.numel() for p in m.parameters()), dtype=torch.float64)
+    ),
+    "top_eigenvalues": lambda m, b: top_eigenvalues(m, F.cross_entropy, b, k=2),
+    "power": lambda m, b: top_eigenvalues(m, F.cross_entropy, b, method="power", max_iter=5),
+    "trace": lambda m, b: hessian_trace(m, F.cross_entropy, b, probes=3, method="hutch++"),
+    "density": lambda m, b: spectral_density(m, F.cross_entropy, b, lanczos_steps=5),
+    "tracker": lambda m, b: EigenTracker(F.cross_entropy, b).estimate(m),
+    "train_mode_products": lambda m, b: top_eigenvalues(
+        m, F.cross_entropy, b, max_iter=5, operator_options={"eval_mode": False}
+    ),
+}
+
+
+@pytest.mark.parametrize("call", sorted(set(CALLS) - {"operator"}))
+def test_calls_leave_mode_buffers_and_grads_as_they_were(call):
+    model, batches = training_model()
+    before = capture(model)
+    CALLS[call](model, batches)
+    assert_unchanged(model, before)
+
+
+def test_operator_restores_on_close_and_on_error():
+    model, batches = training_model()
+    before = capture(model)
+    op = HessianOperator(model, F.cross_entropy, batches, eval_mode=False)
+    with pytest.raises(HessianOperatorError, match="closed"):
+        op.matvec(torch.zeros(op.dim, dtype=torch.float64))
+    with pytest.raises(KeyError), op:
+        assert not model.training or not model[2].training is False
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+        raise KeyError("boom")
+    assert_unchanged(model, before)
+    op.open()
+    assert not model.training if op.eval_mode else model.training
+    op.close()
+    op.close()  # idempotent
+    assert_unchanged(model, before)
+
+
+def test_parameters_changed_while_open_are_refused():
+    model, batches, _ = mlp_problem()
+    with HessianOperator(model, F.cross_entropy, batches) as op:
+        vector = torch.ones(op.dim, dtype=torch.float64)
+        op.matvec(vector)
+        with torch.no_grad():
+            model[0].weight.add_(0.1)
+        with pytest.raises(HessianOperatorError, match="parameters changed"):
+            op.matvec(vector)
+
+
+def test_determinism_check_catches_changing_data():
+    model, batches, _ = mlp_problem()
+    with HessianOperator(model, F.cross_entropy, batches, check_determinism=True) as op:
+        vector = torch.ones(op.dim, dtype=torch.float64)
+        op.matvec(vector)
+        op.matvec(vector)  # same data: fine
+        op.batches[1][0].mul_(1.5)  # someone augments the probe inputs in place
+        with pytest.raises(NondeterministicHessianError, match="batch 1"):
+            op.matvec(vector)
+
+
+def test_determinism_check_catches_dropout_in_train_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    data = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    options = {"eval_mode": False, "check_determinism": True, "method": "forward_over_reverse"}
+    with pytest.raises(NondeterministicHessianError):
+        top_eigenvalues(model, F.cross_entropy, data, operator_options=options)
+    result = top_eigenvalues(model, F.cross_entropy, data, operator_options={"check_determinism": True})
+    assert result.converged and model.training

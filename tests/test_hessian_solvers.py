@@ -1,0 +1,168 @@
+"""Eigenvalues, trace and spectral density against dense ground truth."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largebatch.hessian import (
+    HessianOperator,
+    dense_hessian,
+    hessian_trace,
+    spectral_density,
+    top_eigenvalues,
+)
+
+
+def symmetric_matrix(eigenvalues, seed=0):
+    """Dense symmetric matrix with the given spectrum and random eigenvectors."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=generator,
+                                           dtype=torch.float64))
+    return basis @ torch.diag(values) @ basis.T
+
+
+@pytest.fixture(scope="module")
+def model_hessian():
+    """A tiny regression MLP split into batches, and its exact Hessian."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 7), nn.Softplus(), nn.Linear(7, 2)).double()
+    x, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, 2, dtype=torch.float64)
+    data = [(x[:12], y[:12]), (x[12:], y[12:])]
+    return model, data, dense_hessian(model, F.mse_loss, data)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_top_k_of_a_model_match_eigvalsh(model_hessian, method):
+    model, data, truth = model_hessian
+    expected = torch.linalg.eigvalsh(truth).flip(0)[:3]
+    result = top_eigenvalues(model, F.mse_loss, data, k=3, tol=1e-6, max_iter=500,
+                             method=method, seed=0)
+    assert result.converged and result.values.shape == (3,) and result.vectors.shape == (3, len(truth))
+    torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=0)
+    # Reported residuals are the true ones, and the vectors are orthonormal.
+    vectors = result.vectors.double()
+    true = (vectors @ truth - result.values[:, None] * vectors).norm(dim=1) / result.values.abs()
+    torch.testing.assert_close(result.residuals, true, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(vectors @ vectors.T, torch.eye(3, dtype=torch.float64))
+
+
+def test_reference_method_is_the_papers_power_iteration(model_hessian):
+    model, data, truth = model_hessian
+    result = top_eigenvalues(model, F.mse_loss, data, tol=1e-2, max_iter=10,
+                             method="reference", seed=0)
+    assert result.matvecs <= 10
+    top = torch.linalg.eigvalsh(truth)[-1]
+    assert abs(result.values[0] - top) <= 0.1 * top  # loose, as the reference code is
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_largest_algebraic_not_largest_magnitude(method):
+    # The dominant eigenvalue is -10; the wanted ones are 5 and 4.
+    matrix = symmetric_matrix([-10.0, -3.0, 0.5, 1.0, 4.0, 5.0] + [0.1] * 10)
+    result = top_eigenvalues(matrix, k=2, tol=1e-8, max_iter=500, method=method, seed=1)
+    torch.testing.assert_close(result.values, torch.tensor([5.0, 4.0], dtype=torch.float64))
+    assert result.converged
+
+
+def test_lanczos_restarts_converge_with_a_small_basis():
+    spectrum = torch.cat([torch.tensor([10.0, 9.9, 9.8]), torch.linspace(-1, 9.0, 297)])
+    matrix = symmetric_matrix(spectrum, seed=2)
+    result = top_eigenvalues(matrix, k=3, tol=1e-6, max_iter=2000, krylov_dim=12, seed=0)
+    assert result.converged
+    torch.testing.assert_close(result.values, spectrum[:3].double(), rtol=1e-6, atol=0)
+
+
+def test_warm_start_needs_far_fewer_products():
+    spectrum = torch.cat([torch.tensor([6.0, 5.0]), torch.linspace(-1, 4.5, 198)])
+    matrix = symmetric_matrix(spectrum, seed=4)
+    cold = top_eigenvalues(matrix, k=2, tol=1e-6, max_iter=500, seed=0)
+    nearby = matrix + 1e-4 * symmetric_matrix(torch.linspace(-1, 1, 200), seed=5)
+    warm = top_eigenvalues(nearby, k=2, tol=1e-6, max_iter=500, init=cold.vectors, seed=0)
+    recold = top_eigenvalues(nearby, k=2, tol=1e-6, max_iter=500, seed=0)
+    assert warm.converged and recold.converged
+    torch.testing.assert_close(warm.values, recold.values, rtol=1e-8, atol=0)
+    assert warm.matvecs * 3 <= recold.matvecs
+    power_warm = top_eigenvalues(nearby, k=2, tol=1e-6, max_iter=500, method="power",
+                                 init=cold.vectors, seed=0)
+    assert power_warm.converged and power_warm.matvecs <= 20
+
+
+def test_operator_and_matrix_inputs_agree(model_hessian):
+    model, data, truth = model_hessian
+    with HessianOperator(model, F.mse_loss, data) as op:
+        from_operator = top_eigenvalues(op, k=2, tol=1e-8, seed=0)
+        assert op.is_open
+    from_matrix = top_eigenvalues(truth, k=2, tol=1e-8, seed=0)
+    closed = HessianOperator(model, F.mse_loss, data)
+    from_closed = top_eigenvalues(closed, k=2, tol=1e-8, seed=0)
+    assert not closed.is_open
+    for result in (from_matrix, from_closed):
+        torch.testing.assert_close(result.values, from_operator.values, rtol=1e-10, atol=0)
+
+
+def test_inputs_that_do_not_fit_are_refused(model_hessian):
+    model, data, truth = model_hessian
+    with pytest.raises(TypeError):
+        top_eigenvalues(model)
+    with pytest.raises(TypeError):
+        top_eigenvalues(truth, F.mse_loss, data)
+    with pytest.raises(ValueError):
+        top_eigenvalues(truth, k=100)
+    with pytest.raises(ValueError):
+        top_eigenvalues(truth, method="arnoldi")
+
+
+def test_hutchinson_trace_is_within_three_standard_errors(model_hessian):
+    model, data, truth = model_hessian
+    result = hessian_trace(model, F.mse_loss, data, probes=300, seed=0)
+    assert result.matvecs == result.probes == 300
+    assert abs(result.estimate - truth.trace().item()) <= 3 * result.stderr
+
+
+def test_trace_stops_on_tolerance():
+    matrix = symmetric_matrix(torch.linspace(1, 2, 50), seed=6)
+    result = hessian_trace(matrix, probes=10, tol=1e-2, max_probes=5000, seed=0)
+    assert 10 <= result.probes < 5000
+    assert result.stderr <= 1e-2 * abs(result.estimate)
+    assert abs(result.estimate - 75.0) <= 4 * result.stderr
+
+
+def test_hutch_plus_plus():
+    # A few large eigenvalues on a small bulk: where Hutch++ pays.
+    bulk = 0.01 * torch.rand(57, generator=torch.Generator().manual_seed(0))
+    spectrum = torch.cat([torch.tensor([50.0, 40.0, 30.0]), bulk]).double()
+    matrix = symmetric_matrix(spectrum, seed=7)
+    truth = spectrum.sum().item()
+    exact = hessian_trace(matrix, probes=3 * 60, method="hutch++", seed=0)
+    assert exact.matvecs == 180 and abs(exact.estimate - truth) <= 1e-8 * truth
+    errors = {
+        method: abs(hessian_trace(matrix, probes=30, method=method, seed=0).estimate - truth)
+        for method in ("hutchinson", "hutch++")
+    }
+    assert errors["hutch++"] * 10 <= errors["hutchinson"]
+
+
+def test_density_integrates_to_one_and_has_the_right_mean(model_hessian):
+    model, data, truth = model_hessian
+    dim, probes = truth.shape[0], 40
+    result = spectral_density(model, F.mse_loss, data, num_probes=probes, lanczos_steps=dim,
+                              grid_points=2000, seed=0)
+    assert torch.trapezoid(result.density, result.grid).item() == pytest.approx(1.0, abs=1e-12)
+    assert (result.density >= 0).all() and result.weights.sum().item() == pytest.approx(1.0)
+    mean = torch.trapezoid(result.grid * result.density, result.grid).item()
+    # Var(z^T H z) = 2 * (sum of squared off-diagonal entries) for +-1 probes z.
+    off_diagonal = truth - torch.diag(torch.diag(truth))
+    spread = math.sqrt(2 * off_diagonal.pow(2).sum().item() / probes) / dim
+    assert abs(mean - truth.trace().item() / dim) <= 4 * spread + 1e-6
+
+
+def test_full_lanczos_quadrature_nodes_are_the_eigenvalues():
+    spectrum = torch.tensor([-2.0, 0.0, 1.0, 3.0, 7.0])
+    result = spectral_density(symmetric_matrix(spectrum, seed=8), lanczos_steps=10, seed=0)
+    assert result.matvecs == 5
+    torch.testing.assert_close(result.nodes, spectrum.double(), rtol=0, atol=1e-10)
+    assert result.grid[0] < -2 and result.grid[-1] > 7
