@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, hessian
 
-from largebatch.analysis import analyze_checkpoint, probe_batches
+from largebatch.analysis import analyze_checkpoint
 from largebatch.cli import main
 from largebatch.data import load_dataset
 from largebatch.evaluate import load_trained
+from largebatch.sampler import probe_batches
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ def symmetric_matrix(eigenvalues, seed=0):
     """Dense symmetric matrix with the given spectrum and random eigenvectors."""
     generator = torch.Generator().manual_seed(seed)
     values = torch.as_tensor(eigenvalues, dtype=torch.float64)
-    basis, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=generator,
-                                           dtype=torch.float64))
+    basis, _ = torch.linalg.qr(
+        torch.randn(len(values), len(values), generator=generator, dtype=torch.float64)
+    )
     return basis @ torch.diag(values) @ basis.T
 
 
@@ -39,9 +40,12 @@ def model_hessian():
 def test_top_k_of_a_model_match_eigvalsh(model_hessian, method):
     model, data, truth = model_hessian
     expected = torch.linalg.eigvalsh(truth).flip(0)[:3]
-    result = top_eigenvalues(model, F.mse_loss, data, k=3, tol=1e-6, max_iter=500,
-                             method=method, seed=0)
-    assert result.converged and result.values.shape == (3,) and result.vectors.shape == (3, len(truth))
+    result = top_eigenvalues(
+        model, F.mse_loss, data, k=3, tol=1e-6, max_iter=500, method=method, seed=0
+    )
+    assert (
+        result.converged and result.values.shape == (3,) and result.vectors.shape == (3, len(truth))
+    )
     torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=0)
     # Reported residuals are the true ones, and the vectors are orthonormal.
     vectors = result.vectors.double()
@@ -52,8 +56,9 @@ def test_top_k_of_a_model_match_eigvalsh(model_hessian, method):
 
 def test_reference_method_is_the_papers_power_iteration(model_hessian):
     model, data, truth = model_hessian
-    result = top_eigenvalues(model, F.mse_loss, data, tol=1e-2, max_iter=10,
-                             method="reference", seed=0)
+    result = top_eigenvalues(
+        model, F.mse_loss, data, tol=1e-2, max_iter=10, method="reference", seed=0
+    )
     assert result.matvecs <= 10
     top = torch.linalg.eigvalsh(truth)[-1]
     assert abs(result.values[0] - top) <= 0.1 * top  # loose, as the reference code is
@@ -86,8 +91,9 @@ def test_warm_start_needs_far_fewer_products():
     assert warm.converged and recold.converged
     torch.testing.assert_close(warm.values, recold.values, rtol=1e-8, atol=0)
     assert warm.matvecs * 3 <= recold.matvecs
-    power_warm = top_eigenvalues(nearby, k=2, tol=1e-6, max_iter=500, method="power",
-                                 init=cold.vectors, seed=0)
+    power_warm = top_eigenvalues(
+        nearby, k=2, tol=1e-6, max_iter=500, method="power", init=cold.vectors, seed=0
+    )
     assert power_warm.converged and power_warm.matvecs <= 20
 
 
@@ -149,8 +155,9 @@ def test_hutch_plus_plus():
 def test_density_integrates_to_one_and_has_the_right_mean(model_hessian):
     model, data, truth = model_hessian
     dim, probes = truth.shape[0], 40
-    result = spectral_density(model, F.mse_loss, data, num_probes=probes, lanczos_steps=dim,
-                              grid_points=2000, seed=0)
+    result = spectral_density(
+        model, F.mse_loss, data, num_probes=probes, lanczos_steps=dim, grid_points=2000, seed=0
+    )
     assert torch.trapezoid(result.density, result.grid).item() == pytest.approx(1.0, abs=1e-12)
     assert (result.density >= 0).all() and result.weights.sum().item() == pytest.approx(1.0)
     mean = torch.trapezoid(result.grid * result.density, result.grid).item()

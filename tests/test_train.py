@@ -89,7 +89,8 @@ def test_same_seed_same_metrics_on_cpu(tmp_path):
 
 def test_resume_after_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path):
     train(_config(tmp_path, "full"), echo=None, show_progress=False)
-    train(_config(tmp_path, "split", epochs=1), echo=None, show_progress=False)
+    train(_config(tmp_path, "split"), echo=None, show_progress=False, stop_after=1)
+    assert not (tmp_path / "split" / "summary.json").exists()
     train(_config(tmp_path, "split", resume=True), echo=None, show_progress=False)
     full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     split = read_jsonl(tmp_path / "split" / "metrics.jsonl")
@@ -140,3 +141,88 @@ def test_resume_refuses_a_different_model(tmp_path):
     train(_config(tmp_path, epochs=1), echo=None, show_progress=False)
     with pytest.raises(UsageError, match="model='mlp'"):
         train(_config(tmp_path, model="c1", resume=True), echo=None, show_progress=False)
+
+
+def test_abs_measures_the_eigenvalue_and_grows_the_batch(tmp_path):
+    config = _config(
+        tmp_path,
+        method="abs",
+        epochs=4,
+        abs_duration=2,
+        max_batch_size=128,
+        hessian_samples=64,
+        lr_decay_epochs=[],
+    )
+    summary = train(config, echo=None, show_progress=False)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    measured = [r for r in records if r["eigenvalue"] is not None]
+    assert measured and all(r["eigenvalue"] > 0 and r["eig_matvecs"] > 0 for r in measured)
+    assert all(r["eig_residual"] <= config.hessian_tol for r in measured if r["eig_converged"])
+    batches = [r["batch_size"] for r in records]
+    assert batches == sorted(batches) and batches[-1] > 32  # the duration rule guarantees it
+    assert all(r["lr"] == pytest.approx(0.05 * r["batch_size"] / 32) for r in records)
+    assert summary["hessian_s"] > 0 and summary["final_batch_size"] == batches[-1]
+    # updates follow the batch: ceil(512 / B) per epoch
+    assert summary["updates"] == sum(-(-512 // b) for b in batches)
+
+
+def test_absa_replaces_a_share_of_the_batch_and_resumes_exactly(tmp_path):
+    changes = dict(
+        method="absa",
+        abs_duration=1,
+        max_batch_size=128,
+        hessian_samples=64,
+        lr_decay_epochs=[],
+        adv_eps=0.05,
+        adv_ratio=0.25,
+    )
+    train(_config(tmp_path, "full", epochs=4, **changes), echo=None, show_progress=False)
+    train(
+        _config(tmp_path, "split", epochs=4, **changes),
+        echo=None,
+        show_progress=False,
+        stop_after=2,
+    )
+    train(
+        _config(tmp_path, "split", epochs=4, resume=True, **changes), echo=None, show_progress=False
+    )
+    full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    split = read_jsonl(tmp_path / "split" / "metrics.jsonl")
+    assert _without_times(full) == _without_times(split)
+    # epoch 1 sets the reference; adversarial training ends at epochs // 2
+    assert [r["adv_ratio"] for r in full] == [0.25, 0.25, 0.0, 0.0]
+
+
+def test_adversarial_share_changes_training(tmp_path):
+    # two epochs, so that the first comes before adversarial training stops (epochs // 2)
+    plain = dict(
+        method="absa",
+        epochs=2,
+        max_batch_size=64,
+        hessian_samples=32,
+        lr_decay_epochs=[],
+        adv_eps=0.0,
+    )
+    train(_config(tmp_path, "plain", **plain), echo=None, show_progress=False, stop_after=1)
+    adv = _config(tmp_path, "adv", **{**plain, "adv_eps": 0.1})
+    train(adv, echo=None, show_progress=False, stop_after=1)
+    a = read_jsonl(tmp_path / "plain" / "metrics.jsonl")[0]
+    b = read_jsonl(tmp_path / "adv" / "metrics.jsonl")[0]
+    assert a["train_loss"] != b["train_loss"]
+    assert b["train_loss"] > a["train_loss"]  # attacked samples are harder
+
+
+@pytest.mark.parametrize("method", ["fb", "gg"])
+def test_baselines_run_in_the_same_loop(tmp_path, method):
+    config = _config(
+        tmp_path, method=method, epochs=3, max_batch_size=128, warmup_epochs=1, lr_decay_epochs=[1]
+    )
+    train(config, echo=None, show_progress=False)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    if method == "fb":
+        assert [r["batch_size"] for r in records] == [128] * 3
+        assert records[1]["lr"] == pytest.approx(0.05 * 4 * 0.2)
+    else:
+        assert [r["batch_size"] for r in records] == [32, 128, 128]
+        # 32 -> 160 does not fit under 128: the batch grows 4x, the LR takes 0.2 * 4
+        assert records[2]["lr"] == pytest.approx(0.05 * 0.2 * 4)

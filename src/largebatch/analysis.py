@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 
 from largebatch.data import load_dataset
@@ -20,21 +19,10 @@ from largebatch.errors import UsageError
 from largebatch.evaluate import load_trained
 from largebatch.hessian import hessian_trace, spectral_density, top_eigenvalues
 from largebatch.io import atomic_write, atomic_write_json
+from largebatch.sampler import probe_batches
 from largebatch.train import resolve_device
 
-__all__ = ["probe_batches", "analyze_checkpoint", "plot_density"]
-
-
-def probe_batches(
-    x: torch.Tensor, y: torch.Tensor, samples: int, batch_size: int, seed: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``samples`` rows of ``(x, y)`` chosen by ``seed``, cut into batches of ``batch_size``."""
-    count = min(samples, len(y))
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:count]
-    return [
-        (x[order[i : i + batch_size]], y[order[i : i + batch_size]])
-        for i in range(0, count, batch_size)
-    ]
+__all__ = ["analyze_checkpoint", "plot_density"]
 
 
 def _timed(label: str, say: Callable[[str], None], work: Callable[[], Any]) -> tuple[Any, float]:

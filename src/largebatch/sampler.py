@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["EpochSampler"]
+__all__ = ["EpochSampler", "probe_batches"]
 
 
 class EpochSampler:
@@ -36,3 +36,18 @@ class EpochSampler:
 
     def num_batches(self, batch_size: int, start: int = 0) -> int:
         return -(-(self.num_samples - start) // batch_size)
+
+
+def probe_batches(
+    x: torch.Tensor, y: torch.Tensor, samples: int, batch_size: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed probe set: ``samples`` rows of ``(x, y)`` chosen by ``seed``, in batches.
+
+    Used for curvature estimates, which need the same data on every call.
+    """
+    count = min(samples, len(y))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:count]
+    return [
+        (x[order[i : i + batch_size]], y[order[i : i + batch_size]])
+        for i in range(0, count, batch_size)
+    ]

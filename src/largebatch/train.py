@@ -28,11 +28,15 @@ from largebatch.config import TrainConfig, config_to_dict, save_config
 from largebatch.controllers import BatchController, Decision, make_controller
 from largebatch.data import DataSource, load_dataset
 from largebatch.errors import CheckpointError, DivergedError, UsageError
+from largebatch.hessian import EigenTracker, HessianOperatorError
 from largebatch.io import append_jsonl, atomic_write_json, write_jsonl
 from largebatch.models import build_model
-from largebatch.sampler import EpochSampler
+from largebatch.sampler import EpochSampler, probe_batches
 
 __all__ = ["train", "evaluate", "resolve_device", "model_spec", "RunState"]
+
+# The probe set is drawn with its own seed, apart from the data order.
+_PROBE_SEED_OFFSET = 104_729
 
 # Keys a resumed run may change; every other key must match the checkpoint.
 _RESUMABLE_CHANGES = {"epochs", "out", "resume", "device", "eval_batch_size", "data_dir"}
@@ -199,6 +203,75 @@ def _with_adversarial_share(
     return torch.cat([attacked, x[count:]])
 
 
+def _make_tracker(config: TrainConfig, data: DataSource, device: torch.device) -> EigenTracker:
+    """The top-eigenvalue tracker on a probe set drawn once from the training data."""
+    probe = probe_batches(
+        data.train_x,
+        data.train_y,
+        config.hessian_samples,
+        config.micro_batch_size or config.batch_size,
+        seed=config.seed + _PROBE_SEED_OFFSET,
+    )
+    probe = [(x.to(device), y.to(device)) for x, y in probe]
+    if config.hessian_mode == "reference":
+        return EigenTracker(F.cross_entropy, probe, method="reference", seed=config.seed)
+    return EigenTracker(
+        F.cross_entropy,
+        probe,
+        tol=config.hessian_tol,
+        max_matvecs=config.hessian_max_matvecs,
+        method="lanczos",
+        seed=config.seed,
+    )
+
+
+def _curvature(
+    tracker: EigenTracker | None,
+    model: nn.Module,
+    controller: BatchController,
+    config: TrainConfig,
+    epoch: int,
+) -> dict[str, Any]:
+    """The end-of-epoch eigenvalue estimate, when the controller wants one.
+
+    ``usable_eigenvalue`` is what the controller is told: None when the estimate failed,
+    is not finite, or (tracker mode) did not reach its tolerance within the budget, so a
+    bad estimate keeps the batch where it is instead of moving it. The reference mode
+    uses whatever its 10 power iterations give, as the reference code does.
+    """
+    record: dict[str, Any] = {
+        "eigenvalue": None,
+        "usable_eigenvalue": None,
+        "eig_residual": None,
+        "eig_matvecs": 0,
+        "eig_converged": None,
+        "eig_s": 0.0,
+        "eig_error": None,
+    }
+    due = (epoch + 1) % config.hessian_every == 0
+    if tracker is None or not controller.wants_eigenvalue or not due:
+        return record
+    started = time.perf_counter()
+    try:
+        result = tracker.estimate(model)
+    except HessianOperatorError as exc:
+        record["eig_s"] = time.perf_counter() - started
+        record["eig_error"] = str(exc)
+        return record
+    value = result.eigenvalue
+    finite = math.isfinite(value)
+    record.update(
+        eigenvalue=value if finite else None,
+        eig_residual=float(result.residuals[0]),
+        eig_matvecs=result.matvecs,
+        eig_converged=bool(result.converged),
+        eig_s=time.perf_counter() - started,
+    )
+    if finite and (result.converged or config.hessian_mode == "reference"):
+        record["usable_eigenvalue"] = value
+    return record
+
+
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
     for key, value in config_to_dict(config).items():
         if key in _RESUMABLE_CHANGES or key not in saved:
@@ -245,8 +318,13 @@ def train(
     *,
     show_progress: bool | None = None,
     echo: Callable[[str], None] | None = print,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train as ``config`` says, writing results to ``config.out``; return the summary.
+
+    ``stop_after`` ends the call after that many epochs of this call (checkpoint saved,
+    no summary written), as an interruption at an epoch boundary would; ``resume``
+    continues. Useful for time-sliced jobs and for testing exact resume.
 
     ``show_progress`` (default: when stderr is a terminal) shows a progress bar per epoch;
     ``echo`` receives the table of epochs, one line each (None for silence).
@@ -282,6 +360,7 @@ def train(
     )
     controller = make_controller(config)
     sampler = EpochSampler(len(data.train_y), config.seed)
+    tracker = _make_tracker(config, data, device) if config.method in ("abs", "absa") else None
     state = RunState()
 
     if config.resume and ckpt_path.exists():
@@ -290,6 +369,8 @@ def train(
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         controller.load_state_dict(saved["controller"])
+        if tracker is not None and saved.get("tracker") is not None:
+            tracker.load_state_dict(saved["tracker"])
         state = RunState(**saved["run"])
         _set_rng_state(saved["rng"])
     out.mkdir(parents=True, exist_ok=True)
@@ -304,7 +385,10 @@ def train(
     echo(TABLE_HEADER)
     for record in state.history:
         echo(_format_row(record))
-    while state.epoch < config.epochs:
+    last_epoch = (
+        config.epochs if stop_after is None else min(config.epochs, state.epoch + stop_after)
+    )
+    while state.epoch < last_epoch:
         started = time.perf_counter()
         decision = controller.decision()
         train_stats = _train_epoch(
@@ -322,17 +406,21 @@ def train(
         test_loss, test_acc = evaluate(
             model, data.test_x, data.test_y, config.eval_batch_size, device
         )
-        hessian_s = 0.0
-        eigenvalue = None
-        controller.step({"eigenvalue": eigenvalue, "test_acc": test_acc})
+        curvature = _curvature(tracker, model, controller, config, state.epoch)
+        controller.step({"eigenvalue": curvature["usable_eigenvalue"], "test_acc": test_acc})
         state.epoch += 1
-        state.hessian_s += hessian_s
+        state.hessian_s += curvature["eig_s"]
         state.wall_s += time.perf_counter() - started
         record = {
             "epoch": state.epoch,
             "batch_size": decision.batch_size,
             "lr": optimizer.param_groups[0]["lr"],
-            "eigenvalue": eigenvalue,
+            "eigenvalue": curvature["eigenvalue"],
+            "eig_residual": curvature["eig_residual"],
+            "eig_matvecs": curvature["eig_matvecs"],
+            "eig_converged": curvature["eig_converged"],
+            "eig_s": curvature["eig_s"],
+            "eig_error": curvature["eig_error"],
             "adv_ratio": decision.adv_ratio,
             "updates": state.updates,
             "samples": state.samples,
@@ -352,12 +440,16 @@ def train(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "controller": controller.state_dict(),
+                "tracker": tracker.state_dict() if tracker is not None else None,
                 "run": vars(state),
                 "rng": _rng_state(),
             },
         )
         echo(_format_row(record))
 
+    if state.epoch < config.epochs:
+        echo(f"stopped after epoch {state.epoch}; continue with --resume")
+        return _summary(config, state, controller)
     summary = _summary(config, state, controller)
     atomic_write_json(out / "summary.json", summary)
     echo(f"results in {out}/ (metrics.jsonl, summary.json, checkpoint.pt, config.yaml)")
