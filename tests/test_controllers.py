@@ -120,3 +120,16 @@ def test_gg_grows_the_batch_at_milestones_then_decays_the_lr():
     assert [x.lr_factor for x in d] == pytest.approx([1, 1, 0.64, 0.128])
     for a, b in zip(d, d[1:], strict=False):
         assert (b.lr_factor / b.batch_size) == pytest.approx(0.2 * a.lr_factor / a.batch_size)
+
+
+@pytest.mark.parametrize("method", ["bl", "fb", "gg"])
+def test_baselines_train_adversarially_at_a_constant_fraction_when_asked(method):
+    c = make_controller(_config(method, adversarial=True, adv_ratio=0.3, epochs=4))
+    d = _drive(c, [5.0, 1.0, 0.1])
+    assert [x.adv_ratio for x in d] == [0.3, 0.3, 0.0, 0.0]
+    assert make_controller(_config(method)).decision().adv_ratio == 0.0
+
+
+def test_absa_without_adversarial_training_is_abs():
+    c = make_controller(_config("absa", adversarial=False))
+    assert c.decision().adv_ratio == 0.0

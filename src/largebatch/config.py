@@ -63,7 +63,8 @@ class TrainConfig:
     abs_decrease_ratio: float = 2.0  # grow when the eigenvalue fell to 1/ratio of the reference
     abs_growth_factor: int = 2  # batch multiple per growth; the LR scales by the same factor
     abs_duration: int = 10  # grow anyway after this many epochs without a growth
-    # absa: adversarial training while the batch is small
+    # adversarial training: on for absa by default; true/false forces it for any method
+    adversarial: bool | None = None
     adv_ratio: float = 0.2  # initial fraction g0 of each micro-batch replaced by attacks
     adv_eps: float = 0.005  # L-inf budget, raw input units
     adv_attack: str = "fgsm"  # fgsm | pgd

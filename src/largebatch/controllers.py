@@ -51,14 +51,27 @@ def step_decay(epoch: int, milestones: Sequence[int], decay: float) -> float:
 
 
 class BatchController:
-    """Interface. ``epoch`` is the 0-based index of the next epoch to run."""
+    """Interface. ``epoch`` is the 0-based index of the next epoch to run.
+
+    Every controller carries an adversarial fraction (``adv_ratio``, 0 for none) that
+    drops to zero for good from epoch ``adv_stop_epoch``; ABSA also shrinks it as the
+    batch grows, the baselines keep it constant (adversarial training at fixed batch).
+    """
 
     name = "base"
     #: whether :meth:`step` wants the top Hessian eigenvalue in its measurements
     wants_eigenvalue = False
 
-    def __init__(self) -> None:
+    def __init__(self, adv_ratio: float = 0.0, adv_stop_epoch: int | None = None) -> None:
         self.epoch = 0
+        self.adv_ratio = adv_ratio
+        self.adv_stop_epoch = adv_stop_epoch
+
+    def current_adv_ratio(self) -> float:
+        """The adversarial fraction for epoch ``self.epoch``."""
+        if self.adv_stop_epoch is not None and self.epoch >= self.adv_stop_epoch:
+            return 0.0
+        return self.adv_ratio
 
     def decision(self) -> Decision:
         """The decision for epoch ``self.epoch``."""
@@ -85,14 +98,17 @@ class FixedBatch(BatchController):
 
     name = "bl"
 
-    def __init__(self, batch_size: int, milestones: Sequence[int], decay: float) -> None:
-        super().__init__()
+    def __init__(
+        self, batch_size: int, milestones: Sequence[int], decay: float, **adversarial: Any
+    ) -> None:
+        super().__init__(**adversarial)
         self.batch_size = batch_size
         self.milestones = tuple(milestones)
         self.decay = decay
 
     def decision(self) -> Decision:
-        return Decision(self.batch_size, step_decay(self.epoch, self.milestones, self.decay))
+        lr_factor = step_decay(self.epoch, self.milestones, self.decay)
+        return Decision(self.batch_size, lr_factor, self.current_adv_ratio())
 
 
 class LinearScalingWarmup(BatchController):
@@ -108,8 +124,9 @@ class LinearScalingWarmup(BatchController):
         milestones: Sequence[int],
         decay: float,
         warmup_epochs: int,
+        **adversarial: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**adversarial)
         self.batch_size = batch_size
         self.scale = batch_size / base_batch
         self.milestones = tuple(milestones)
@@ -118,7 +135,7 @@ class LinearScalingWarmup(BatchController):
 
     def decision(self) -> Decision:
         lr_factor = self.scale * step_decay(self.epoch, self.milestones, self.decay)
-        return Decision(self.batch_size, lr_factor)
+        return Decision(self.batch_size, lr_factor, self.current_adv_ratio())
 
     def warmup_factor(self, progress: float) -> float:
         done = (self.epoch + progress) / self.warmup_epochs if self.warmup_epochs else 1.0
@@ -139,9 +156,14 @@ class IncreaseBatchInsteadOfDecay(BatchController):
     name = "gg"
 
     def __init__(
-        self, base_batch: int, max_batch: int, milestones: Sequence[int], decay: float
+        self,
+        base_batch: int,
+        max_batch: int,
+        milestones: Sequence[int],
+        decay: float,
+        **adversarial: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**adversarial)
         self.base_batch = base_batch
         self.max_batch = max_batch
         self.milestones = tuple(milestones)
@@ -153,7 +175,7 @@ class IncreaseBatchInsteadOfDecay(BatchController):
             grown = min(batch / self.decay, float(self.max_batch))
             lr_factor *= self.decay * grown / batch
             batch = grown
-        return Decision(int(round(batch)), lr_factor)
+        return Decision(int(round(batch)), lr_factor, self.current_adv_ratio())
 
 
 class AdaptiveBatch(BatchController):
@@ -184,7 +206,7 @@ class AdaptiveBatch(BatchController):
         adv_ratio: float = 0.0,
         adv_stop_epoch: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(adv_ratio, adv_stop_epoch)
         self.base_batch = base_batch
         self.max_batch = max_batch
         self.milestones = tuple(milestones)
@@ -192,12 +214,10 @@ class AdaptiveBatch(BatchController):
         self.decrease_ratio = decrease_ratio
         self.growth_factor = growth_factor
         self.duration = duration
-        self.adv_stop_epoch = adv_stop_epoch
         # state
         self.batch_size = base_batch
         self.reference: float | None = None
         self.epochs_since_growth = 0
-        self.adv_ratio = adv_ratio
         self.growths = 0
         self.last_reason = ""
 
@@ -209,10 +229,7 @@ class AdaptiveBatch(BatchController):
         lr_factor = (
             self.batch_size / self.base_batch * step_decay(self.epoch, self.milestones, self.decay)
         )
-        adv = self.adv_ratio
-        if self.adv_stop_epoch is not None and self.epoch >= self.adv_stop_epoch:
-            adv = 0.0
-        return Decision(self.batch_size, lr_factor, adv)
+        return Decision(self.batch_size, lr_factor, self.current_adv_ratio())
 
     def step(self, measurements: Mapping[str, Any] | None = None) -> Decision:
         eigenvalue = (measurements or {}).get("eigenvalue")
@@ -259,19 +276,34 @@ class AdaptiveBatch(BatchController):
 
 
 def make_controller(config: TrainConfig) -> BatchController:
-    """The controller for ``config.method``."""
+    """The controller for ``config.method``.
+
+    Adversarial training is on for ``absa`` and, with ``adversarial: true``, for any
+    method; ``adversarial: false`` turns it off for ``absa`` too.
+    """
     milestones, decay = config.lr_decay_epochs, config.lr_decay
+    adversarial = config.adversarial if config.adversarial is not None else config.method == "absa"
+    adv = {
+        "adv_ratio": config.adv_ratio if adversarial else 0.0,
+        "adv_stop_epoch": int(config.epochs * config.adv_stop_fraction),
+    }
+    controller: BatchController
     if config.method == "bl":
-        return FixedBatch(config.batch_size, milestones, decay)
-    if config.method == "fb":
-        return LinearScalingWarmup(
-            config.batch_size, config.max_batch_size, milestones, decay, config.warmup_epochs
+        controller = FixedBatch(config.batch_size, milestones, decay, **adv)
+    elif config.method == "fb":
+        controller = LinearScalingWarmup(
+            config.batch_size,
+            config.max_batch_size,
+            milestones,
+            decay,
+            config.warmup_epochs,
+            **adv,
         )
-    if config.method == "gg":
-        return IncreaseBatchInsteadOfDecay(
-            config.batch_size, config.max_batch_size, milestones, decay
+    elif config.method == "gg":
+        controller = IncreaseBatchInsteadOfDecay(
+            config.batch_size, config.max_batch_size, milestones, decay, **adv
         )
-    if config.method in ("abs", "absa"):
+    elif config.method in ("abs", "absa"):
         controller = AdaptiveBatch(
             config.batch_size,
             config.max_batch_size,
@@ -280,9 +312,9 @@ def make_controller(config: TrainConfig) -> BatchController:
             decrease_ratio=config.abs_decrease_ratio,
             growth_factor=config.abs_growth_factor,
             duration=config.abs_duration,
-            adv_ratio=config.adv_ratio if config.method == "absa" else 0.0,
-            adv_stop_epoch=int(config.epochs * config.adv_stop_fraction),
+            **adv,
         )
-        controller.name = config.method
-        return controller
-    raise ConfigError(f"unknown method {config.method!r}")
+    else:
+        raise ConfigError(f"unknown method {config.method!r}")
+    controller.name = config.method
+    return controller
