@@ -15,11 +15,31 @@ from largebatch.sampler import probe_batches
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert main([
-        "train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "64",
-        "--max-batch-size", "64", "--lr", "0.05", "--device", "cpu", "--out", str(out),
-        "--quiet",
-    ]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "digits",
+                "--model",
+                "mlp",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--max-batch-size",
+                "64",
+                "--lr",
+                "0.05",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return out / "checkpoint.pt"
 
 
@@ -27,7 +47,7 @@ def _dense_eigenvalues(checkpoint, samples, seed):
     """Ground truth: eigvalsh of the dense Hessian of the head layer's weights."""
     model, saved = load_trained(checkpoint, torch.device("cpu"))
     data = load_dataset("digits")
-    (x, y), = probe_batches(data.train_x, data.train_y, samples, samples, seed)
+    ((x, y),) = probe_batches(data.train_x, data.train_y, samples, samples, seed)
     params = dict(model.named_parameters())
     name = [n for n in params if n.endswith("weight")][-1]
 
@@ -41,11 +61,30 @@ def _dense_eigenvalues(checkpoint, samples, seed):
 
 def test_hessian_command_writes_json_and_a_density_png(checkpoint, tmp_path, capsys):
     out = tmp_path / "h.json"
-    assert main([
-        "hessian", "--checkpoint", str(checkpoint), "--samples", "100", "--top-k", "2",
-        "--trace", "--trace-probes", "10", "--density", "--lanczos-steps", "20",
-        "--device", "cpu", "--out", str(out),
-    ]) == 0
+    assert (
+        main(
+            [
+                "hessian",
+                "--checkpoint",
+                str(checkpoint),
+                "--samples",
+                "100",
+                "--top-k",
+                "2",
+                "--trace",
+                "--trace-probes",
+                "10",
+                "--density",
+                "--lanczos-steps",
+                "20",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     values = result["eigenvalues"]["values"]
     assert len(values) == 2 and values[0] >= values[1]
@@ -61,6 +100,7 @@ def test_full_model_top_eigenvalue_bounds_the_dense_head_block(checkpoint):
     # The top eigenvalue of a Hessian is at least that of any diagonal block (Cauchy
     # interlacing), and the head block's spectrum is exact ground truth we can compute.
     _, block = _dense_eigenvalues(checkpoint, 64, seed=3)
-    result = analyze_checkpoint(checkpoint, samples=64, top_k=1, device="cpu", seed=3,
-                                say=lambda _: None)
+    result = analyze_checkpoint(
+        checkpoint, samples=64, top_k=1, device="cpu", seed=3, say=lambda _: None
+    )
     assert result["eigenvalues"]["values"][0] >= block[-1].item() * (1 - 1e-4)

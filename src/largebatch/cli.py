@@ -130,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     hs.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     hs.add_argument("--out", help="write the result as JSON here (the density PNG beside it)")
     hs.set_defaults(func=_cmd_hessian)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="run a grid of experiments",
+        description="Run every run of an experiment grid (finished ones are skipped).",
+    )
+    cmp.add_argument("--config", required=True, help="experiment YAML (base, grid, evaluate)")
+    cmp.add_argument("--out", required=True, help="output folder")
+    cmp.add_argument("--no-report", action="store_true", help="do not write the report")
+    cmp.set_defaults(func=_cmd_compare)
+
+    rep = sub.add_parser(
+        "report",
+        help="tables and figures from finished runs",
+        description="Write DIR/report.md and PNG figures from the runs under DIR.",
+    )
+    rep.add_argument("folder", metavar="DIR")
+    rep.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -204,6 +222,34 @@ def _cmd_hessian(args: argparse.Namespace) -> int:
         print(f"spectral density: {result['density_png']}")
     if args.out:
         print(f"written: {args.out}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from largebatch.compare import load_experiment, run_experiment
+    from largebatch.report import collect_runs, markdown_table, summarize, write_report
+
+    status = run_experiment(load_experiment(args.config), args.out)
+    failed = [name for name, state in status.items() if state == "failed"]
+    if not args.no_report and len(failed) < len(status):
+        print(markdown_table(summarize(collect_runs(args.out))))
+        print(f"report: {write_report(args.out)}")
+    if failed:
+        print(
+            f"{len(failed)} of {len(status)} runs failed (see their error.txt): "
+            + ", ".join(failed),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from largebatch.report import collect_runs, markdown_table, summarize, write_report
+
+    path = write_report(args.folder)
+    print(markdown_table(summarize(collect_runs(args.folder))))
+    print(f"report: {path}")
     return 0
 
 

@@ -1,0 +1,203 @@
+"""Run a grid of training runs and evaluate each: ``largebatch compare``.
+
+An experiment file is YAML::
+
+    base:                      # config keys shared by every run
+      dataset: fashion-mnist
+      model: c1
+      epochs: 9
+    grid:                      # every combination of these values is one run
+      method: [bl, fb, gg, abs, absa]
+      max_batch_size: [4096]
+      seed: [0, 1, 2]
+    evaluate:                  # robustness of each final model (optional)
+      attacks: [fgsm, pgd]
+      eps: 0.02
+      pgd_steps: 10
+    hessian:                   # top eigenvalue of each final model (optional)
+      samples: 256
+
+Each run trains into ``OUT/runs/<name>/``. A finished run (its summary and evaluations
+written) is skipped, an interrupted one resumed, and a failed one recorded in its
+``error.txt`` without stopping the grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from largebatch.config import TrainConfig, apply_overrides
+from largebatch.errors import ConfigError
+from largebatch.io import atomic_write_json, atomic_write_text
+
+__all__ = ["Experiment", "load_experiment", "expand_grid", "run_name", "run_experiment"]
+
+_SECTIONS = {"base", "grid", "evaluate", "hessian"}
+_SHORT = {
+    "method": "",
+    "max_batch_size": "bmax",
+    "batch_size": "b",
+    "seed": "seed",
+    "adversarial": "adv",
+}
+
+
+@dataclass
+class Experiment:
+    """A grid of runs: ``base`` config keys, ``grid`` keys with value lists, evaluations."""
+
+    base: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    attacks: list[str] = field(default_factory=lambda: ["fgsm"])
+    eps: float = 0.02
+    pgd_steps: int = 10
+    eval_limit: int | None = None
+    hessian_samples: int | None = None
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and check an experiment file; every run's config is validated up front."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file {path} not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"experiment file {path} is not readable YAML: {exc}") from None
+    if not isinstance(raw, dict) or not set(raw) <= _SECTIONS:
+        raise ConfigError(
+            f"experiment file {path} must be a mapping with sections {sorted(_SECTIONS)}"
+        )
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{path}: grid must map config keys to non-empty lists of values")
+    evaluate = raw.get("evaluate") or {}
+    hessian = raw.get("hessian") or {}
+    if not isinstance(evaluate, dict) or not isinstance(hessian, dict):
+        raise ConfigError(f"{path}: evaluate and hessian must be mappings")
+    unknown = set(evaluate) - {"attacks", "eps", "pgd_steps", "limit"}
+    unknown |= {f"hessian.{k}" for k in set(hessian) - {"samples"}}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+    experiment = Experiment(
+        base=dict(raw.get("base") or {}),
+        grid=grid,
+        attacks=list(evaluate.get("attacks", ["fgsm"])),
+        eps=float(evaluate.get("eps", 0.02)),
+        pgd_steps=int(evaluate.get("pgd_steps", 10)),
+        eval_limit=evaluate.get("limit"),
+        hessian_samples=hessian.get("samples"),
+    )
+    bad = set(experiment.attacks) - {"fgsm", "pgd"}
+    if bad:
+        raise ConfigError(f"{path}: unknown attacks {sorted(bad)}; choose from fgsm, pgd")
+    for _, config in expand_grid(experiment, Path(".")):
+        config.validate()
+    return experiment
+
+
+def run_name(values: dict[str, Any]) -> str:
+    """A folder name from a grid point, e.g. ``absa-bmax4096-seed0``."""
+    parts = []
+    for key, value in values.items():
+        text = "-".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        parts.append(f"{_SHORT.get(key, key.replace('_', ''))}{text}")
+    return "-".join(parts) or "run"
+
+
+def expand_grid(experiment: Experiment, out: Path) -> list[tuple[str, TrainConfig]]:
+    """Every (name, config) of the grid, in a stable order, writing under ``out/runs``."""
+    base = apply_overrides(TrainConfig(), experiment.base)
+    keys = list(experiment.grid)
+    runs = []
+    for combo in itertools.product(*(experiment.grid[k] for k in keys)):
+        values = dict(zip(keys, combo, strict=True))
+        name = run_name(values)
+        config = apply_overrides(base, values)
+        config = dataclasses.replace(config, out=str(out / "runs" / name), resume=True)
+        runs.append((name, config))
+    names = [n for n, _ in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError("two grid points give the same run name; make the grid values distinct")
+    return runs
+
+
+def _finished(run: Path, experiment: Experiment) -> bool:
+    wanted = ["summary.json", "robust.json"]
+    if experiment.hessian_samples:
+        wanted.append("hessian.json")
+    return all((run / name).exists() for name in wanted)
+
+
+def _evaluate_run(run: Path, experiment: Experiment) -> None:
+    from largebatch.evaluate import evaluate_checkpoint
+
+    ckpt = run / "checkpoint.pt"
+    results: dict[str, Any] = {}
+    for attack in experiment.attacks:
+        result = evaluate_checkpoint(
+            ckpt,
+            attack=attack,
+            eps=experiment.eps,
+            steps=experiment.pgd_steps,
+            limit=experiment.eval_limit,
+        )
+        results["clean_acc"] = result["clean_acc"]
+        results[f"{attack}_acc"] = result["adv_acc"]
+    if not experiment.attacks:
+        results["clean_acc"] = evaluate_checkpoint(ckpt, limit=experiment.eval_limit)["clean_acc"]
+    results.update(eps=experiment.eps, pgd_steps=experiment.pgd_steps)
+    atomic_write_json(run / "robust.json", results)
+    if experiment.hessian_samples:
+        from largebatch.analysis import analyze_checkpoint
+
+        result = analyze_checkpoint(
+            ckpt, samples=experiment.hessian_samples, say=lambda _line: None
+        )
+        atomic_write_json(run / "hessian.json", result)
+
+
+def run_experiment(
+    experiment: Experiment,
+    out: str | Path,
+    show_progress: bool | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, str]:
+    """Run every grid point not yet finished; return ``{name: "done"|"skipped"|"failed"}``."""
+    from largebatch.train import train
+
+    out = Path(out)
+    runs = expand_grid(experiment, out)
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    status: dict[str, str] = {}
+    bar = tqdm(total=len(runs), desc="grid", unit="run", disable=not show_progress, file=sys.stderr)
+    for name, config in runs:
+        run = Path(config.out)
+        if _finished(run, experiment):
+            status[name] = "skipped"
+            bar.update(1)
+            continue
+        bar.set_postfix_str(name)
+        try:
+            train(config, show_progress=False, echo=None)
+            _evaluate_run(run, experiment)
+            status[name] = "done"
+            (run / "error.txt").unlink(missing_ok=True)
+        except Exception as exc:  # one failed run must not stop the grid
+            status[name] = "failed"
+            atomic_write_text(run / "error.txt", f"{type(exc).__name__}: {exc}\n")
+        echo(f"{name}: {status[name]}")
+        bar.update(1)
+    bar.close()
+    atomic_write_json(out / "grid.json", {"runs": [n for n, _ in runs], "status": status})
+    return status

@@ -1,0 +1,146 @@
+import json
+
+import pytest
+import yaml
+
+from largebatch.cli import main
+from largebatch.compare import expand_grid, load_experiment, run_experiment, run_name
+from largebatch.errors import ConfigError
+from largebatch.report import collect_runs, summarize, write_report
+from largebatch.train import train
+
+BASE = {
+    "dataset": "synthetic",
+    "model": "mlp",
+    "epochs": 2,
+    "batch_size": 32,
+    "max_batch_size": 128,
+    "lr": 0.05,
+    "device": "cpu",
+    "hessian_samples": 32,
+    "abs_duration": 1,
+    "lr_decay_epochs": [],
+}
+
+
+def _experiment(tmp_path, grid, **extra):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"base": BASE, "grid": grid, **extra}))
+    return path
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def finished_grid(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grid")
+    path = _experiment(
+        tmp,
+        {"method": ["bl", "absa"], "seed": [0, 1]},
+        evaluate={"attacks": ["fgsm", "pgd"], "eps": 0.1, "pgd_steps": 2},
+        hessian={"samples": 32},
+    )
+    out = tmp / "out"
+    # an interrupted run: one epoch of absa seed 1 before the grid starts
+    name, config = expand_grid(load_experiment(path), out)[3]
+    assert name == "absa-seed1"
+    train(config, echo=None, show_progress=False, stop_after=1)
+    status = run_experiment(load_experiment(path), out, show_progress=False, echo=lambda _: None)
+    return path, out, status
+
+
+def test_grid_runs_every_point_and_resumes_the_interrupted_one(finished_grid):
+    _, out, status = finished_grid
+    assert status == dict.fromkeys(["bl-seed0", "bl-seed1", "absa-seed0", "absa-seed1"], "done")
+    history = [json.loads(line) for line in (out / "runs/absa-seed1/metrics.jsonl").open()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    for run in status:
+        robust = json.loads((out / "runs" / run / "robust.json").read_text())
+        assert {"clean_acc", "fgsm_acc", "pgd_acc"} <= set(robust)
+        assert (out / "runs" / run / "hessian.json").exists()
+
+
+def test_finished_runs_are_skipped(finished_grid):
+    path, out, _ = finished_grid
+    stamp = (out / "runs/bl-seed0/summary.json").stat().st_mtime_ns
+    status = run_experiment(load_experiment(path), out, show_progress=False, echo=lambda _: None)
+    assert set(status.values()) == {"skipped"}
+    assert (out / "runs/bl-seed0/summary.json").stat().st_mtime_ns == stamp
+
+
+def test_table_numbers_are_the_runs_numbers(finished_grid):
+    _, out, _ = finished_grid
+    rows = summarize(collect_runs(out))
+    assert [(r["method"], r["seeds"]) for r in rows] == [("bl", 2), ("absa", 2)]
+    for row in rows:
+        summaries = [
+            json.loads((out / f"runs/{row['method']}-seed{s}/summary.json").read_text())
+            for s in (0, 1)
+        ]
+        accs = [s["final_test_acc"] for s in summaries]
+        assert row["final_test_acc"] == pytest.approx(sum(accs) / 2)
+        assert row["updates"] == pytest.approx(sum(s["updates"] for s in summaries) / 2)
+        assert row["final_test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+    assert rows[0]["updates_vs_bl"] == 1.0
+    assert rows[1]["adversarial"] is True and rows[1]["hessian_share"] > 0
+
+
+def test_report_writes_markdown_and_figures(finished_grid, capsys):
+    _, out, _ = finished_grid
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| synthetic | mlp | absa |" in text
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert figures == ["synthetic-mlp-accuracy-vs-updates.png", "synthetic-mlp-schedules.png"]
+    assert all((out / f).read_bytes()[:8] == PNG for f in figures)
+    assert "report:" in capsys.readouterr().out
+
+
+def test_curvature_figure_for_a_batch_size_study(tmp_path):
+    path = _experiment(
+        tmp_path,
+        {"batch_size": [32, 64], "adversarial": [False, True]},
+        evaluate={"attacks": ["fgsm"], "eps": 0.1},
+        hessian={"samples": 32},
+    )
+    out = tmp_path / "out"
+    assert main(["compare", "--config", str(path), "--out", str(out)]) == 0
+    assert (out / "synthetic-mlp-curvature-vs-batch.png").read_bytes()[:8] == PNG
+    rows = summarize(collect_runs(out))
+    assert {(r["batch_size"], r["adversarial"]) for r in rows} == {
+        (32, False),
+        (32, True),
+        (64, False),
+        (64, True),
+    }
+    assert all(r["top_eigenvalue"] > 0 for r in rows)
+
+
+def test_a_failed_run_is_recorded_and_the_grid_goes_on(tmp_path):
+    spec = {"base": {**BASE, "epochs": 1, "momentum": 0.0}, "grid": {"lr": [1e12, 0.05]}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    status = run_experiment(load_experiment(path), out, show_progress=False, echo=lambda _: None)
+    assert status == {"lr1000000000000.0": "failed", "lr0.05": "done"}
+    assert "non-finite" in (out / "runs/lr1000000000000.0/error.txt").read_text()
+
+
+def test_bad_experiment_files_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": BASE, "grid": {"method": ["bl", "lamb"]}}))
+    with pytest.raises(ConfigError, match="unknown method 'lamb'"):
+        load_experiment(bad)
+    bad.write_text(yaml.safe_dump({"base": BASE, "grids": {}}))
+    with pytest.raises(ConfigError, match="sections"):
+        load_experiment(bad)
+    bad.write_text(yaml.safe_dump({"base": BASE, "grid": {"seed": []}}))
+    with pytest.raises(ConfigError, match="non-empty"):
+        load_experiment(bad)
+
+
+def test_run_names_are_short_and_stable():
+    assert run_name({"method": "absa", "max_batch_size": 4096, "seed": 0}) == "absa-bmax4096-seed0"
+    assert run_name({"lr_decay_epochs": [3, 6]}) == "lrdecayepochs3-6"
+    assert run_name({}) == "run"
