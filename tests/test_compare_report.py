@@ -6,7 +6,7 @@ import yaml
 from largebatch.cli import main
 from largebatch.compare import expand_grid, load_experiment, run_experiment, run_name
 from largebatch.errors import ConfigError
-from largebatch.report import collect_runs, summarize, write_report
+from largebatch.report import collect_runs, summarize
 from largebatch.train import train
 
 BASE = {
