@@ -6,8 +6,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from largebatch.hessian import HessianOperator, hessian_trace, shard_batch, top_eigenvalues
+from largebatch.hessian import (
+    EigenTracker,
+    HessianOperator,
+    hessian_trace,
+    shard_batch,
+    top_eigenvalues,
+)
 
 WORLD = 2
 
@@ -29,6 +36,7 @@ def measure(model, data, vector):
             "product": op.matvec(vector),
             "eigen": top_eigenvalues(op, k=2, tol=1e-8).values,
             "trace": hessian_trace(op, probes=5).estimate,
+            "tracker": EigenTracker(F.cross_entropy, data, tol=1e-8).estimate(model).values,
         }
 
 
@@ -39,7 +47,9 @@ def worker(rank, init_file, out_dir):
         model, x, y, vector = problem()
         xs, ys = shard_batch(x, y, rank, WORLD)
         local = [(xs[:2], ys[:2]), (xs[2:], ys[2:])]  # unequal local batches as well
-        torch.save(measure(model, local, vector), f"{out_dir}/rank{rank}.pt")
+        # As in training: the model is wrapped in DDP, which the Hessian code unwraps.
+        wrapped = DistributedDataParallel(model)
+        torch.save(measure(wrapped, local, vector), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -54,7 +64,8 @@ def test_two_gloo_ranks_reproduce_the_single_process_answer(tmp_path):
     for result in ranks:
         assert result["distributed"]
         torch.testing.assert_close(result["product"], single["product"], rtol=1e-5, atol=1e-12)
-        torch.testing.assert_close(result["eigen"], single["eigen"], rtol=1e-5, atol=0)
+        for key in ("eigen", "tracker"):
+            torch.testing.assert_close(result[key], single[key], rtol=1e-5, atol=0)
     assert ranks[0]["trace"] == ranks[1]["trace"]
     torch.testing.assert_close(ranks[0]["eigen"], ranks[1]["eigen"], rtol=0, atol=0)
 

@@ -16,6 +16,9 @@ from largebatch.hessian import (
     top_eigenvalues,
 )
 
+# torch.func's first jvp scripts some decompositions with the deprecated torch.jit.script.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
 
 def mlp_problem():
     torch.manual_seed(0)
@@ -148,6 +151,17 @@ def test_operator_restores_on_close_and_on_error():
         # Batch-norm in train mode moved its running statistics; close() puts them back.
         assert not torch.equal(model[2].running_mean, before["buffers"][0])
     op.close()  # closing twice is harmless
+    assert_unchanged(model, before)
+
+
+def test_forward_over_reverse_refuses_batch_norm_in_train_mode():
+    model, batches = training_model()
+    before = capture(model)
+    op = HessianOperator(
+        model, F.cross_entropy, batches, eval_mode=False, method="forward_over_reverse"
+    )
+    with pytest.raises(ValueError, match="batch-norm in train mode"):
+        op.open()
     assert_unchanged(model, before)
 
 

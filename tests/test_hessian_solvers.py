@@ -15,6 +15,9 @@ from largebatch.hessian import (
     top_eigenvalues,
 )
 
+# torch.func's first jvp scripts some decompositions with the deprecated torch.jit.script.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
 
 def symmetric_matrix(eigenvalues, seed=0):
     """Dense symmetric matrix with the given spectrum and random eigenvectors."""

@@ -7,6 +7,9 @@ from torch import nn
 
 from largebatch.hessian import EigenTracker, dense_hessian
 
+# torch.func's first jvp scripts some decompositions with the deprecated torch.jit.script.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
 
 @pytest.fixture()
 def problem():

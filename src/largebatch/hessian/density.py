@@ -50,7 +50,8 @@ def spectral_density(
 
     Args:
         num_probes: random start vectors (cost ``num_probes * lanczos_steps`` products).
-        lanczos_steps: Lanczos steps per probe (fewer if the Krylov space is exhausted).
+        lanczos_steps: Lanczos steps per probe (fewer if the Krylov space is exhausted);
+            memory is ``lanczos_steps + 1`` vectors of ``dim`` entries.
         grid_points: points of the output grid, spanning the nodes plus 5 sigma each side.
         sigma: kernel standard deviation in eigenvalue units; default 1% of the span of
             the nodes (or of their magnitude if they all coincide).

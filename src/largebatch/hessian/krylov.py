@@ -7,6 +7,8 @@ projected matrix is kept in float64; basis vectors stay in the operator's dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from largebatch.hessian.linear_operator import CountingOperator, rademacher
@@ -25,12 +27,14 @@ def orthogonalize(vectors: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Ten
     return vectors - correction @ basis, coefficients + correction
 
 
+@dataclass
 class RitzPairs:
-    """Ritz values ``theta`` (ascending, float64), coordinates ``S`` (columns) in the
-    basis, and each pair's residual norm estimate ``|beta * S[last, i]|``."""
+    """Ritz values ``theta`` (ascending, float64), their coordinates ``coords`` (columns)
+    in the basis, and each pair's residual norm estimate ``|beta * coords[last, i]|``."""
 
-    def __init__(self, theta: torch.Tensor, coords: torch.Tensor, estimates: torch.Tensor):
-        self.theta, self.coords, self.estimates = theta, coords, estimates
+    theta: torch.Tensor
+    coords: torch.Tensor
+    estimates: torch.Tensor
 
 
 class LanczosProcess:

@@ -132,6 +132,7 @@ class HessianOperator:
         stack.enter_context(preserved_model_state(self.model, self.eval_mode))
         self._stack = stack
         try:
+            self._check_functional_compatible()
             counts = [sample_count(b) for b in self.batches]
             total = torch.tensor(float(sum(counts)), dtype=torch.float64, device=self.device)
             if self.distributed:
@@ -216,6 +217,23 @@ class HessianOperator:
             raise HessianOperatorError(
                 "parameters changed while the HessianOperator was open; close() it and "
                 "open() it again to take the Hessian at the new parameters"
+            )
+
+    def _check_functional_compatible(self) -> None:
+        if self.method != "forward_over_reverse":
+            return
+        updating = [
+            name
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.training
+            and module.track_running_stats
+        ]
+        if updating:
+            raise ValueError(
+                "method='forward_over_reverse' cannot run batch-norm in train mode "
+                f"({', '.join(updating)} would update running statistics inside "
+                "torch.func); use eval_mode=True or method='double_backward'"
             )
 
     def _param_versions(self) -> list[int]:

@@ -67,7 +67,9 @@ class EigenTracker:
     Each :meth:`estimate` starts from the eigenvectors found by the previous one (when
     ``warm_start`` and the parameter count is unchanged), so after a short stretch of
     training a few products suffice. It stops on the relative residual ``tol`` or after
-    ``max_matvecs`` products, and reports both.
+    ``max_matvecs`` products, and reports both. Under torch.distributed every rank must
+    call :meth:`estimate` (products are all-reduced) with its own shard of the probe set;
+    all ranks get the same result.
 
     Args:
         loss_fn: ``loss_fn(outputs, targets)``, mean loss of a batch.
