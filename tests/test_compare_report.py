@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -30,6 +31,7 @@ def _experiment(tmp_path, grid, **extra):
 
 
 PNG = b"\x89PNG\r\n\x1a\n"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +146,14 @@ def test_run_names_are_short_and_stable():
     assert run_name({"method": "absa", "max_batch_size": 4096, "seed": 0}) == "absa-bmax4096-seed0"
     assert run_name({"lr_decay_epochs": [3, 6]}) == "lrdecayepochs3-6"
     assert run_name({}) == "run"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_experiment_configs_are_valid(name):
+    experiment = load_experiment(CONFIGS / name)
+    assert expand_grid(experiment, CONFIGS.parent / "runs")
+
+
+def test_compare_set_overrides_the_base(tmp_path):
+    experiment = load_experiment(CONFIGS / "paper-c1-cifar10.yaml", {"data_dir": "/d"})
+    assert {c.data_dir for _, c in expand_grid(experiment, tmp_path)} == {"/d"}

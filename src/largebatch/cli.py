@@ -138,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--config", required=True, help="experiment YAML (base, grid, evaluate)")
     cmp.add_argument("--out", required=True, help="output folder")
+    cmp.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config key for every run, e.g. --set data_dir=/data/cifar",
+    )
     cmp.add_argument("--no-report", action="store_true", help="do not write the report")
     cmp.set_defaults(func=_cmd_compare)
 
@@ -227,9 +235,11 @@ def _cmd_hessian(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from largebatch.compare import load_experiment, run_experiment
+    from largebatch.config import parse_assignment
     from largebatch.report import collect_runs, markdown_table, summarize, write_report
 
-    status = run_experiment(load_experiment(args.config), args.out)
+    overrides = dict(parse_assignment(a) for a in args.assignments)
+    status = run_experiment(load_experiment(args.config, overrides), args.out)
     failed = [name for name, state in status.items() if state == "failed"]
     if not args.no_report and len(failed) < len(status):
         print(markdown_table(summarize(collect_runs(args.out))))

@@ -64,8 +64,11 @@ class Experiment:
     hessian_samples: int | None = None
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and check an experiment file; every run's config is validated up front."""
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
+    """Read and check an experiment file; every run's config is validated up front.
+
+    ``overrides`` (from ``--set``) replace keys of the ``base`` section.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -89,7 +92,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     experiment = Experiment(
-        base=dict(raw.get("base") or {}),
+        base={**(raw.get("base") or {}), **(overrides or {})},
         grid=grid,
         attacks=list(evaluate.get("attacks", ["fgsm"])),
         eps=float(evaluate.get("eps", 0.02)),
