@@ -14,9 +14,8 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from largebatch.data import load_dataset
 from largebatch.errors import UsageError
-from largebatch.evaluate import load_trained
+from largebatch.evaluate import load_trained_with_data
 from largebatch.hessian import hessian_trace, spectral_density, top_eigenvalues
 from largebatch.io import atomic_write, atomic_write_json
 from largebatch.sampler import probe_batches
@@ -61,14 +60,7 @@ def analyze_checkpoint(
         raise UsageError("--samples, --top-k and the batch size must be >= 1")
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     dev = resolve_device(device)
-    model, saved = load_trained(checkpoint, dev)
-    config = saved["config"]
-    data = load_dataset(
-        config["dataset"],
-        data_dir or config.get("data_dir"),
-        seed=config["seed"],
-        limit_train=config.get("limit_train"),
-    )
+    model, config, data = load_trained_with_data(checkpoint, dev, data_dir, limit_train=None)
     batches = [
         (xb.to(dev), yb.to(dev))
         for xb, yb in probe_batches(data.train_x, data.train_y, samples, batch_size, seed)

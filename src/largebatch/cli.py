@@ -7,6 +7,7 @@ Bad input ends with one ``error: ...`` line on stderr and exit status 2, no trac
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -176,22 +177,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call_with_args(func: Callable[..., Any], args: argparse.Namespace) -> Any:
+    """Call ``func`` with the parsed flags whose names match its parameters."""
+    names = inspect.signature(func).parameters
+    return func(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from largebatch.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(
-        args.checkpoint,
-        attack=args.attack,
-        eps=args.eps,
-        steps=args.steps,
-        alpha=args.alpha,
-        data_dir=args.data_dir,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
-        out=args.out,
-    )
+    result = _call_with_args(evaluate_checkpoint, args)
     line = f"clean accuracy {result['clean_acc']:.4f}"
     if result.get("adv_acc") is not None:
         line += f", {args.attack} accuracy {result['adv_acc']:.4f} (eps {args.eps:g})"
@@ -202,22 +197,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_hessian(args: argparse.Namespace) -> int:
     from largebatch.analysis import analyze_checkpoint
 
-    result = analyze_checkpoint(
-        args.checkpoint,
-        samples=args.samples,
-        top_k=args.top_k,
-        trace=args.trace,
-        density=args.density,
-        out=args.out,
-        batch_size=args.batch_size,
-        tol=args.tol,
-        trace_probes=args.trace_probes,
-        density_probes=args.density_probes,
-        lanczos_steps=args.lanczos_steps,
-        seed=args.seed,
-        device=args.device,
-        data_dir=args.data_dir,
-    )
+    result = _call_with_args(analyze_checkpoint, args)
     eig = result["eigenvalues"]
     values = ", ".join(f"{v:.6g}" for v in eig["values"])
     print(

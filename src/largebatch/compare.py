@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from largebatch.config import TrainConfig, apply_overrides
+from largebatch.config import TrainConfig, apply_overrides, read_yaml
 from largebatch.errors import ConfigError
 from largebatch.io import atomic_write_json, atomic_write_text
 
@@ -70,12 +69,7 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     ``overrides`` (from ``--set``) replace keys of the ``base`` section.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"experiment file {path} not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"experiment file {path} is not readable YAML: {exc}") from None
+    raw = read_yaml(path, "experiment file")
     if not isinstance(raw, dict) or not set(raw) <= _SECTIONS:
         raise ConfigError(
             f"experiment file {path} must be a mapping with sections {sorted(_SECTIONS)}"

@@ -24,6 +24,7 @@ __all__ = [
     "DEVICES",
     "TrainConfig",
     "load_config",
+    "read_yaml",
     "apply_overrides",
     "parse_assignment",
     "config_to_dict",
@@ -227,19 +228,24 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The YAML document in ``path``; a missing or unreadable file is a ConfigError."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{what} {path} is not readable YAML: {reason}") from None
+
+
 def load_config(path: str | Path | None, base: TrainConfig | None = None) -> TrainConfig:
     """Read a YAML mapping of config keys on top of ``base`` (default: the dataclass defaults)."""
     config = base or TrainConfig()
     if path is None:
         return config
-    path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"config file {path} is not readable YAML: {reason}") from None
+    values = read_yaml(path)
     if values is None:
         return config
     if not isinstance(values, dict):

@@ -9,13 +9,13 @@ import torch
 
 from largebatch.adversarial import fgsm, pgd
 from largebatch.checkpoint import load_checkpoint
-from largebatch.data import load_dataset
+from largebatch.data import DataSource, load_dataset
 from largebatch.errors import UsageError
 from largebatch.io import atomic_write_json
 from largebatch.models import build_model
 from largebatch.train import resolve_device
 
-__all__ = ["ATTACKS", "load_trained", "evaluate_checkpoint"]
+__all__ = ["ATTACKS", "load_trained", "load_trained_with_data", "evaluate_checkpoint"]
 
 ATTACKS: tuple[str, ...] = ("none", "fgsm", "pgd")
 
@@ -27,6 +27,26 @@ def load_trained(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
     model.load_state_dict(saved["model"])
     model.eval()
     return model, saved
+
+
+def load_trained_with_data(
+    path: str | Path,
+    device: torch.device,
+    data_dir: str | None = None,
+    **limits: int | None,
+) -> tuple[torch.nn.Module, dict[str, Any], DataSource]:
+    """The model of checkpoint ``path``, its training config, and its dataset.
+
+    ``data_dir`` replaces the folder used in training; ``limits`` (``limit_train``,
+    ``limit_test``) default to the training run's.
+    """
+    model, saved = load_trained(path, device)
+    config = saved["config"]
+    limits = {k: v if v is not None else config.get(k) for k, v in limits.items()}
+    data = load_dataset(
+        config["dataset"], data_dir or config.get("data_dir"), seed=config["seed"], **limits
+    )
+    return model, config, data
 
 
 def evaluate_checkpoint(
@@ -53,14 +73,7 @@ def evaluate_checkpoint(
     if eps < 0 or steps < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise UsageError("eps must be >= 0, and steps, batch size and limit >= 1")
     dev = resolve_device(device)
-    model, saved = load_trained(checkpoint, dev)
-    config = saved["config"]
-    data = load_dataset(
-        config["dataset"],
-        data_dir or config.get("data_dir"),
-        seed=config["seed"],
-        limit_test=limit if limit is not None else config.get("limit_test"),
-    )
+    model, config, data = load_trained_with_data(checkpoint, dev, data_dir, limit_test=limit)
     step = alpha if alpha is not None else 2.5 * eps / steps
     generator = torch.Generator().manual_seed(seed)
     clamp = data.input_range
