@@ -244,6 +244,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from largebatch.train import TrainingInterrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -254,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         sys.stderr.write(f"error: {message}\n")
         return 2
+    except TrainingInterrupted as exc:
+        sys.stderr.write(f"interrupted: {exc}\n")
+        return 130
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

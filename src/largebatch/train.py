@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +35,14 @@ from largebatch.io import append_jsonl, atomic_write_json, write_jsonl
 from largebatch.models import build_model
 from largebatch.sampler import EpochSampler, probe_batches
 
-__all__ = ["train", "evaluate", "resolve_device", "model_spec", "RunState"]
+__all__ = [
+    "train",
+    "evaluate",
+    "resolve_device",
+    "model_spec",
+    "RunState",
+    "TrainingInterrupted",
+]
 
 # The probe set is drawn with its own seed, apart from the data order.
 _PROBE_SEED_OFFSET = 104_729
@@ -52,6 +61,40 @@ class RunState:
     wall_s: float = 0.0  # training + evaluation time, eigenvalue time included
     hessian_s: float = 0.0  # time spent on curvature estimates
     history: list[dict[str, Any]] = field(default_factory=list)
+    # An epoch interrupted part-way: samples done, their loss and accuracy sums, and the
+    # augmentation generator's state, so that resuming finishes it exactly.
+    position: int = 0
+    partial_loss: float = 0.0
+    partial_correct: int = 0
+    augment_rng: torch.Tensor | None = None
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run saved its checkpoint after the current update."""
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop stops after the update in progress. A second
+    signal stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,13 +161,18 @@ def _train_epoch(
     state: RunState,
     device: torch.device,
     show_progress: bool,
-) -> dict[str, float]:
+    stop: _StopFlag,
+) -> dict[str, float] | None:
     """One pass over the training set; each global batch is one optimizer update.
 
     A global batch is run as micro-batches of at most ``micro_batch_size`` samples whose
     gradients accumulate, each weighted by its share of the batch, so the update equals
     that of the whole batch at once (batch-norm statistics aside). The last, short batch
     of the epoch is used, weighted by its true size.
+
+    Starts from sample ``state.position`` (a resumed, interrupted epoch). Returns the
+    epoch's train loss and accuracy, or None when ``stop`` was raised: then ``state``
+    holds the position and partial sums to resume from.
     """
     model.train()
     epoch = state.epoch
@@ -132,11 +180,17 @@ def _train_epoch(
     micro = min(config.micro_batch_size or config.batch_size, global_batch)
     base_lr = config.lr * decision.lr_factor
     augment_rng = torch.Generator().manual_seed(config.seed * 7919 + epoch)
+    if state.augment_rng is not None:
+        augment_rng.set_state(state.augment_rng)
     num_batches = sampler.num_batches(global_batch)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    first_step = sampler.num_batches(global_batch) - sampler.num_batches(
+        global_batch, state.position
+    )
+    loss_sum = torch.tensor(state.partial_loss, device=device)
+    correct = torch.tensor(state.partial_correct, device=device, dtype=torch.long)
+    seen = state.position
     bar = tqdm(
+        initial=first_step,
         total=num_batches,
         desc=f"epoch {epoch + 1}/{config.epochs}",
         unit="upd",
@@ -144,7 +198,8 @@ def _train_epoch(
         disable=not show_progress,
         file=sys.stderr,
     )
-    for step, indices in enumerate(sampler.batches(epoch, global_batch)):
+    batches = sampler.batches(epoch, global_batch, start=state.position)
+    for step, indices in enumerate(batches, start=first_step):
         _set_lr(optimizer, base_lr * controller.warmup_factor(step / num_batches))
         x, y = data.train_x[indices], data.train_y[indices]
         if config.augment and data.augment is not None:
@@ -167,10 +222,17 @@ def _train_epoch(
             )
         optimizer.step()
         state.updates += 1
+        state.samples += len(indices)
         seen += len(indices)
         bar.update(1)
+        if stop.signal is not None and seen < sampler.num_samples:
+            bar.close()
+            state.position, state.augment_rng = seen, augment_rng.get_state()
+            state.partial_loss, state.partial_correct = loss_sum.item(), int(correct.item())
+            return None
     bar.close()
-    state.samples += seen
+    state.position, state.partial_loss, state.partial_correct = 0, 0.0, 0
+    state.augment_rng = None
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
 
 
@@ -388,50 +450,8 @@ def train(
     last_epoch = (
         config.epochs if stop_after is None else min(config.epochs, state.epoch + stop_after)
     )
-    while state.epoch < last_epoch:
-        started = time.perf_counter()
-        decision = controller.decision()
-        train_stats = _train_epoch(
-            model,
-            optimizer,
-            data,
-            sampler,
-            controller,
-            decision,
-            config,
-            state,
-            device,
-            show_progress,
-        )
-        test_loss, test_acc = evaluate(
-            model, data.test_x, data.test_y, config.eval_batch_size, device
-        )
-        curvature = _curvature(tracker, model, controller, config, state.epoch)
-        controller.step({"eigenvalue": curvature["usable_eigenvalue"], "test_acc": test_acc})
-        state.epoch += 1
-        state.hessian_s += curvature["eig_s"]
-        state.wall_s += time.perf_counter() - started
-        record = {
-            "epoch": state.epoch,
-            "batch_size": decision.batch_size,
-            "lr": optimizer.param_groups[0]["lr"],
-            "eigenvalue": curvature["eigenvalue"],
-            "eig_residual": curvature["eig_residual"],
-            "eig_matvecs": curvature["eig_matvecs"],
-            "eig_converged": curvature["eig_converged"],
-            "eig_s": curvature["eig_s"],
-            "eig_error": curvature["eig_error"],
-            "adv_ratio": decision.adv_ratio,
-            "updates": state.updates,
-            "samples": state.samples,
-            **train_stats,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "wall_s": state.wall_s,
-            "hessian_s": state.hessian_s,
-        }
-        state.history.append(record)
-        append_jsonl(out / "metrics.jsonl", record)
+
+    def save() -> None:
         save_checkpoint(
             ckpt_path,
             {
@@ -445,7 +465,68 @@ def train(
                 "rng": _rng_state(),
             },
         )
-        echo(_format_row(record))
+
+    with _StopFlag() as stop:
+        while state.epoch < last_epoch:
+            started = time.perf_counter()
+            decision = controller.decision()
+            train_stats = _train_epoch(
+                model,
+                optimizer,
+                data,
+                sampler,
+                controller,
+                decision,
+                config,
+                state,
+                device,
+                show_progress,
+                stop,
+            )
+            if train_stats is None:  # interrupted part-way through the epoch
+                state.wall_s += time.perf_counter() - started
+                save()
+                name = signal.Signals(stop.signal).name
+                raise TrainingInterrupted(
+                    f"{name}: saved {ckpt_path} at epoch {state.epoch + 1}, sample "
+                    f"{state.position} of {sampler.num_samples}; continue with --resume"
+                )
+            test_loss, test_acc = evaluate(
+                model, data.test_x, data.test_y, config.eval_batch_size, device
+            )
+            curvature = _curvature(tracker, model, controller, config, state.epoch)
+            controller.step({"eigenvalue": curvature["usable_eigenvalue"], "test_acc": test_acc})
+            state.epoch += 1
+            state.hessian_s += curvature["eig_s"]
+            state.wall_s += time.perf_counter() - started
+            record = {
+                "epoch": state.epoch,
+                "batch_size": decision.batch_size,
+                "lr": optimizer.param_groups[0]["lr"],
+                "eigenvalue": curvature["eigenvalue"],
+                "eig_residual": curvature["eig_residual"],
+                "eig_matvecs": curvature["eig_matvecs"],
+                "eig_converged": curvature["eig_converged"],
+                "eig_s": curvature["eig_s"],
+                "eig_error": curvature["eig_error"],
+                "adv_ratio": decision.adv_ratio,
+                "updates": state.updates,
+                "samples": state.samples,
+                **train_stats,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "wall_s": state.wall_s,
+                "hessian_s": state.hessian_s,
+            }
+            state.history.append(record)
+            append_jsonl(out / "metrics.jsonl", record)
+            save()
+            echo(_format_row(record))
+            if stop.signal is not None:
+                name = signal.Signals(stop.signal).name
+                raise TrainingInterrupted(
+                    f"{name}: saved {ckpt_path} after epoch {state.epoch}; continue with --resume"
+                )
 
     if state.epoch < config.epochs:
         echo(f"stopped after epoch {state.epoch}; continue with --resume")
