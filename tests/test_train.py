@@ -125,10 +125,44 @@ def test_short_last_batch_is_used(tmp_path):
     assert any("test_acc" in line for line in records)  # the table header was echoed
 
 
-def test_a_diverging_lr_stops_with_a_clear_error_and_keeps_no_bad_checkpoint(tmp_path):
+def test_a_diverging_lr_stops_with_a_clear_error_and_keeps_the_good_checkpoint(tmp_path):
     with pytest.raises(DivergedError, match="lower --lr"):
         train(_config(tmp_path, lr=1e12, momentum=0.0), echo=None, show_progress=False)
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert saved["run"]["epoch"] == 0 and saved["run"]["updates"] == 0
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_rollback_restores_the_checkpoint_and_lowers_the_lr(tmp_path):
+    lines = []
+    config = _config(
+        tmp_path,
+        lr=1e9,
+        momentum=0.0,
+        lr_decay_epochs=[],
+        on_divergence="rollback",
+        divergence_lr_factor=1e-10,
+        max_rollbacks=2,
+    )
+    summary = train(config, echo=lines.append, show_progress=False)
+    assert summary["rollbacks"] == 1
+    assert any("rolled back to epoch 0" in line for line in lines)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["lr"] for r in records] == pytest.approx([0.1] * 3)
+    assert records[-1]["test_acc"] > 0.5
+
+
+def test_rollback_gives_up_after_max_rollbacks(tmp_path):
+    config = _config(
+        tmp_path,
+        lr=1e12,
+        momentum=0.0,
+        on_divergence="rollback",
+        divergence_lr_factor=0.5,
+        max_rollbacks=2,
+    )
+    with pytest.raises(DivergedError):
+        train(config, echo=None, show_progress=False)
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path):

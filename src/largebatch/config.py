@@ -78,6 +78,11 @@ class TrainConfig:
     hessian_mode: str = "tracker"  # tracker: warm-started Lanczos; reference: cold power, 10 its
     hessian_tol: float = 1e-2  # relative residual target of the tracker
     hessian_max_matvecs: int = 20  # product budget per estimate
+    # divergence guard: a non-finite loss or gradient either stops the run ("stop") or
+    # restores the last checkpoint and multiplies the LR by divergence_lr_factor ("rollback")
+    on_divergence: str = "stop"
+    divergence_lr_factor: float = 0.5
+    max_rollbacks: int = 3
     # run
     seed: int = 0
     device: str = "auto"
@@ -97,6 +102,12 @@ class TrainConfig:
         _choice("adv_attack", self.adv_attack, ("fgsm", "pgd"))
         _choice("adv_clamp", self.adv_clamp, ("range", "batch"))
         _choice("hessian_mode", self.hessian_mode, ("tracker", "reference"))
+        _choice("on_divergence", self.on_divergence, ("stop", "rollback"))
+        _at_least("max_rollbacks", self.max_rollbacks, 0)
+        if not 0 < self.divergence_lr_factor < 1:
+            raise ConfigError(
+                f"divergence_lr_factor must be in (0, 1), got {self.divergence_lr_factor}"
+            )
         for key in (
             "abs_growth_factor",
             "abs_duration",

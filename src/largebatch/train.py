@@ -48,7 +48,17 @@ __all__ = [
 _PROBE_SEED_OFFSET = 104_729
 
 # Keys a resumed run may change; every other key must match the checkpoint.
-_RESUMABLE_CHANGES = {"epochs", "out", "resume", "device", "eval_batch_size", "data_dir"}
+_RESUMABLE_CHANGES = {
+    "epochs",
+    "out",
+    "resume",
+    "device",
+    "eval_batch_size",
+    "data_dir",
+    "on_divergence",
+    "divergence_lr_factor",
+    "max_rollbacks",
+}
 
 
 @dataclass
@@ -67,6 +77,9 @@ class RunState:
     partial_loss: float = 0.0
     partial_correct: int = 0
     augment_rng: torch.Tensor | None = None
+    # Divergence guard: LR multiplier after rollbacks, and what happened.
+    lr_scale: float = 1.0
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
 
 
 class TrainingInterrupted(Exception):
@@ -178,7 +191,8 @@ def _train_epoch(
     epoch = state.epoch
     global_batch = decision.batch_size
     micro = min(config.micro_batch_size or config.batch_size, global_batch)
-    base_lr = config.lr * decision.lr_factor
+    base_lr = config.lr * decision.lr_factor * state.lr_scale
+    params = [p for p in model.parameters() if p.requires_grad]
     augment_rng = torch.Generator().manual_seed(config.seed * 7919 + epoch)
     if state.augment_rng is not None:
         augment_rng.set_state(state.augment_rng)
@@ -214,10 +228,13 @@ def _train_epoch(
             (loss * (len(yb) / len(indices))).backward()
             loss_sum += loss.detach() * len(yb)
             correct += (out.argmax(1) == yb).sum()
-        # A diverged run must stop before a non-finite update reaches the weights.
-        if not torch.isfinite(loss_sum):
+        # A diverged run must stop before a non-finite update reaches the weights; one
+        # check (one device sync) covers the loss and the gradient.
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if not torch.isfinite(loss_sum + grad_norm):
+            what = "loss" if not torch.isfinite(loss_sum) else "gradient"
             raise DivergedError(
-                f"training loss became non-finite in epoch {epoch + 1} "
+                f"training {what} became non-finite in epoch {epoch + 1} "
                 f"(update {state.updates + 1}, lr {base_lr:g}); lower --lr and try again"
             )
         optimizer.step()
@@ -334,6 +351,64 @@ def _curvature(
     return record
 
 
+def _restore(
+    path: Path,
+    device: torch.device,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    controller: BatchController,
+    tracker: EigenTracker | None,
+) -> RunState:
+    """Load checkpoint ``path`` into the run's objects; return its counters."""
+    saved = load_checkpoint(path, map_location=device)
+    _check_resumable(saved["config"], config, path)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    controller.load_state_dict(saved["controller"])
+    if tracker is not None and saved.get("tracker") is not None:
+        tracker.load_state_dict(saved["tracker"])
+    _set_rng_state(saved["rng"])
+    return RunState(**saved["run"])
+
+
+def _may_roll_back(config: TrainConfig, state: RunState) -> bool:
+    return config.on_divergence == "rollback" and len(state.rollbacks) < config.max_rollbacks
+
+
+def _roll_back(
+    error: DivergedError,
+    state: RunState,
+    path: Path,
+    device: torch.device,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    controller: BatchController,
+    tracker: EigenTracker | None,
+    echo: Callable[[str], None],
+) -> RunState:
+    """Restore the last checkpoint after a divergence and lower the LR from there on."""
+    rollbacks = [
+        *state.rollbacks,
+        {"epoch": state.epoch + 1, "update": state.updates + 1, "reason": str(error)},
+    ]
+    restored = _restore(path, device, config, model, optimizer, controller, tracker)
+    restored.rollbacks = rollbacks
+    restored.lr_scale = state.lr_scale * config.divergence_lr_factor
+    echo(
+        f"diverged ({error}); rolled back to epoch {restored.epoch} sample "
+        f"{restored.position}, LR scale now {restored.lr_scale:g}"
+    )
+    return restored
+
+
+def _all_finite(model: nn.Module) -> bool:
+    return all(
+        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
+    )
+
+
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
     for key, value in config_to_dict(config).items():
         if key in _RESUMABLE_CHANGES or key not in saved:
@@ -426,15 +501,7 @@ def train(
     state = RunState()
 
     if config.resume and ckpt_path.exists():
-        saved = load_checkpoint(ckpt_path, map_location=device)
-        _check_resumable(saved["config"], config, ckpt_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        controller.load_state_dict(saved["controller"])
-        if tracker is not None and saved.get("tracker") is not None:
-            tracker.load_state_dict(saved["tracker"])
-        state = RunState(**saved["run"])
-        _set_rng_state(saved["rng"])
+        state = _restore(ckpt_path, device, config, model, optimizer, controller, tracker)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     # The checkpoint's history is the truth: it drops epochs logged after the last save.
@@ -452,6 +519,11 @@ def train(
     )
 
     def save() -> None:
+        # The last good checkpoint is never replaced by non-finite weights.
+        if not _all_finite(model):
+            raise DivergedError(
+                f"the weights became non-finite in epoch {state.epoch + 1}; lower --lr"
+            )
         save_checkpoint(
             ckpt_path,
             {
@@ -466,23 +538,42 @@ def train(
             },
         )
 
+    if not ckpt_path.exists():
+        save()  # the starting point, so that a rollback or a crash in epoch 1 has one
     with _StopFlag() as stop:
         while state.epoch < last_epoch:
             started = time.perf_counter()
             decision = controller.decision()
-            train_stats = _train_epoch(
-                model,
-                optimizer,
-                data,
-                sampler,
-                controller,
-                decision,
-                config,
-                state,
-                device,
-                show_progress,
-                stop,
-            )
+            try:
+                train_stats = _train_epoch(
+                    model,
+                    optimizer,
+                    data,
+                    sampler,
+                    controller,
+                    decision,
+                    config,
+                    state,
+                    device,
+                    show_progress,
+                    stop,
+                )
+            except DivergedError as exc:
+                if not _may_roll_back(config, state):
+                    raise
+                state = _roll_back(
+                    exc,
+                    state,
+                    ckpt_path,
+                    device,
+                    config,
+                    model,
+                    optimizer,
+                    controller,
+                    tracker,
+                    echo,
+                )
+                continue
             if train_stats is None:  # interrupted part-way through the epoch
                 state.wall_s += time.perf_counter() - started
                 save()
@@ -556,5 +647,6 @@ def _summary(config: TrainConfig, state: RunState, controller: BatchController) 
         "hessian_s": state.hessian_s,
         "final_batch_size": last.get("batch_size", controller.decision().batch_size),
         "base_batch_size": config.batch_size,
+        "rollbacks": len(state.rollbacks),
         "max_batch_size": config.max_batch_size,
     }
