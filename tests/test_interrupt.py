@@ -123,3 +123,54 @@ def test_ctrl_c_on_the_command_line_exits_130_and_resumes(tmp_path):
     assert _without_times(read_jsonl(out / "metrics.jsonl")) == _without_times(
         read_jsonl(reference / "metrics.jsonl")
     )
+
+
+def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_result(tmp_path):
+    import random
+
+    out = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "largebatch",
+        "train",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "c1",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--max-batch-size",
+        "64",
+        "--lr",
+        "0.01",
+        "--method",
+        "abs",
+        "--set",
+        "abs_duration=1",
+        "--set",
+        "hessian_samples=32",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 3.0))  # anywhere: mid-epoch, mid-save, or after the end
+    proc.kill()
+    proc.wait(timeout=60)
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tmp_path / "reference"
+    full = subprocess.run(args[:-1] + [str(reference)], capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    assert _without_times(read_jsonl(out / "metrics.jsonl")) == _without_times(
+        read_jsonl(reference / "metrics.jsonl")
+    )
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -503,6 +503,8 @@ def train(
     if config.resume and ckpt_path.exists():
         state = _restore(ckpt_path, device, config, model, optimizer, controller, tracker)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a save that a crash cut short
+        stale.unlink(missing_ok=True)
     save_config(config, out / "config.yaml")
     # The checkpoint's history is the truth: it drops epochs logged after the last save.
     write_jsonl(out / "metrics.jsonl", state.history)
