@@ -235,7 +235,8 @@ def _train_epoch(
             what = "loss" if not torch.isfinite(loss_sum) else "gradient"
             raise DivergedError(
                 f"training {what} became non-finite in epoch {epoch + 1} "
-                f"(update {state.updates + 1}, lr {base_lr:g}); lower --lr and try again"
+                f"(update {state.updates + 1}, lr {optimizer.param_groups[0]['lr']:.4g}); "
+                "lower --lr and try again"
             )
         optimizer.step()
         state.updates += 1
