@@ -171,9 +171,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
             flags[key] = getattr(args, key)
     config = apply_overrides(config, flags)
     config = apply_overrides(config, dict(parse_assignment(a) for a in args.assignments))
-    train(
-        config, show_progress=None if not args.quiet else False, echo=None if args.quiet else print
-    )
+    from largebatch.distributed import teardown
+
+    try:
+        train(
+            config,
+            show_progress=None if not args.quiet else False,
+            echo=None if args.quiet else print,
+        )
+    finally:
+        teardown()
     return 0
 
 

@@ -29,6 +29,14 @@ from largebatch.checkpoint import load_checkpoint, save_checkpoint
 from largebatch.config import TrainConfig, config_to_dict, save_config
 from largebatch.controllers import BatchController, Decision, make_controller
 from largebatch.data import DataSource, load_dataset
+from largebatch.distributed import (
+    World,
+    all_reduce_,
+    all_reduce_gradients,
+    broadcast_object,
+    setup,
+    shard,
+)
 from largebatch.errors import CheckpointError, DivergedError, UsageError
 from largebatch.hessian import EigenTracker, HessianOperatorError
 from largebatch.io import append_jsonl, atomic_write_json, write_jsonl
@@ -143,19 +151,27 @@ def evaluate(
     y: torch.Tensor,
     batch_size: int,
     device: torch.device,
+    world: World | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (fraction) of ``model`` in eval mode on ``(x, y)``."""
+    """Mean cross-entropy and accuracy (fraction) of ``model`` in eval mode on ``(x, y)``.
+
+    Under torchrun each rank evaluates its slice and the sums are all-reduced.
+    """
+    world = world or World()
+    total = len(y)
+    x, y = shard(x, world), shard(y, world)
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for begin in range(0, len(y), batch_size):
         xb = x[begin : begin + batch_size].to(device)
         yb = y[begin : begin + batch_size].to(device)
         out = model(xb)
-        loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
+        sums[0] += F.cross_entropy(out, yb, reduction="sum").double()
+        sums[1] += (out.argmax(1) == yb).sum()
     model.train(was_training)
-    return loss_sum / len(y), correct / len(y)
+    loss_sum, correct = all_reduce_(sums, world).tolist()
+    return loss_sum / total, correct / total
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -175,6 +191,7 @@ def _train_epoch(
     device: torch.device,
     show_progress: bool,
     stop: _StopFlag,
+    world: World,
 ) -> dict[str, float] | None:
     """One pass over the training set; each global batch is one optimizer update.
 
@@ -186,6 +203,9 @@ def _train_epoch(
     Starts from sample ``state.position`` (a resumed, interrupted epoch). Returns the
     epoch's train loss and accuracy, or None when ``stop`` was raised: then ``state``
     holds the position and partial sums to resume from.
+
+    Under torchrun each rank runs its contiguous slice of every global batch and one
+    all-reduce per update sums the gradients (see :mod:`largebatch.distributed`).
     """
     model.train()
     epoch = state.epoch
@@ -193,6 +213,11 @@ def _train_epoch(
     micro = min(config.micro_batch_size or config.batch_size, global_batch)
     base_lr = config.lr * decision.lr_factor * state.lr_scale
     params = [p for p in model.parameters() if p.requires_grad]
+    running_stats = [
+        b
+        for name, b in model.named_buffers()
+        if b.is_floating_point() and name.rsplit(".", 1)[-1].startswith("running_")
+    ]
     augment_rng = torch.Generator().manual_seed(config.seed * 7919 + epoch)
     if state.augment_rng is not None:
         augment_rng.set_state(state.augment_rng)
@@ -200,8 +225,11 @@ def _train_epoch(
     first_step = sampler.num_batches(global_batch) - sampler.num_batches(
         global_batch, state.position
     )
-    loss_sum = torch.tensor(state.partial_loss, device=device)
-    correct = torch.tensor(state.partial_correct, device=device, dtype=torch.long)
+    # The partial sums of a resumed epoch are global: rank 0 carries them.
+    loss_sum = torch.tensor(state.partial_loss if world.is_main else 0.0, device=device)
+    correct = torch.tensor(
+        state.partial_correct if world.is_main else 0, device=device, dtype=torch.long
+    )
     seen = state.position
     bar = tqdm(
         initial=first_step,
@@ -215,11 +243,15 @@ def _train_epoch(
     batches = sampler.batches(epoch, global_batch, start=state.position)
     for step, indices in enumerate(batches, start=first_step):
         _set_lr(optimizer, base_lr * controller.warmup_factor(step / num_batches))
-        x, y = data.train_x[indices], data.train_y[indices]
         if config.augment and data.augment is not None:
-            x = data.augment(x, augment_rng)
+            # augment the whole global batch, so each rank's slice is what one process sees
+            x = shard(data.augment(data.train_x[indices], augment_rng), world)
+            y = shard(data.train_y[indices], world)
+        else:
+            local = shard(indices, world)
+            x, y = data.train_x[local], data.train_y[local]
         optimizer.zero_grad(set_to_none=True)
-        for begin in range(0, len(indices), micro):
+        for begin in range(0, len(y), micro):
             xb = x[begin : begin + micro].to(device, non_blocking=True)
             yb = y[begin : begin + micro].to(device, non_blocking=True)
             xb = _with_adversarial_share(model, xb, yb, decision.adv_ratio, config, data)
@@ -228,6 +260,9 @@ def _train_epoch(
             (loss * (len(yb) / len(indices))).backward()
             loss_sum += loss.detach() * len(yb)
             correct += (out.argmax(1) == yb).sum()
+        stop_flag = all_reduce_gradients(params, world, 1.0 if stop.signal else 0.0, running_stats)
+        if stop_flag and stop.signal is None:  # another rank was signalled
+            stop.signal = signal.SIGTERM
         # A diverged run must stop before a non-finite update reaches the weights; one
         # check (one device sync) covers the loss and the gradient.
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -245,10 +280,14 @@ def _train_epoch(
         bar.update(1)
         if stop.signal is not None and seen < sampler.num_samples:
             bar.close()
+            all_reduce_(loss_sum, world)
+            all_reduce_(correct, world)
             state.position, state.augment_rng = seen, augment_rng.get_state()
             state.partial_loss, state.partial_correct = loss_sum.item(), int(correct.item())
             return None
     bar.close()
+    all_reduce_(loss_sum, world)
+    all_reduce_(correct, world)
     state.position, state.partial_loss, state.partial_correct = 0, 0.0, 0
     state.augment_rng = None
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
@@ -283,8 +322,14 @@ def _with_adversarial_share(
     return torch.cat([attacked, x[count:]])
 
 
-def _make_tracker(config: TrainConfig, data: DataSource, device: torch.device) -> EigenTracker:
-    """The top-eigenvalue tracker on a probe set drawn once from the training data."""
+def _make_tracker(
+    config: TrainConfig, data: DataSource, device: torch.device, world: World
+) -> EigenTracker:
+    """The top-eigenvalue tracker on a probe set drawn once from the training data.
+
+    Under torchrun each rank holds a slice of every probe batch and the Hessian-vector
+    products are all-reduced, so every rank gets the single-process eigenvalue.
+    """
     probe = probe_batches(
         data.train_x,
         data.train_y,
@@ -292,7 +337,8 @@ def _make_tracker(config: TrainConfig, data: DataSource, device: torch.device) -
         config.micro_batch_size or config.batch_size,
         seed=config.seed + _PROBE_SEED_OFFSET,
     )
-    probe = [(x.to(device), y.to(device)) for x, y in probe]
+    probe = [(shard(x, world).to(device), shard(y, world).to(device)) for x, y in probe]
+    probe = [(x, y) for x, y in probe if len(y)]
     if config.hessian_mode == "reference":
         return EigenTracker(F.cross_entropy, probe, method="reference", seed=config.seed)
     return EigenTracker(
@@ -468,16 +514,25 @@ def train(
     ``echo`` receives the table of epochs, one line each (None for silence).
     """
     config.validate()
+    world, device_name = setup(config.device)
+    device = torch.device(device_name) if world.enabled else resolve_device(device_name)
+    if not world.is_main:  # only rank 0 talks and writes
+        echo, show_progress = None, False
     echo = echo or (lambda _line: None)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     out = Path(config.out)
     ckpt_path = out / "checkpoint.pt"
-    if not config.resume and (ckpt_path.exists() or (out / "summary.json").exists()):
+    taken = ckpt_path.exists() or (out / "summary.json").exists()
+    if not config.resume and broadcast_object(taken, world):
         raise UsageError(
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
         )
-    device = resolve_device(config.device)
+    if world.enabled and config.hessian_samples < world.size:
+        raise UsageError(
+            f"hessian_samples ({config.hessian_samples}) must be at least the number of "
+            f"processes ({world.size})"
+        )
 
     _seed_everything(config.seed)
     data = load_dataset(
@@ -498,21 +553,26 @@ def train(
     )
     controller = make_controller(config)
     sampler = EpochSampler(len(data.train_y), config.seed)
-    tracker = _make_tracker(config, data, device) if config.method in ("abs", "absa") else None
+    adaptive = config.method in ("abs", "absa")
+    tracker = _make_tracker(config, data, device, world) if adaptive else None
     state = RunState()
 
     if config.resume and ckpt_path.exists():
         state = _restore(ckpt_path, device, config, model, optimizer, controller, tracker)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a save that a crash cut short
-        stale.unlink(missing_ok=True)
-    save_config(config, out / "config.yaml")
-    # The checkpoint's history is the truth: it drops epochs logged after the last save.
-    write_jsonl(out / "metrics.jsonl", state.history)
+    # every rank has read the checkpoint before rank 0 writes anything
+    broadcast_object(None, world)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # left by a save that a crash cut short
+            stale.unlink(missing_ok=True)
+        save_config(config, out / "config.yaml")
+        # The checkpoint's history is the truth: it drops epochs logged after the last save.
+        write_jsonl(out / "metrics.jsonl", state.history)
 
     echo(
         f"training {config.model} on {config.dataset} ({len(data.train_y)} samples), "
         f"method {config.method}, device {device}"
+        + (f", {world.size} processes" if world.enabled else "")
     )
     echo(TABLE_HEADER)
     for record in state.history:
@@ -522,6 +582,8 @@ def train(
     )
 
     def save() -> None:
+        if not world.is_main:
+            return
         # The last good checkpoint is never replaced by non-finite weights.
         if not _all_finite(model):
             raise DivergedError(
@@ -560,6 +622,7 @@ def train(
                     device,
                     show_progress,
                     stop,
+                    world,
                 )
             except DivergedError as exc:
                 if not _may_roll_back(config, state):
@@ -586,10 +649,12 @@ def train(
                     f"{state.position} of {sampler.num_samples}; continue with --resume"
                 )
             test_loss, test_acc = evaluate(
-                model, data.test_x, data.test_y, config.eval_batch_size, device
+                model, data.test_x, data.test_y, config.eval_batch_size, device, world
             )
             curvature = _curvature(tracker, model, controller, config, state.epoch)
             controller.step({"eigenvalue": curvature["usable_eigenvalue"], "test_acc": test_acc})
+            # every rank measured the same numbers; rank 0's decision is the one kept
+            controller.load_state_dict(broadcast_object(controller.state_dict(), world))
             state.epoch += 1
             state.hessian_s += curvature["eig_s"]
             state.wall_s += time.perf_counter() - started
@@ -613,7 +678,8 @@ def train(
                 "hessian_s": state.hessian_s,
             }
             state.history.append(record)
-            append_jsonl(out / "metrics.jsonl", record)
+            if world.is_main:
+                append_jsonl(out / "metrics.jsonl", record)
             save()
             echo(_format_row(record))
             if stop.signal is not None:
@@ -626,7 +692,8 @@ def train(
         echo(f"stopped after epoch {state.epoch}; continue with --resume")
         return _summary(config, state, controller)
     summary = _summary(config, state, controller)
-    atomic_write_json(out / "summary.json", summary)
+    if world.is_main:
+        atomic_write_json(out / "summary.json", summary)
     echo(f"results in {out}/ (metrics.jsonl, summary.json, checkpoint.pt, config.yaml)")
     return summary
 

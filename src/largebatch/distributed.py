@@ -1,0 +1,129 @@
+"""Data-parallel training helpers, thin and explicit.
+
+Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) :func:`setup` starts the
+process group: NCCL on CUDA, gloo on CPU. Each global batch is split over the ranks in
+contiguous slices; every rank accumulates the gradients of its slice (weighted by the
+slice's share of the global batch) without any communication, and one all-reduce (sum)
+per optimizer update gives every rank the gradient of the whole global batch. So the
+global batch is independent of the world size, and a slice may even be empty.
+Only rank 0 writes files and shows progress.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from largebatch.errors import UsageError
+
+__all__ = [
+    "World",
+    "setup",
+    "shard",
+    "all_reduce_",
+    "all_reduce_gradients",
+    "broadcast_object",
+    "teardown",
+]
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: ``rank`` of ``size`` processes, ``local_rank`` on its node."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str) -> tuple[World, str]:
+    """Start the process group if launched by torchrun; return the world and the device.
+
+    ``device`` is the config's (``auto|cpu|cuda``); under torchrun on CUDA each process
+    takes GPU ``LOCAL_RANK``.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World(), device
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return World(rank, size, local_rank), f"cuda:{local_rank}"
+    return World(rank, size, local_rank), "cpu"
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(items: torch.Tensor, world: World) -> torch.Tensor:
+    """This rank's contiguous slice of ``items`` (slices differ in size by at most one)."""
+    if not world.enabled:
+        return items
+    return torch.tensor_split(items, world.size)[world.rank]
+
+
+def all_reduce_(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks, in place (a no-op in a single process)."""
+    if world.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_gradients(
+    params: list[torch.nn.Parameter],
+    world: World,
+    flag: float = 0.0,
+    buffers: list[torch.Tensor] | tuple[torch.Tensor, ...] = (),
+) -> float:
+    """Sum the parameters' gradients over the ranks in one flat all-reduce.
+
+    A rank whose slice was empty contributes zeros. ``buffers`` (batch-norm running
+    statistics, floating point) ride along and are averaged, so every rank keeps the same
+    statistics, drawn from the whole global batch. ``flag`` rides along too, so ranks agree
+    on it without another collective (used for "stop requested"); its sum is returned.
+    """
+    if not world.enabled:
+        return flag
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    pieces = [g.reshape(-1) for g in grads] + [b.reshape(-1) for b in buffers]
+    flat = torch.cat([*pieces, grads[0].new_tensor([flag]).reshape(1)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for param, grad in zip(params, grads, strict=True):
+        count = grad.numel()
+        param.grad = flat[offset : offset + count].view_as(param).clone()
+        offset += count
+    for buffer in buffers:
+        count = buffer.numel()
+        buffer.copy_(flat[offset : offset + count].view_as(buffer) / world.size)
+        offset += count
+    return float(flat[-1])
+
+
+def broadcast_object(obj: Any, world: World) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable object)."""
+    if not world.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -1,0 +1,176 @@
+"""Data-parallel training with real gloo processes on CPU: the same answer as one process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from largebatch.checkpoint import load_checkpoint
+from largebatch.config import TrainConfig
+from largebatch.distributed import teardown
+from largebatch.io import read_jsonl
+from largebatch.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, values, stop_after):
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(**values), echo=None, show_progress=False, stop_after=stop_after)
+    finally:
+        teardown()
+
+
+def _train_on_ranks(world, values, stop_after=None):
+    mp.spawn(_worker, args=(world, _free_port(), values, stop_after), nprocs=world, join=True)
+
+
+def _values(tmp_path, name, **changes):
+    values = dict(
+        dataset="synthetic",
+        model="c1",
+        epochs=3,
+        batch_size=32,
+        max_batch_size=128,
+        micro_batch_size=16,
+        lr=0.02,
+        lr_decay_epochs=[2],
+        out=str(tmp_path / name),
+        device="cpu",
+        limit_train=192,
+        limit_test=64,
+        method="abs",
+        abs_duration=1,
+        hessian_samples=32,
+        resume=True,
+    )
+    values.update(changes)
+    return values
+
+
+def _without_times(records):
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+
+def _assert_same_run(a, b):
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [r["batch_size"] for r in ra] == [r["batch_size"] for r in rb]
+    assert [r["updates"] for r in ra] == [r["updates"] for r in rb]
+    for x, y in zip(_without_times(ra), _without_times(rb), strict=True):
+        for key, value in x.items():
+            if isinstance(value, float):
+                assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+            else:
+                assert y[key] == value, key
+    pa = load_checkpoint(a / "checkpoint.pt")["model"]
+    pb = load_checkpoint(b / "checkpoint.pt")["model"]
+    for key in pa:
+        assert torch.allclose(pa[key], pb[key], rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.parametrize("method", ["bl", "abs"])
+def test_two_ranks_match_one_process_with_twice_the_accumulation(tmp_path, method):
+    # Global batch 32: 2 ranks x 1 micro-batch of 16 against 1 rank x 2 micro-batches of 16.
+    _train_on_ranks(2, _values(tmp_path, "two", method=method, model="mlp"))
+    one = _values(tmp_path, "one", method=method, model="mlp")
+    train(TrainConfig(**one), echo=None, show_progress=False)
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    records = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    if method == "abs":
+        assert all(r["eigenvalue"] is not None for r in records[:-1])
+        assert records[-1]["batch_size"] > 32
+
+
+def test_batch_norm_model_gets_the_same_parameters_and_shared_statistics(tmp_path):
+    # With batch-norm the slices normalize exactly as the single process's micro-batches,
+    # so the parameters match; the running statistics are averaged over the ranks after
+    # each update, where one process chains them micro-batch after micro-batch.
+    values = _values(tmp_path, "two", method="bl", epochs=1)
+    _train_on_ranks(2, values)
+    train(
+        TrainConfig(**_values(tmp_path, "one", method="bl", epochs=1)),
+        echo=None,
+        show_progress=False,
+    )
+    a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"]
+    parameters = [k for k in a if not k.rsplit(".", 1)[-1].startswith(("running", "num_"))]
+    assert len(parameters) < len(a)
+    for key in parameters:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
+    # one EMA step per micro-batch: a single process takes two per update here, the ranks
+    # one each (then averaged), so the statistics are the same kind but not equal
+    for key in set(a) - set(parameters):
+        assert torch.isfinite(b[key].float()).all() and b[key].float().abs().sum() > 0, key
+
+
+def test_a_two_rank_run_resumed_by_one_process_keeps_the_schedule(tmp_path):
+    values = _values(tmp_path, "mixed", model="mlp")
+    _train_on_ranks(2, values, stop_after=1)
+    assert len(read_jsonl(tmp_path / "mixed" / "metrics.jsonl")) == 1
+    train(TrainConfig(**values), echo=None, show_progress=False)
+    train(TrainConfig(**_values(tmp_path, "one", model="mlp")), echo=None, show_progress=False)
+    _assert_same_run(tmp_path / "one", tmp_path / "mixed")
+
+
+def test_torchrun_command_line_writes_from_rank_zero_only(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "-m",
+            "largebatch",
+            "train",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "mlp",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--max-batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("test_acc") == 1  # one table header: rank 0 only
+    assert "2 processes" in proc.stdout
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+    ]
