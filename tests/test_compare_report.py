@@ -157,3 +157,28 @@ def test_shipped_experiment_configs_are_valid(name):
 def test_compare_set_overrides_the_base(tmp_path):
     experiment = load_experiment(CONFIGS / "paper-c1-cifar10.yaml", {"data_dir": "/d"})
     assert {c.data_dir for _, c in expand_grid(experiment, tmp_path)} == {"/d"}
+
+
+def test_a_signal_stops_the_grid_instead_of_failing_the_run(tmp_path, monkeypatch):
+    import signal
+
+    import largebatch.train as train_module
+    from largebatch.train import TrainingInterrupted
+
+    build = train_module.build_model
+
+    def build_with_alarm(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_hook(lambda *_: signal.raise_signal(signal.SIGTERM))
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_with_alarm)
+    path = _experiment(tmp_path, {"seed": [0, 1]}, evaluate={"attacks": []})
+    out = tmp_path / "out"
+    with pytest.raises(TrainingInterrupted):
+        run_experiment(load_experiment(path), out, show_progress=False, echo=lambda _: None)
+    assert not (out / "runs/seed0/error.txt").exists()
+    assert not (out / "runs/seed1").exists()
+    monkeypatch.undo()
+    status = run_experiment(load_experiment(path), out, show_progress=False, echo=lambda _: None)
+    assert status == {"seed0": "done", "seed1": "done"}

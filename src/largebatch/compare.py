@@ -170,7 +170,7 @@ def run_experiment(
     echo: Callable[[str], None] = print,
 ) -> dict[str, str]:
     """Run every grid point not yet finished; return ``{name: "done"|"skipped"|"failed"}``."""
-    from largebatch.train import train
+    from largebatch.train import TrainingInterrupted, train
 
     out = Path(out)
     runs = expand_grid(experiment, out)
@@ -190,6 +190,8 @@ def run_experiment(
             _evaluate_run(run, experiment)
             status[name] = "done"
             (run / "error.txt").unlink(missing_ok=True)
+        except TrainingInterrupted:
+            raise  # Ctrl-C or SIGTERM stops the grid; the run resumes next time
         except Exception as exc:  # one failed run must not stop the grid
             status[name] = "failed"
             atomic_write_text(run / "error.txt", f"{type(exc).__name__}: {exc}\n")
