@@ -96,3 +96,21 @@ def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"\x00garbage")
     _assert_clean_error(_run("evaluate", "--checkpoint", str(bogus)), "model.pt")
+
+
+def test_demo_runs_the_five_method_comparison_config():
+    from largebatch.demo import CONFIGS, demo_arguments
+
+    args = demo_arguments("runs/x", fashion_mnist_available=True)
+    assert args[:2] == ["compare", "--config"] and args[-2:] == ["--out", "runs/x"]
+    assert args[2].endswith("demo.yaml") and (CONFIGS / "demo.yaml").exists()
+    assert demo_arguments("o", fashion_mnist_available=False)[2].endswith("demo-mnist1d.yaml")
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "evaluate", "hessian", "compare", "report"):
+        assert command in out
