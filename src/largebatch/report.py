@@ -247,12 +247,12 @@ def plot_schedules(runs: list[dict[str, Any]], path: str | Path, title: str) -> 
         if eig:
             axes[2].plot(*zip(*eig, strict=True), **kw)
         shown.add(label)
-    for ax, name in zip(
-        axes, ("global batch size", "learning rate", "top Hessian eigenvalue"), strict=True
-    ):
+    for ax, name in zip(axes[:2], ("global batch size", "learning rate"), strict=True):
         ax.set_yscale("log")
-        ax.set_xlabel("epoch")
         ax.set_ylabel(name + " (log scale)")
+    axes[2].set_ylabel("top Hessian eigenvalue")
+    for ax in axes:
+        ax.set_xlabel("epoch")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
