@@ -41,6 +41,7 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
         abs_duration=args.duration,
         warmup_epochs=args.warmup_epochs,
         seed=args.seed,
+        on_divergence=args.on_divergence,
         device="cpu",
         out=str(Path(args.runs) / method),
         resume=True,
@@ -99,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fgsm-eps", type=float, default=0.02)
+    parser.add_argument(
+        "--on-divergence",
+        default="stop",
+        choices=("stop", "rollback"),
+        help="rollback: a diverging run restarts from its last checkpoint at half the LR",
+    )
     parser.add_argument("--runs", default="runs/bench/methods-fashion-mnist")
     parser.add_argument("--report", default="docs/results/methods-fashion-mnist")
     args = parser.parse_args(argv)
@@ -139,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Settings: {args.epochs} epochs, base batch {args.batch_size}, max batch "
         f"{args.max_batch_size}, lr {args.lr}, decay 0.2 at epochs {args.milestones}, "
         f"ABS duration {args.duration}, FB warm-up {args.warmup_epochs} epochs, seed "
-        f"{args.seed}, FGSM eps {args.fgsm_eps} (pixels in [0, 1]), 2 CPU cores.\n\n"
+        f"{args.seed}, FGSM eps {args.fgsm_eps} (pixels in [0, 1]), on divergence "
+        f"{args.on_divergence}, 2 CPU cores.\n\n"
         + _table(rows)
         + ("\n\n" + "\n".join(diverged) if diverged else "")
         + "\n\nSchedules (epoch: batch, LR, top eigenvalue):\n\n"
