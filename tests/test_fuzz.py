@@ -152,3 +152,16 @@ def test_checkpoint_reader(content):
             assert "\n" not in str(exc)
             return
         assert state["format"] == "largebatch-checkpoint"
+
+
+def test_a_mat_file_that_crashes_scipys_reader_is_a_clean_error(tmp_path):
+    # Found by test_svhn_reader: scipy.io.loadmat dies with SIGSEGV on this file.
+    crash = Path(__file__).parent / "fixtures" / "svhn-loadmat-segfault.mat"
+    write_svhn(tmp_path)
+    (tmp_path / "test_32x32.mat").write_bytes(crash.read_bytes())
+    try:
+        load_dataset("svhn", tmp_path)
+    except DataError as exc:
+        assert "test_32x32.mat" in str(exc)
+    else:
+        raise AssertionError("a corrupt file was read without error")

@@ -522,10 +522,35 @@ _SVHN_WHERE = _Where(
 )
 
 
+def _loadmat_survives(path: Path) -> bool:
+    """Whether scipy's MATLAB reader can read ``path`` without crashing the process.
+
+    scipy.io.loadmat's compiled reader can die with a segmentation fault on some corrupt
+    files (found by fuzzing), which no ``except`` can catch. So on POSIX a forked child
+    reads the file first; the parent reads it only if the child came back alive.
+    """
+    if not hasattr(os, "fork"):
+        return True
+    from scipy.io import loadmat
+
+    pid = os.fork()
+    if pid == 0:  # child: read, then leave without running any cleanup of the parent's
+        code = 0
+        try:
+            loadmat(path, variable_names=("X", "y"))
+        except BaseException:  # a clean exception is reported by the parent's own read
+            code = 0
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return not os.WIFSIGNALED(status)
+
+
 def _read_mat(path: Path, where: _Where) -> dict[str, Any]:
     from scipy.io import loadmat  # scipy.io is slow to import; only SVHN needs it
 
     _require_file(path, where)
+    if not _loadmat_survives(path):
+        raise where.error(f"file {path} is corrupt (the MATLAB reader crashed on it)")
     try:
         return loadmat(path, variable_names=("X", "y"))
     except Exception as exc:  # bad headers, truncated streams, v7.3 (HDF5) files...
