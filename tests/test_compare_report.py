@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import with_alarm
 from largebatch.cli import main
 from largebatch.compare import expand_grid, load_experiment, run_experiment, run_name
 from largebatch.errors import ConfigError
@@ -160,19 +161,11 @@ def test_compare_set_overrides_the_base(tmp_path):
 
 
 def test_a_signal_stops_the_grid_instead_of_failing_the_run(tmp_path, monkeypatch):
-    import signal
 
     import largebatch.train as train_module
     from largebatch.train import TrainingInterrupted
 
-    build = train_module.build_model
-
-    def build_with_alarm(*args, **kwargs):
-        model = build(*args, **kwargs)
-        model.register_forward_hook(lambda *_: signal.raise_signal(signal.SIGTERM))
-        return model
-
-    monkeypatch.setattr(train_module, "build_model", build_with_alarm)
+    monkeypatch.setattr(train_module, "build_model", with_alarm(train_module.build_model, 1))
     path = _experiment(tmp_path, {"seed": [0, 1]}, evaluate={"attacks": []})
     out = tmp_path / "out"
     with pytest.raises(TrainingInterrupted):

@@ -1,7 +1,6 @@
 """Data-parallel training with real gloo processes on CPU: the same answer as one process."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import largebatch.train as train_module
+from helpers import with_alarm, without_times
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.distributed import teardown
@@ -35,23 +35,8 @@ def _worker(rank, world, port, values, stop_after, signal_rank, signal_at):
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    if rank == signal_rank:
-        # this rank alone gets SIGTERM at its signal_at-th training forward pass
-        build = train_module.build_model
-
-        def build_with_alarm(*args, **kwargs):
-            model = build(*args, **kwargs)
-            calls = [0]
-
-            def hook(module, inputs, output):
-                calls[0] += module.training
-                if module.training and calls[0] == signal_at:
-                    signal.raise_signal(signal.SIGTERM)
-
-            model.register_forward_hook(hook)
-            return model
-
-        train_module.build_model = build_with_alarm
+    if rank == signal_rank:  # this rank alone gets SIGTERM at its signal_at-th forward
+        train_module.build_model = with_alarm(train_module.build_model, signal_at)
     try:
         train(TrainConfig(**values), echo=None, show_progress=False, stop_after=stop_after)
     except TrainingInterrupted:
@@ -88,15 +73,11 @@ def _values(tmp_path, name, **changes):
     return values
 
 
-def _without_times(records):
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
-
-
 def _assert_same_run(a, b):
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert [r["batch_size"] for r in ra] == [r["batch_size"] for r in rb]
     assert [r["updates"] for r in ra] == [r["updates"] for r in rb]
-    for x, y in zip(_without_times(ra), _without_times(rb), strict=True):
+    for x, y in zip(without_times(ra), without_times(rb), strict=True):
         for key, value in x.items():
             if isinstance(value, float):
                 assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

@@ -2,12 +2,12 @@
 
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 import largebatch.train as train_module
+from helpers import cli_train, with_alarm, without_times
 from largebatch.config import TrainConfig
 from largebatch.io import read_jsonl
 from largebatch.train import TrainingInterrupted, train
@@ -33,28 +33,11 @@ def _config(tmp_path, name, **changes):
     return TrainConfig(**values)
 
 
-def _without_times(records):
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
-
-
 def _signal_at_forward(monkeypatch, count, signum):
     """Make the model raise ``signum`` at its ``count``-th forward pass in training."""
-    build = train_module.build_model
-
-    def build_with_alarm(*args, **kwargs):
-        model = build(*args, **kwargs)
-        calls = {"n": 0}
-
-        def hook(module, inputs, output):
-            if module.training:
-                calls["n"] += 1
-                if calls["n"] == count:
-                    signal.raise_signal(signum)
-
-        model.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(train_module, "build_model", build_with_alarm)
+    monkeypatch.setattr(
+        train_module, "build_model", with_alarm(train_module.build_model, count, signum)
+    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -72,16 +55,28 @@ def test_a_signal_mid_epoch_saves_and_resume_matches_the_uninterrupted_run(
     train(_config(tmp_path, "cut", resume=True), echo=None, show_progress=False)
     full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     cut = read_jsonl(tmp_path / "cut" / "metrics.jsonl")
-    assert _without_times(full) == _without_times(cut)
+    assert without_times(full) == without_times(cut)
+
+
+def _same_as_an_uninterrupted_run(tmp_path, out, flags):
+    """Resume ``out``, run the same command uninterrupted, and compare the metrics."""
+    resumed = subprocess.run(
+        cli_train(out, *flags, "--resume", "--quiet"), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tmp_path / "reference"
+    full = subprocess.run(
+        cli_train(reference, *flags, "--quiet"), capture_output=True, text=True, timeout=300
+    )
+    assert full.returncode == 0, full.stderr
+    assert without_times(read_jsonl(out / "metrics.jsonl")) == without_times(
+        read_jsonl(reference / "metrics.jsonl")
+    )
 
 
 def test_ctrl_c_on_the_command_line_exits_130_and_resumes(tmp_path):
     out = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "largebatch",
-        "train",
+    flags = [
         "--dataset",
         "synthetic",
         "--model",
@@ -94,12 +89,10 @@ def test_ctrl_c_on_the_command_line_exits_130_and_resumes(tmp_path):
         "8",
         "--lr",
         "0.01",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli_train(out, *flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -111,29 +104,14 @@ def test_ctrl_c_on_the_command_line_exits_130_and_resumes(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("interrupted: SIGINT: saved")
     assert "Traceback" not in err
-    resumed = subprocess.run(
-        args + ["--resume", "--quiet"], capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    reference = tmp_path / "reference"
-    full = subprocess.run(
-        args[:-1] + [str(reference), "--quiet"], capture_output=True, text=True, timeout=300
-    )
-    assert full.returncode == 0, full.stderr
-    assert _without_times(read_jsonl(out / "metrics.jsonl")) == _without_times(
-        read_jsonl(reference / "metrics.jsonl")
-    )
+    _same_as_an_uninterrupted_run(tmp_path, out, flags)
 
 
 def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_result(tmp_path):
     import random
 
     out = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "largebatch",
-        "train",
+    flags = [
         "--dataset",
         "synthetic",
         "--model",
@@ -152,25 +130,15 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_result(t
         "abs_duration=1",
         "--set",
         "hessian_samples=32",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--out",
-        str(out),
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli_train(out, *flags, "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(random.uniform(0.0, 3.0))  # anywhere: mid-epoch, mid-save, or after the end
     proc.kill()
     proc.wait(timeout=60)
-    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    reference = tmp_path / "reference"
-    full = subprocess.run(args[:-1] + [str(reference)], capture_output=True, text=True, timeout=300)
-    assert full.returncode == 0, full.stderr
-    assert _without_times(read_jsonl(out / "metrics.jsonl")) == _without_times(
-        read_jsonl(reference / "metrics.jsonl")
-    )
+    _same_as_an_uninterrupted_run(tmp_path, out, flags)
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

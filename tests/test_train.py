@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import without_times
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.errors import DivergedError, UsageError
@@ -56,10 +57,6 @@ def _config(tmp_path, name="run", **changes):
     return TrainConfig(**values)
 
 
-def _without_times(records):
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
-
-
 def test_a_run_learns_and_writes_the_four_files(tmp_path):
     summary = train(_config(tmp_path), echo=None, show_progress=False)
     out = tmp_path / "run"
@@ -83,7 +80,7 @@ def test_same_seed_same_metrics_on_cpu(tmp_path):
     b = train(_config(tmp_path, "b", epochs=2), echo=None, show_progress=False)
     ra = read_jsonl(tmp_path / "a" / "metrics.jsonl")
     rb = read_jsonl(tmp_path / "b" / "metrics.jsonl")
-    assert _without_times(ra) == _without_times(rb)
+    assert without_times(ra) == without_times(rb)
     assert a["final_test_acc"] == b["final_test_acc"]
 
 
@@ -94,7 +91,7 @@ def test_resume_after_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path):
     train(_config(tmp_path, "split", resume=True), echo=None, show_progress=False)
     full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     split = read_jsonl(tmp_path / "split" / "metrics.jsonl")
-    assert _without_times(full) == _without_times(split)
+    assert without_times(full) == without_times(split)
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -222,7 +219,7 @@ def test_absa_replaces_a_share_of_the_batch_and_resumes_exactly(tmp_path):
     )
     full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     split = read_jsonl(tmp_path / "split" / "metrics.jsonl")
-    assert _without_times(full) == _without_times(split)
+    assert without_times(full) == without_times(split)
     # epoch 1 sets the reference; adversarial training ends at epochs // 2
     assert [r["adv_ratio"] for r in full] == [0.25, 0.25, 0.0, 0.0]
 
