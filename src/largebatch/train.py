@@ -426,13 +426,8 @@ def _may_roll_back(config: TrainConfig, state: RunState) -> bool:
 def _roll_back(
     error: DivergedError,
     state: RunState,
-    path: Path,
-    device: torch.device,
-    config: TrainConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    controller: BatchController,
-    tracker: EigenTracker | None,
+    restore: Callable[[], RunState],
+    factor: float,
     echo: Callable[[str], None],
 ) -> RunState:
     """Restore the last checkpoint after a divergence and lower the LR from there on."""
@@ -440,9 +435,9 @@ def _roll_back(
         *state.rollbacks,
         {"epoch": state.epoch + 1, "update": state.updates + 1, "reason": str(error)},
     ]
-    restored = _restore(path, device, config, model, optimizer, controller, tracker)
+    restored = restore()
     restored.rollbacks = rollbacks
-    restored.lr_scale = state.lr_scale * config.divergence_lr_factor
+    restored.lr_scale = state.lr_scale * factor
     echo(
         f"diverged ({error}); rolled back to epoch {restored.epoch} sample "
         f"{restored.position}, LR scale now {restored.lr_scale:g}"
@@ -557,8 +552,11 @@ def train(
     tracker = _make_tracker(config, data, device, world) if adaptive else None
     state = RunState()
 
+    def restore() -> RunState:
+        return _restore(ckpt_path, device, config, model, optimizer, controller, tracker)
+
     if config.resume and ckpt_path.exists():
-        state = _restore(ckpt_path, device, config, model, optimizer, controller, tracker)
+        state = restore()
     # every rank has read the checkpoint before rank 0 writes anything
     broadcast_object(None, world)
     if world.is_main:
@@ -627,18 +625,7 @@ def train(
             except DivergedError as exc:
                 if not _may_roll_back(config, state):
                     raise
-                state = _roll_back(
-                    exc,
-                    state,
-                    ckpt_path,
-                    device,
-                    config,
-                    model,
-                    optimizer,
-                    controller,
-                    tracker,
-                    echo,
-                )
+                state = _roll_back(exc, state, restore, config.divergence_lr_factor, echo)
                 continue
             if train_stats is None:  # interrupted part-way through the epoch
                 state.wall_s += time.perf_counter() - started
