@@ -557,53 +557,55 @@ def train(
 
     if config.resume and ckpt_path.exists():
         state = restore()
-    # every rank has read the checkpoint before rank 0 writes anything
-    broadcast_object(None, world)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # left by a save that a crash cut short
-            stale.unlink(missing_ok=True)
-        save_config(config, out / "config.yaml")
-        # The checkpoint's history is the truth: it drops epochs logged after the last save.
-        write_jsonl(out / "metrics.jsonl", state.history)
+    # Ctrl-C and SIGTERM are caught from before the first write: a signal never leaves a
+    # half-started run, and arrives at the loop as a stop request.
+    with _StopFlag() as stop:
+        # every rank has read the checkpoint before rank 0 writes anything
+        broadcast_object(None, world)
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob(".*.tmp"):  # left by a save that a crash cut short
+                stale.unlink(missing_ok=True)
+            save_config(config, out / "config.yaml")
+            # The checkpoint's history is the truth: it drops epochs logged after the last save.
+            write_jsonl(out / "metrics.jsonl", state.history)
 
-    echo(
-        f"training {config.model} on {config.dataset} ({len(data.train_y)} samples), "
-        f"method {config.method}, device {device}"
-        + (f", {world.size} processes" if world.enabled else "")
-    )
-    echo(TABLE_HEADER)
-    for record in state.history:
-        echo(_format_row(record))
-    last_epoch = (
-        config.epochs if stop_after is None else min(config.epochs, state.epoch + stop_after)
-    )
-
-    def save() -> None:
-        if not world.is_main:
-            return
-        # The last good checkpoint is never replaced by non-finite weights.
-        if not _all_finite(model):
-            raise DivergedError(
-                f"the weights became non-finite in epoch {state.epoch + 1}; lower --lr"
-            )
-        save_checkpoint(
-            ckpt_path,
-            {
-                "config": config_to_dict(config),
-                "model_spec": spec,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "controller": controller.state_dict(),
-                "tracker": tracker.state_dict() if tracker is not None else None,
-                "run": vars(state),
-                "rng": _rng_state(),
-            },
+        echo(
+            f"training {config.model} on {config.dataset} ({len(data.train_y)} samples), "
+            f"method {config.method}, device {device}"
+            + (f", {world.size} processes" if world.enabled else "")
+        )
+        echo(TABLE_HEADER)
+        for record in state.history:
+            echo(_format_row(record))
+        last_epoch = (
+            config.epochs if stop_after is None else min(config.epochs, state.epoch + stop_after)
         )
 
-    if not ckpt_path.exists():
-        save()  # the starting point, so that a rollback or a crash in epoch 1 has one
-    with _StopFlag() as stop:
+        def save() -> None:
+            if not world.is_main:
+                return
+            # The last good checkpoint is never replaced by non-finite weights.
+            if not _all_finite(model):
+                raise DivergedError(
+                    f"the weights became non-finite in epoch {state.epoch + 1}; lower --lr"
+                )
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "config": config_to_dict(config),
+                    "model_spec": spec,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "controller": controller.state_dict(),
+                    "tracker": tracker.state_dict() if tracker is not None else None,
+                    "run": vars(state),
+                    "rng": _rng_state(),
+                },
+            )
+
+        if not ckpt_path.exists():
+            save()  # the starting point, so that a rollback or a crash in epoch 1 has one
         while state.epoch < last_epoch:
             started = time.perf_counter()
             decision = controller.decision()
