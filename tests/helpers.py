@@ -3,8 +3,11 @@
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 
 def without_times(records: list[dict]) -> list[dict]:
@@ -44,3 +47,58 @@ def cli_train(out, *flags: str) -> list[str]:
         str(out),
         *flags,
     ]
+
+
+# ------------------------------------------------ tiny image-folder trees of real JPEGs
+
+# One colour per class index; the last class is gray so that it can hold a grayscale JPEG.
+COLOURS = [(200, 40, 40), (40, 200, 40), (128, 128, 128)]
+TINY_WNIDS = ["n03", "n01", "n02"]  # deliberately unsorted: wnids.txt defines the order
+IMAGENET_CLASSES = ["apple", "banana", "cherry"]  # sorted; written in another order below
+IMAGENET_SIZES = [(40, 50), (70, 64), (50, 40), (64, 70)]
+
+
+def write_jpeg(path: Path, size: tuple[int, int], colour, seed: int, gray: bool = False):
+    """A ``size`` (width, height) JPEG: the solid colour plus uniform noise of +-40, so crops
+    differ from one another while every region's mean stays near the colour."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    noise = rng.integers(-40, 41, size=(height, width, 1 if gray else 3))
+    base = np.array(colour[:1] if gray else colour)
+    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels[:, :, 0] if gray else pixels, "L" if gray else "RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG" if path.suffix.lower() == ".png" else "JPEG", quality=95)
+
+
+def write_tiny(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
+    """The official layout: wnids.txt, train/<wnid>/images, val/images + val_annotations.txt.
+    Class 2 (gray) holds one grayscale training JPEG."""
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
+    annotations = []
+    for c, wnid in enumerate(TINY_WNIDS):
+        for i in range(n_train):
+            path = root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG"
+            write_jpeg(path, (64, 64), COLOURS[c], seed=10 * c + i, gray=(c == 2 and i == 1))
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+        for i in range(n_val):
+            name = f"val_{n_val * c + i}.JPEG"
+            write_jpeg(root / "val" / "images" / name, (64, 64), COLOURS[c], seed=100 + 10 * c + i)
+            annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+    return root
+
+
+def write_imagenet(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
+    """train/<class>/ and val/<class>/ with images of several sizes and extensions."""
+    extensions = [".JPEG", ".jpg", ".jpeg", ".png"]
+    for c in (2, 0, 1):
+        name = IMAGENET_CLASSES[c]
+        for split, count in (("train", n_train), ("val", n_val)):
+            for i in range(count):
+                path = root / split / name / f"{name}_{i}{extensions[i % 4]}"
+                write_jpeg(path, IMAGENET_SIZES[i % 4], COLOURS[c], seed=20 * c + i)
+        (root / "train" / name / "notes.txt").write_text("not an image")
+        (root / "train" / name / "._apple_0.JPEG").write_bytes(b"macOS resource fork")
+    return root

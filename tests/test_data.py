@@ -486,7 +486,7 @@ def test_random_crop_flip_determinism_and_identity():
 
 def test_unknown_name_lists_valid_names():
     with pytest.raises(UsageError) as info:
-        load_dataset("imagenet")
+        load_dataset("imagenet-21k")
     assert not isinstance(info.value, DataError)
     for name in DATASETS:
         assert name in str(info.value)

@@ -18,6 +18,7 @@ from largebatch.errors import UsageError
 from largebatch.evaluate import load_trained_with_data
 from largebatch.hessian import hessian_trace, spectral_density, top_eigenvalues
 from largebatch.io import atomic_write, atomic_write_json
+from largebatch.pipeline import materialize
 from largebatch.sampler import probe_batches
 from largebatch.train import resolve_device
 
@@ -62,7 +63,7 @@ def analyze_checkpoint(
     dev = resolve_device(device)
     model, config, data = load_trained_with_data(checkpoint, dev, data_dir, limit_train=None)
     batches = [
-        (xb.to(dev), yb.to(dev))
+        (materialize(xb).to(dev), yb.to(dev))
         for xb, yb in probe_batches(data.train_x, data.train_y, samples, batch_size, seed)
     ]
     used = sum(len(yb) for _, yb in batches)

@@ -33,10 +33,12 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
         "--dataset",
         "dataset",
         str,
-        "fashion-mnist|mnist|cifar10|cifar100|svhn|digits|mnist1d|synthetic",
+        "fashion-mnist|mnist|cifar10|cifar100|svhn|tinyimagenet|imagenet|digits|mnist1d|synthetic",
     ),
     ("--data-dir", "data_dir", str, "folder with the dataset files"),
-    ("--model", "model", str, "mlp|c1|c2|resnet20|resnet18"),
+    ("--image-size", "image_size", int, "image-folder datasets: side of the decoded images"),
+    ("--workers", "loader_workers", int, "image-folder datasets: decoding processes"),
+    ("--model", "model", str, "mlp|c1|c2|resnet20|resnet18|resnet50|squeezenext|squeezenext-2x"),
     ("--method", "method", str, "bl|fb|gg|abs|absa"),
     ("--epochs", "epochs", int, "number of epochs"),
     ("--batch-size", "batch_size", int, "base (global) batch size B0"),
@@ -48,6 +50,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
     ("--weight-decay", "weight_decay", float, "L2 weight decay"),
     ("--seed", "seed", int, "random seed"),
     ("--device", "device", str, "auto|cpu|cuda"),
+    ("--precision", "precision", str, "fp32|bf16|fp16 (autocast; fp16 adds loss scaling)"),
     ("--out", "out", str, "output folder"),
 ]
 

@@ -22,6 +22,7 @@ from largebatch.errors import ConfigError
 __all__ = [
     "METHODS",
     "DEVICES",
+    "PRECISIONS",
     "TrainConfig",
     "load_config",
     "read_yaml",
@@ -33,6 +34,7 @@ __all__ = [
 
 METHODS: tuple[str, ...] = ("bl", "fb", "gg", "abs", "absa")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -45,6 +47,8 @@ class TrainConfig:
     augment: bool = False  # random crop + flip (CIFAR, SVHN)
     limit_train: int | None = None  # use only the first N training samples
     limit_test: int | None = None
+    image_size: int | None = None  # image-folder datasets: side of the decoded images
+    loader_workers: int | None = None  # image-folder datasets: decoding processes (None: auto)
     # model and method
     model: str = "c1"
     method: str = "bl"
@@ -86,6 +90,8 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds loss scaling)
+    channels_last: bool | None = None  # None: on for image models on CUDA
     eval_batch_size: int = 1000
     out: str = "runs/train"
     resume: bool = False
@@ -99,6 +105,7 @@ class TrainConfig:
         _choice("model", self.model, MODELS)
         _choice("method", self.method, METHODS)
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
         _choice("adv_attack", self.adv_attack, ("fgsm", "pgd"))
         _choice("adv_clamp", self.adv_clamp, ("range", "batch"))
         _choice("hessian_mode", self.hessian_mode, ("tracker", "reference"))
@@ -132,7 +139,9 @@ class TrainConfig:
             raise ConfigError(f"hessian_tol must be in (0, 1), got {self.hessian_tol}")
         for key in ("epochs", "batch_size", "max_batch_size", "eval_batch_size"):
             _at_least(key, getattr(self, key), 1)
-        for key in ("micro_batch_size", "limit_train", "limit_test"):
+        if self.loader_workers is not None:
+            _at_least("loader_workers", self.loader_workers, 0)
+        for key in ("micro_batch_size", "limit_train", "limit_test", "image_size"):
             if getattr(self, key) is not None:
                 _at_least(key, getattr(self, key), 1)
         _at_least("seed", self.seed, 0)

@@ -21,6 +21,9 @@ Supported names (:data:`DATASETS`):
 - ``digits``: scikit-learn's 8x8 digits, fixed 80/20 split.
 - ``mnist1d``: generated locally by the ``mnist1d`` package and cached as ``.npz``.
 - ``synthetic``: small learnable images generated from ``seed``, for tests.
+- ``tinyimagenet``, ``imagenet``: image files in their usual folder layouts, too large for
+  memory: ``train_x`` / ``test_x`` are :class:`largebatch.imagefolder.LazyImages`, decoded
+  (and augmented) on demand; see :mod:`largebatch.imagefolder`.
 """
 
 from __future__ import annotations
@@ -42,12 +45,15 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from largebatch.errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    from largebatch.imagefolder import LazyImages
 
 __all__ = ["DATASETS", "DEFAULT_DATA_DIRS", "DataSource", "load_dataset", "random_crop_flip"]
 
@@ -60,6 +66,8 @@ DATASETS: tuple[str, ...] = (
     "digits",
     "mnist1d",
     "synthetic",
+    "tinyimagenet",
+    "imagenet",
 )
 
 #: Folder used when ``data_dir`` is None. Datasets missing here need an explicit folder
@@ -76,7 +84,9 @@ class DataSource:
     Attributes:
         name: canonical dataset name (one of :data:`DATASETS`).
         train_x, test_x: float32, shape ``(N, *input_shape)``, raw values inside
-            ``input_range`` (images scaled to [0, 1]); never normalized.
+            ``input_range`` (images scaled to [0, 1]); never normalized. For the image-folder
+            datasets a :class:`~largebatch.imagefolder.LazyImages` instead, indexed like a
+            tensor and decoded on demand.
         train_y, test_y: int64 class indices in ``[0, num_classes)``, shape ``(N,)``.
         input_shape: shape of one sample, e.g. ``(1, 28, 28)`` or ``(40,)`` for mnist1d.
         num_classes: number of classes.
@@ -89,9 +99,9 @@ class DataSource:
     """
 
     name: str
-    train_x: torch.Tensor
+    train_x: torch.Tensor | LazyImages
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: torch.Tensor | LazyImages
     test_y: torch.Tensor
     input_shape: tuple[int, ...]
     num_classes: int
@@ -109,6 +119,7 @@ def load_dataset(
     seed: int = 0,
     limit_train: int | None = None,
     limit_test: int | None = None,
+    image_size: int | None = None,
 ) -> DataSource:
     """Load dataset ``name`` (one of :data:`DATASETS`).
 
@@ -117,17 +128,25 @@ def load_dataset(
         data_dir: folder holding the dataset files. ``None`` uses :data:`DEFAULT_DATA_DIRS`
             (only Fashion-MNIST has one). For ``mnist1d`` it is the cache folder; ``None``
             means ``$LARGEBATCH_CACHE/mnist1d`` or else ``~/.cache/largebatch/mnist1d``.
-            Ignored by ``digits`` and ``synthetic``.
+            Ignored by ``digits`` and ``synthetic``; required by ``tinyimagenet`` and
+            ``imagenet``.
         augment: attach random crop (zero padding 4) + horizontal flip as
             ``DataSource.augment`` for cifar10/cifar100, crop only for svhn (flipped digits
-            are different digits). Other datasets get ``None`` whatever this says.
+            are different digits). Other datasets get ``None`` whatever this says;
+            ``tinyimagenet`` and ``imagenet`` augment in ``LazyImages.decode`` when given a
+            seed.
         seed: seed of the ``synthetic`` data; the other datasets do not depend on it
             (digits uses a fixed split, mnist1d its package's standard seed).
         limit_train, limit_test: keep only the first N samples of each split (quick runs).
-            The normalization statistics do not change with the limits.
+            The normalization statistics do not change with the limits. The image-folder
+            datasets interleave their classes, so the first N samples cover every class.
+        image_size: side of the square images decoded by ``tinyimagenet`` (default 64) and
+            ``imagenet`` (default 224); ``None`` means that default. Ignored by the other
+            datasets, whose images have a fixed size.
 
     Raises:
-        UsageError: unknown name or a limit that is not a positive integer.
+        UsageError: unknown name, or a limit or ``image_size`` that is not a positive
+            integer.
         DataError: a missing, truncated or malformed dataset file.
     """
     key = str(name).strip().lower().replace("_", "-")
@@ -135,7 +154,9 @@ def load_dataset(
         raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     _check_limit("limit_train", limit_train)
     _check_limit("limit_test", limit_test)
-    source = _LOADERS[key](data_dir, seed)
+    _check_limit("image_size", image_size)
+    sized = {"image_size": image_size} if key in _IMAGE_FOLDERS else {}
+    source = _LOADERS[key](data_dir, seed, **sized)
     if augment and key in _AUGMENT_FLIP:
         source.augment = functools.partial(random_crop_flip, padding=4, flip=_AUGMENT_FLIP[key])
     return _apply_limits(source, limit_train, limit_test)
@@ -255,9 +276,12 @@ def _check_limit(label: str, value: int | None) -> None:
         raise UsageError(f"{label} must be a positive integer or None, got {value!r}")
 
 
-def _first(t: torch.Tensor, limit: int | None) -> torch.Tensor:
-    # Clone so a small slice does not keep the whole dataset's memory alive.
-    return t if limit is None or limit >= len(t) else t[:limit].clone()
+def _first(t: torch.Tensor | LazyImages, limit: int | None) -> torch.Tensor | LazyImages:
+    if limit is None or limit >= len(t):
+        return t
+    # Clone a tensor so a small slice does not keep the whole dataset's memory alive; a slice
+    # of lazy images holds only indices.
+    return t[:limit].clone() if isinstance(t, torch.Tensor) else t[:limit]
 
 
 def _apply_limits(source: DataSource, limit_train: int | None, limit_test: int | None):
@@ -754,9 +778,22 @@ def _load_synthetic(data_dir: str | os.PathLike[str] | None, seed: int) -> DataS
     )
 
 
+# --------------------------------------------------------------------------- image folders
+
+
+def _load_image_folder(
+    name: str, data_dir: str | os.PathLike[str] | None, seed: int, image_size: int | None = None
+) -> DataSource:
+    # Imported here: largebatch.imagefolder builds on this module's helpers.
+    from largebatch import imagefolder
+
+    load = {"tinyimagenet": imagefolder.load_tinyimagenet, "imagenet": imagefolder.load_imagenet}
+    return load[name](data_dir, image_size=image_size)
+
+
 # --------------------------------------------------------------------------- registry
 
-_Loader = Callable[[Any, int], DataSource]
+_Loader = Callable[..., DataSource]  # (data_dir, seed), plus image_size for image folders
 _LOADERS: dict[str, _Loader] = {
     "fashion-mnist": functools.partial(_load_idx_dataset, "fashion-mnist"),
     "mnist": functools.partial(_load_idx_dataset, "mnist"),
@@ -766,8 +803,13 @@ _LOADERS: dict[str, _Loader] = {
     "digits": _load_digits,
     "mnist1d": _load_mnist1d,
     "synthetic": _load_synthetic,
+    "tinyimagenet": functools.partial(_load_image_folder, "tinyimagenet"),
+    "imagenet": functools.partial(_load_image_folder, "imagenet"),
 }
 assert tuple(_LOADERS) == DATASETS
+
+# Datasets whose loader takes ``image_size``.
+_IMAGE_FOLDERS = frozenset({"tinyimagenet", "imagenet"})
 
 # Datasets with train-time augmentation, and whether it flips (digits must not be mirrored).
 _AUGMENT_FLIP = {"cifar10": True, "cifar100": True, "svhn": False}

@@ -13,6 +13,7 @@ from largebatch.data import DataSource, load_dataset
 from largebatch.errors import UsageError
 from largebatch.io import atomic_write_json
 from largebatch.models import build_model
+from largebatch.pipeline import Feed
 from largebatch.train import resolve_device
 
 __all__ = ["ATTACKS", "load_trained", "load_trained_with_data", "evaluate_checkpoint"]
@@ -44,7 +45,11 @@ def load_trained_with_data(
     config = saved["config"]
     limits = {k: v if v is not None else config.get(k) for k, v in limits.items()}
     data = load_dataset(
-        config["dataset"], data_dir or config.get("data_dir"), seed=config["seed"], **limits
+        config["dataset"],
+        data_dir or config.get("data_dir"),
+        seed=config["seed"],
+        image_size=config.get("image_size"),
+        **limits,
     )
     return model, config, data
 
@@ -78,19 +83,14 @@ def evaluate_checkpoint(
     generator = torch.Generator().manual_seed(seed)
     clamp = data.input_range
     clean = adv = 0
-    for begin in range(0, len(data.test_y), batch_size):
-        x = data.test_x[begin : begin + batch_size].to(dev)
-        y = data.test_y[begin : begin + batch_size].to(dev)
-        with torch.no_grad():
-            clean += (model(x).argmax(1) == y).sum().item()
-        if attack == "fgsm":
-            x_adv = fgsm(model, x, y, eps, clamp=clamp)
-        elif attack == "pgd":
-            x_adv = pgd(model, x, y, eps, step, steps, clamp=clamp, generator=generator)
-        else:
-            continue
-        with torch.no_grad():
-            adv += (model(x_adv).argmax(1) == y).sum().item()
+    with Feed(data, dev) as feed:
+        for x, y in feed.eval_batches("test", batch_size):
+            x, y = x.to(dev), y.to(dev)
+            clean_batch, adv_batch = _accuracy_counts(
+                model, x, y, attack, eps, step, steps, clamp, generator
+            )
+            clean += clean_batch
+            adv += adv_batch
     n = len(data.test_y)
     result = {
         "checkpoint": str(checkpoint),
@@ -108,3 +108,28 @@ def evaluate_checkpoint(
     if out is not None:
         atomic_write_json(out, result)
     return result
+
+
+def _accuracy_counts(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: str,
+    eps: float,
+    step: float,
+    steps: int,
+    clamp: tuple[float, float] | None,
+    generator: torch.Generator,
+) -> tuple[int, int]:
+    """Correct predictions on ``(x, y)``, clean and under ``attack`` (0 for none)."""
+    with torch.no_grad():
+        clean = int((model(x).argmax(1) == y).sum().item())
+    if attack == "fgsm":
+        x_adv = fgsm(model, x, y, eps, clamp=clamp)
+    elif attack == "pgd":
+        x_adv = pgd(model, x, y, eps, step, steps, clamp=clamp, generator=generator)
+    else:
+        return clean, 0
+    with torch.no_grad():
+        adv = int((model(x_adv).argmax(1) == y).sum().item())
+    return clean, adv

@@ -41,6 +41,8 @@ from largebatch.errors import CheckpointError, DivergedError, UsageError
 from largebatch.hessian import EigenTracker, HessianOperatorError
 from largebatch.io import append_jsonl, atomic_write_json, write_jsonl
 from largebatch.models import build_model
+from largebatch.pipeline import Feed, materialize
+from largebatch.precision import autocast, make_scaler
 from largebatch.sampler import EpochSampler, probe_batches
 
 __all__ = [
@@ -66,6 +68,7 @@ _RESUMABLE_CHANGES = {
     "on_divergence",
     "divergence_lr_factor",
     "max_rollbacks",
+    "loader_workers",
 }
 
 
@@ -147,31 +150,42 @@ def model_spec(config: TrainConfig, data: DataSource) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    feed: Feed,
     batch_size: int,
     device: torch.device,
-    world: World | None = None,
+    split: str = "test",
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (fraction) of ``model`` in eval mode on ``(x, y)``.
+    """Mean cross-entropy and accuracy (fraction) of ``model`` in eval mode on a split.
 
     Under torchrun each rank evaluates its slice and the sums are all-reduced.
     """
-    world = world or World()
-    total = len(y)
-    x, y = shard(x, world), shard(y, world)
+    total = len(getattr(feed.data, f"{split}_y"))
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for begin in range(0, len(y), batch_size):
-        xb = x[begin : begin + batch_size].to(device)
-        yb = y[begin : begin + batch_size].to(device)
-        out = model(xb)
-        sums[0] += F.cross_entropy(out, yb, reduction="sum").double()
+    for xb, yb in feed.eval_batches(split, batch_size):
+        xb, yb = _to_device(xb, device, channels_last), yb.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out = model(xb)
+        sums[0] += F.cross_entropy(out.float(), yb, reduction="sum").double()
         sums[1] += (out.argmax(1) == yb).sum()
     model.train(was_training)
-    loss_sum, correct = all_reduce_(sums, world).tolist()
+    loss_sum, correct = all_reduce_(sums, feed.world).tolist()
     return loss_sum / total, correct / total
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _uses_channels_last(config: TrainConfig, data: DataSource, device: torch.device) -> bool:
+    """Channels-last memory format: asked for, or by default for images on CUDA."""
+    if len(data.input_shape) != 3:
+        return False
+    return device.type == "cuda" if config.channels_last is None else config.channels_last
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -192,6 +206,9 @@ def _train_epoch(
     show_progress: bool,
     stop: _StopFlag,
     world: World,
+    feed: Feed,
+    scaler: torch.amp.GradScaler | None,
+    channels_last: bool,
 ) -> dict[str, float] | None:
     """One pass over the training set; each global batch is one optimizer update.
 
@@ -240,32 +257,40 @@ def _train_epoch(
         disable=not show_progress,
         file=sys.stderr,
     )
-    batches = sampler.batches(epoch, global_batch, start=state.position)
-    for step, indices in enumerate(batches, start=first_step):
+    batches = feed.train_batches(
+        sampler.batches(epoch, global_batch, start=state.position),
+        micro,
+        augment=config.augment,
+        augment_rng=augment_rng,
+        augment_seed=config.seed * 1_000_003 + epoch,
+    )
+    for step, (indices, micro_batches) in enumerate(batches, start=first_step):
         _set_lr(optimizer, base_lr * controller.warmup_factor(step / num_batches))
-        if config.augment and data.augment is not None:
-            # augment the whole global batch, so each rank's slice is what one process sees
-            x = shard(data.augment(data.train_x[indices], augment_rng), world)
-            y = shard(data.train_y[indices], world)
-        else:
-            local = shard(indices, world)
-            x, y = data.train_x[local], data.train_y[local]
         optimizer.zero_grad(set_to_none=True)
-        for begin in range(0, len(y), micro):
-            xb = x[begin : begin + micro].to(device, non_blocking=True)
-            yb = y[begin : begin + micro].to(device, non_blocking=True)
+        for xb, yb in micro_batches:
+            xb = _to_device(xb, device, channels_last)
+            yb = yb.to(device, non_blocking=True)
             xb = _with_adversarial_share(model, xb, yb, decision.adv_ratio, config, data)
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
-            (loss * (len(yb) / len(indices))).backward()
-            loss_sum += loss.detach() * len(yb)
+            with autocast(device, config.precision):
+                out = model(xb)
+                loss = F.cross_entropy(out, yb)
+            weighted = loss * (len(yb) / len(indices))
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
+            loss_sum += loss.detach().float() * len(yb)
             correct += (out.argmax(1) == yb).sum()
         stop_flag = all_reduce_gradients(params, world, 1.0 if stop.signal else 0.0, running_stats)
         if stop_flag and stop.signal is None:  # another rank was signalled
             stop.signal = signal.SIGTERM
         # A diverged run must stop before a non-finite update reaches the weights; one
         # check (one device sync) covers the loss and the gradient.
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # With fp16 loss scaling, an overflowing gradient is the scaler's business: it skips
+        # the step and lowers the scale. Only a non-finite loss is divergence then.
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.zeros((), device=device)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
         if not torch.isfinite(loss_sum + grad_norm):
             what = "loss" if not torch.isfinite(loss_sum) else "gradient"
             raise DivergedError(
@@ -273,7 +298,11 @@ def _train_epoch(
                 f"(update {state.updates + 1}, lr {optimizer.param_groups[0]['lr']:.4g}); "
                 "lower --lr and try again"
             )
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         state.updates += 1
         state.samples += len(indices)
         seen += len(indices)
@@ -337,7 +366,9 @@ def _make_tracker(
         config.micro_batch_size or config.batch_size,
         seed=config.seed + _PROBE_SEED_OFFSET,
     )
-    probe = [(shard(x, world).to(device), shard(y, world).to(device)) for x, y in probe]
+    probe = [
+        (shard(materialize(x), world).to(device), shard(y, world).to(device)) for x, y in probe
+    ]
     probe = [(x, y) for x, y in probe if len(y)]
     if config.hessian_mode == "reference":
         return EigenTracker(F.cross_entropy, probe, method="reference", seed=config.seed)
@@ -406,6 +437,7 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     controller: BatchController,
     tracker: EigenTracker | None,
+    scaler: torch.amp.GradScaler | None,
 ) -> RunState:
     """Load checkpoint ``path`` into the run's objects; return its counters."""
     saved = load_checkpoint(path, map_location=device)
@@ -415,6 +447,8 @@ def _restore(
     controller.load_state_dict(saved["controller"])
     if tracker is not None and saved.get("tracker") is not None:
         tracker.load_state_dict(saved["tracker"])
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
     _set_rng_state(saved["rng"])
     return RunState(**saved["run"])
 
@@ -537,9 +571,14 @@ def train(
         seed=config.seed,
         limit_train=config.limit_train,
         limit_test=config.limit_test,
+        image_size=config.image_size,
     )
     spec = model_spec(config, data)
+    channels_last = _uses_channels_last(config, data, device)
     model = build_model(**spec).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    scaler = make_scaler(device, config.precision)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,
@@ -553,13 +592,14 @@ def train(
     state = RunState()
 
     def restore() -> RunState:
-        return _restore(ckpt_path, device, config, model, optimizer, controller, tracker)
+        return _restore(ckpt_path, device, config, model, optimizer, controller, tracker, scaler)
 
     if config.resume and ckpt_path.exists():
         state = restore()
     # Ctrl-C and SIGTERM are caught from before the first write: a signal never leaves a
     # half-started run, and arrives at the loop as a stop request.
-    with _StopFlag() as stop:
+    # The decoding workers (image folders only) start inside, so they inherit the handler.
+    with _StopFlag() as stop, Feed(data, device, world, config.loader_workers) as feed:
         # every rank has read the checkpoint before rank 0 writes anything
         broadcast_object(None, world)
         if world.is_main:
@@ -599,6 +639,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "controller": controller.state_dict(),
                     "tracker": tracker.state_dict() if tracker is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "run": vars(state),
                     "rng": _rng_state(),
                 },
@@ -623,6 +664,9 @@ def train(
                     show_progress,
                     stop,
                     world,
+                    feed,
+                    scaler,
+                    channels_last,
                 )
             except DivergedError as exc:
                 if not _may_roll_back(config, state):
@@ -638,7 +682,12 @@ def train(
                     f"{state.position} of {sampler.num_samples}; continue with --resume"
                 )
             test_loss, test_acc = evaluate(
-                model, data.test_x, data.test_y, config.eval_batch_size, device, world
+                model,
+                feed,
+                config.eval_batch_size,
+                device,
+                precision=config.precision,
+                channels_last=channels_last,
             )
             curvature = _curvature(tracker, model, controller, config, state.epoch)
             controller.step({"eigenvalue": curvature["usable_eigenvalue"], "test_acc": test_acc})

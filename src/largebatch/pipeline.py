@@ -1,0 +1,239 @@
+"""Batches for the training loop and for evaluation.
+
+Two kinds of data reach the loop:
+
+- In-memory tensors (MNIST-like, CIFAR, SVHN, ...): a batch is an index into the tensor,
+  which costs less than any loader could, so they skip the loader entirely. Train-time
+  augmentation runs on the whole global batch from one generator, as before.
+- Images on disk (:class:`largebatch.imagefolder.LazyImages`): a persistent pool of
+  :class:`torch.utils.data.DataLoader` worker processes decodes them. The pool is created
+  once per run and reused by every epoch and every evaluation, whatever the batch size:
+  the loader's items are *requests* (a chunk of sample indices and an augmentation seed)
+  that the main process lays out for the whole epoch, so prefetching runs ahead across
+  update boundaries and a batch-size change is only a different list of requests.
+  Augmentation randomness comes from ``(seed, sample index)``, so the decoded batch does
+  not depend on the number of workers, processes or the chunking.
+
+On CUDA the loader pins its output so host-to-device copies can be asynchronous.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from largebatch.data import DataSource
+from largebatch.distributed import World, shard
+from largebatch.errors import DataError
+
+__all__ = ["Feed", "is_lazy", "materialize", "default_workers"]
+
+#: Samples per loader request: small enough to spread a large batch over the workers.
+CHUNK = 64
+
+
+def is_lazy(x: Any) -> bool:
+    """True for inputs decoded on demand (anything that is not a tensor)."""
+    return not isinstance(x, torch.Tensor)
+
+
+def materialize(x: Any) -> torch.Tensor:
+    """``x`` as a tensor: lazy images are decoded with the evaluation transform."""
+    return x.load() if is_lazy(x) else x
+
+
+def default_workers() -> int:
+    """Worker processes for decoding when the config does not say: the usable cores, up to 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+class _Requests(Sampler):
+    """The loader's sampler: whatever list of requests was set before ``iter(loader)``."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, tuple[int, ...], int | None]] = []
+
+    def __iter__(self) -> Iterator[tuple[str, tuple[int, ...], int | None]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class _Decoder(Dataset):
+    """Runs in the workers: decodes one request ``(split, root indices, augment seed)``.
+
+    A :class:`DataError` (an unreadable image) is returned, not raised, so that the main
+    process can raise it with its one-line message instead of the loader's wrapped traceback.
+    """
+
+    def __init__(self, splits: dict[str, Any]) -> None:
+        self.splits = splits
+
+    def __getitem__(self, request: tuple[str, tuple[int, ...], int | None]) -> Any:
+        split, indices, seed = request
+        try:
+            return self.splits[split].decode(list(indices), augment_seed=seed)
+        except DataError as exc:
+            return exc
+
+    def __len__(self) -> int:  # not used: the sampler says what to load
+        return 0
+
+
+class Feed:
+    """Where the training loop and evaluation get their batches (this rank's share).
+
+    Args:
+        data: the data source.
+        device: where the batches go; on CUDA the loader pins host memory.
+        world: this process's place in a distributed run (each rank loads its slice only).
+        workers: decoding processes for lazy data (None: :func:`default_workers`; 0: decode
+            in the main process). Ignored for in-memory tensors.
+    """
+
+    def __init__(
+        self,
+        data: DataSource,
+        device: torch.device,
+        world: World | None = None,
+        workers: int | None = None,
+    ) -> None:
+        self.data = data
+        self.world = world or World()
+        self.lazy = is_lazy(data.train_x) or is_lazy(data.test_x)
+        self._loader: DataLoader | None = None
+        if self.lazy:
+            count = default_workers() if workers is None else workers
+            self._requests = _Requests()
+            self._loader = DataLoader(
+                _Decoder({"train": data.train_x, "test": data.test_x}),
+                batch_size=None,
+                sampler=self._requests,
+                num_workers=count,
+                persistent_workers=count > 0,
+                pin_memory=device.type == "cuda",
+                prefetch_factor=4 if count > 0 else None,
+            )
+
+    # ------------------------------------------------------------------ training
+
+    def train_batches(
+        self,
+        batches: Iterable[torch.Tensor],
+        micro: int,
+        augment: bool,
+        augment_rng: torch.Generator,
+        augment_seed: int,
+    ) -> Iterator[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Per update: the global batch's indices and this rank's micro-batches ``(x, y)``.
+
+        ``augment_rng`` drives in-memory augmentation (its state advances per batch and is
+        what a mid-epoch checkpoint saves); lazy images use ``augment_seed`` per sample.
+        """
+        data = self.data
+        if not self.lazy:
+            for indices in batches:
+                if augment and data.augment is not None:
+                    # augment the whole global batch, so each rank's slice is what one
+                    # process sees
+                    x = shard(data.augment(data.train_x[indices], augment_rng), self.world)
+                    y = shard(data.train_y[indices], self.world)
+                else:
+                    local = shard(indices, self.world)
+                    x, y = data.train_x[local], data.train_y[local]
+                yield (
+                    indices,
+                    [(x[b : b + micro], y[b : b + micro]) for b in range(0, len(y), micro)],
+                )
+            return
+        seed = augment_seed if augment else None
+        plan = []  # per update: (global indices, [(local micro-batch positions, n chunks)])
+        requests: list[tuple[str, tuple[int, ...], int | None]] = []
+        roots = data.train_x.root_indices()
+        for indices in batches:
+            local = shard(indices, self.world)
+            micros = []
+            for b in range(0, len(local), micro):
+                part = local[b : b + micro]
+                chunks = _chunks(roots[part].tolist())
+                requests.extend(("train", c, seed) for c in chunks)
+                micros.append((part, len(chunks)))
+            plan.append((indices, micros))
+        decoded = self._run(requests)
+        for indices, micros in plan:
+            yield (
+                indices,
+                [
+                    (_cat([next(decoded) for _ in range(n)]), data.train_y[part])
+                    for part, n in micros
+                ],
+            )
+
+    # ---------------------------------------------------------------- evaluation
+
+    def eval_batches(
+        self, split: str, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's slice of the ``"train"`` or ``"test"`` split, in order, in batches.
+
+        Lazy images get the evaluation transform (no augmentation).
+        """
+        x, y = getattr(self.data, f"{split}_x"), getattr(self.data, f"{split}_y")
+        mine = shard(torch.arange(len(y)), self.world)
+        x, y = (x[mine[0] : mine[-1] + 1] if len(mine) else x[:0]), y[mine]
+        if not is_lazy(x):
+            for b in range(0, len(y), batch_size):
+                yield x[b : b + batch_size], y[b : b + batch_size]
+            return
+        roots = x.root_indices()
+        requests, counts = [], []
+        for b in range(0, len(y), batch_size):
+            chunks = _chunks(roots[b : b + batch_size].tolist())
+            requests.extend((split, c, None) for c in chunks)
+            counts.append(len(chunks))
+        decoded = self._run(requests)
+        for i, n in enumerate(counts):
+            b = i * batch_size
+            yield _cat([next(decoded) for _ in range(n)]), y[b : b + batch_size]
+
+    # ---------------------------------------------------------------- the pool
+
+    def _run(self, requests: list[tuple[str, tuple[int, ...], int | None]]) -> Iterator[Any]:
+        """Decoded chunks for ``requests``, in order; a decoding error is raised here."""
+        assert self._loader is not None
+        self._requests.items = requests
+        for item in self._loader:
+            if isinstance(item, DataError):
+                raise DataError(str(item))
+            yield item
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the feed is garbage-collected)."""
+        if self._loader is not None:
+            iterator = getattr(self._loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+            self._loader = None
+
+    def __enter__(self) -> Feed:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _chunks(indices: Sequence[int]) -> list[tuple[int, ...]]:
+    return [tuple(indices[i : i + CHUNK]) for i in range(0, len(indices), CHUNK)]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,0 +1,34 @@
+"""Mixed precision: autocast contexts and fp16 loss scaling.
+
+``fp32`` runs everything in float32. ``bf16`` and ``fp16`` run the forward pass and the
+loss under :func:`torch.autocast` (matrix products and convolutions in the low precision,
+reductions in float32); the weights, the optimizer state and the gradients stay float32.
+``fp16`` has a narrow exponent range, so its loss is scaled before the backward pass
+(:class:`torch.amp.GradScaler`), and an update whose gradient overflowed is skipped while
+the scale comes down. Hessian-vector products never run under autocast: the curvature
+estimates stay in float32 whatever the training precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["DTYPES", "autocast", "make_scaler"]
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for ``precision`` on ``device`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16; None for the other precisions, which need none."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
