@@ -9,11 +9,30 @@ in [0, 1]) and adversarial budgets are in raw input units, as in the paper.
 - ``c2``: the paper's C2: four conv 3x3 without padding (64, 64, 128, 128), each
   ReLU -> BN, max-pool 2 after the second and the fourth; then FC 256 -> 256 -> classes.
 - ``resnet20``: CIFAR-style ResNet (3 stages of 3 basic blocks, 16/32/64 channels).
-- ``resnet18``: ResNet-18 (basic blocks 2-2-2-2, 64..512 channels); a 3x3 stride-1 stem
-  for small images (at most 64 pixels wide), the 7x7 stride-2 stem and max-pool otherwise.
+- ``resnet18``: ResNet-18 (basic blocks 2-2-2-2, 64..512 channels).
+- ``resnet50``: ResNet-50 (bottleneck blocks 3-4-6-3, 256..2048 output channels).
+- ``squeezenext``: 1.0-SqNxt-23 (Gholami et al. 2018): SqueezeNext blocks 6-6-8-1 with
+  32..256 channels, a 1x1 conv to 128 channels, average pooling, linear head.
+- ``squeezenext-2x``: 2.0-SqNxt-23, the same with every width doubled.
 
-Input sizes other than 32x32 change only the width of the first fully connected layer,
-which is found by a dry forward pass.
+The ResNets and SqueezeNexts have a 3x3 stride-1 stem for small images (at most 64 pixels
+on the short side: Fashion-MNIST, CIFAR, Tiny ImageNet) and the 7x7 stride-2 stem with a
+3/2 max-pool for larger ones (ImageNet); global average pooling makes them work at any size.
+With 1000 classes at 224x224, resnet18 has 11,689,512 parameters and resnet50 25,557,032
+(as torchvision's), squeezenext 718,280 and squeezenext-2x 2,572,200.
+
+Other SqueezeNext widths and depths are built from Python, e.g. 2.0-SqNxt-23v5 for ImageNet::
+
+    model = nn.Sequential(
+        Normalize(mean, std, ndim=3),
+        SqueezeNext(3, 1000, width=2.0, depths=(2, 4, 14, 1), large_input=True),
+    )
+
+For c1 and c2, input sizes other than 32x32 change only the width of the first fully
+connected layer, which is found by a dry forward pass.
+
+The ResNets and SqueezeNexts initialize convs Kaiming normal (fan out) and batch-norm to
+scale 1, shift 0; linear layers (and all layers of mlp, c1, c2) keep torch's defaults.
 """
 
 from __future__ import annotations
@@ -26,9 +45,18 @@ from torch import nn
 
 from largebatch.errors import UsageError
 
-__all__ = ["MODELS", "Normalize", "build_model", "count_parameters"]
+__all__ = ["MODELS", "Normalize", "ResNet", "SqueezeNext", "build_model", "count_parameters"]
 
-MODELS: tuple[str, ...] = ("mlp", "c1", "c2", "resnet20", "resnet18")
+MODELS: tuple[str, ...] = (
+    "mlp",
+    "c1",
+    "c2",
+    "resnet20",
+    "resnet18",
+    "resnet50",
+    "squeezenext",
+    "squeezenext-2x",
+)
 
 
 class Normalize(nn.Module):
@@ -108,20 +136,71 @@ def _c2(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs with batch-norm; a 1x1 projection when the shape changes."""
+def _conv_bn_relu(
+    cin: int,
+    cout: int,
+    kernel: int | tuple[int, int],
+    stride: int = 1,
+    padding: int | tuple[int, int] = 0,
+) -> nn.Sequential:
+    # No conv bias: the batch-norm shift that follows makes it redundant.
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+
+def _stem(in_channels: int, width: int, large_input: bool) -> nn.Sequential:
+    """3x3 stride-1 conv for small images; 7x7 stride-2 conv and 3/2 max-pool for large ones.
+
+    Output spatial size: unchanged for small inputs, a quarter (rounded up) for large ones.
+    """
+    if large_input:
+        return nn.Sequential(
+            *_conv_bn_relu(in_channels, width, 7, stride=2, padding=3),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+    return _conv_bn_relu(in_channels, width, 3, padding=1)
+
+
+def _projection(cin: int, cout: int, stride: int) -> nn.Module:
+    """Identity when the shape is kept, else a strided 1x1 conv with batch-norm."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
+def _is_large_input(input_shape: tuple[int, ...]) -> bool:
+    # ImageNet-sized images get the downsampling stem; images up to 64 pixels keep full size.
+    return min(input_shape[1:]) > 64
+
+
+def _init_weights(model: nn.Module) -> None:
+    """Kaiming normal (fan out) for convs; batch-norm scale 1 and shift 0; torch default for FC."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with batch-norm; a 1x1 projection when the shape changes.
+
+    Maps (N, cin, H, W) to (N, width, H / stride, W / stride).
+    """
+
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+        self.conv1 = nn.Conv2d(cin, width, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.shortcut = _projection(cin, width, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -129,8 +208,41 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
+class Bottleneck(nn.Module):
+    """1x1 reduce to ``width``, 3x3 (strided), 1x1 expand to ``4 * width``; batch-norm after each.
+
+    Maps (N, cin, H, W) to (N, 4 * width, H / stride, W / stride). The stride sits on the
+    3x3 conv (as in torchvision's ResNet-50, "v1.5"); parameter counts are the same either way.
+    """
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = _projection(cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
 class ResNet(nn.Module):
-    """A stem, stages of basic blocks, global average pooling and a linear head."""
+    """A stem, stages of residual blocks, global average pooling and a linear head.
+
+    ``widths[i]`` is the inner width of stage ``i``; its blocks output
+    ``widths[i] * block.expansion`` channels. The first block of every stage but the first
+    has stride 2. ``large_stem`` picks the 7x7 stride-2 stem with max-pool (see :func:`_stem`).
+    Maps (N, in_channels, H, W) to logits (N, num_classes) for any H, W.
+    """
 
     def __init__(
         self,
@@ -139,37 +251,104 @@ class ResNet(nn.Module):
         depths: Sequence[int],
         num_classes: int,
         large_stem: bool = False,
+        block: type[BasicBlock] | type[Bottleneck] = BasicBlock,
     ) -> None:
         super().__init__()
-        stem: list[nn.Module]
-        if large_stem:
-            stem = [
-                nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False),
-                nn.BatchNorm2d(widths[0]),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(3, stride=2, padding=1),
-            ]
-        else:
-            stem = [
-                nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
-                nn.BatchNorm2d(widths[0]),
-                nn.ReLU(inplace=True),
-            ]
-        self.stem = nn.Sequential(*stem)
+        self.stem = _stem(in_channels, widths[0], large_stem)
         blocks: list[nn.Module] = []
         cin = widths[0]
         for i, (width, depth) in enumerate(zip(widths, depths, strict=True)):
             for j in range(depth):
-                blocks.append(BasicBlock(cin, width, 2 if (i > 0 and j == 0) else 1))
-                cin = width
+                blocks.append(block(cin, width, 2 if (i > 0 and j == 0) else 1))
+                cin = width * block.expansion
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class SqueezeNextBlock(nn.Module):
+    """SqueezeNext block: two 1x1 squeezes, a 3x1 and a 1x3 conv, a 1x1 expansion.
+
+    With S the squeezed width: 1x1 ``cin`` -> S (strided), 1x1 S -> S/2, 3x1 S/2 -> S,
+    1x3 S -> S, 1x1 S -> ``cout``; every conv is followed by batch-norm and ReLU. S is
+    ``cin / 2`` in general (the paper's C/2, C/4, C/2, C/2 pattern), ``cin`` in a stride-2
+    block and ``cin / 4`` in a block that narrows the channels, as in the authors' released
+    1.0-SqNxt-23, whose 0.72M parameters this reproduces (with ``cin / 2`` everywhere it
+    would have 0.61M). The shortcut is the identity or, when the shape changes, a 1x1 conv
+    with batch-norm; a ReLU follows the sum.
+    Maps (N, cin, H, W) to (N, cout, H / stride, W / stride).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        if stride != 1:
+            squeezed = cin
+        elif cin > cout:
+            squeezed = max(1, cin // 4)
+        else:
+            squeezed = max(1, cin // 2)
+        half = max(1, squeezed // 2)
+        self.body = nn.Sequential(
+            _conv_bn_relu(cin, squeezed, 1, stride=stride),
+            _conv_bn_relu(squeezed, half, 1),
+            _conv_bn_relu(half, squeezed, (3, 1), padding=(1, 0)),
+            _conv_bn_relu(squeezed, squeezed, (1, 3), padding=(0, 1)),
+            _conv_bn_relu(squeezed, cout, 1),
+        )
+        self.shortcut = _projection(cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class SqueezeNext(nn.Module):
+    """SqueezeNext (Gholami et al. 2018), e.g. 1.0-SqNxt-23 with the defaults.
+
+    Stem (64 channels, see :func:`_stem`), four stages of :class:`SqueezeNextBlock` with
+    32, 64, 128, 256 output channels and ``depths`` blocks each (the first stage at stride 1,
+    the others starting with a stride-2 block), a 1x1 conv to 128 channels with batch-norm
+    and ReLU, global average pooling and a linear head. ``width`` multiplies every channel
+    count (the paper uses 1.0, 1.5 and 2.0); ``depths=(2, 4, 14, 1)`` is the paper's v5
+    variant. Maps (N, in_channels, H, W) to logits (N, num_classes) for any H, W.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: float = 1.0,
+        depths: Sequence[int] = (6, 6, 8, 1),
+        large_input: bool = False,
+    ) -> None:
+        super().__init__()
+        if width <= 0 or len(depths) != 4 or min(depths) < 1:
+            raise UsageError(
+                f"SqueezeNext needs width > 0 and four stage depths >= 1, "
+                f"got width={width}, depths={tuple(depths)}"
+            )
+
+        def scaled(channels: int) -> int:
+            return max(1, round(channels * width))
+
+        self.stem = _stem(in_channels, scaled(64), large_input)
+        blocks: list[nn.Module] = []
+        cin = scaled(64)
+        for i, (channels, depth) in enumerate(zip((32, 64, 128, 256), depths, strict=True)):
+            cout = scaled(channels)
+            for j in range(depth):
+                blocks.append(SqueezeNextBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.final = _conv_bn_relu(cin, scaled(128), 1)
+        self.head = nn.Linear(scaled(128), num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.final(self.blocks(self.stem(x)))
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
@@ -178,8 +357,22 @@ def _resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 def _resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    large = min(input_shape[1:]) > 64
+    large = _is_large_input(input_shape)
     return ResNet(input_shape[0], (64, 128, 256, 512), (2, 2, 2, 2), num_classes, large)
+
+
+def _resnet50(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    large = _is_large_input(input_shape)
+    return ResNet(input_shape[0], (64, 128, 256, 512), (3, 4, 6, 3), num_classes, large, Bottleneck)
+
+
+def _squeezenext(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return SqueezeNext(input_shape[0], num_classes, large_input=_is_large_input(input_shape))
+
+
+def _squeezenext_2x(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    large = _is_large_input(input_shape)
+    return SqueezeNext(input_shape[0], num_classes, width=2.0, large_input=large)
 
 
 _BUILDERS = {
@@ -188,6 +381,9 @@ _BUILDERS = {
     "c2": _c2,
     "resnet20": _resnet20,
     "resnet18": _resnet18,
+    "resnet50": _resnet50,
+    "squeezenext": _squeezenext,
+    "squeezenext-2x": _squeezenext_2x,
 }
 
 
