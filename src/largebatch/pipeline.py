@@ -4,7 +4,8 @@ Two kinds of data reach the loop:
 
 - In-memory tensors (MNIST-like, CIFAR, SVHN, ...): a batch is an index into the tensor,
   which costs less than any loader could, so they skip the loader entirely. Train-time
-  augmentation runs on the whole global batch from one generator, as before.
+  augmentation runs on the whole global batch from one generator (on the training device,
+  so a GPU does its own cropping and flipping).
 - Images on disk (:class:`largebatch.imagefolder.LazyImages`): a persistent pool of
   :class:`torch.utils.data.DataLoader` worker processes decodes them. The pool is created
   once per run and reused by every epoch and every evaluation, whatever the batch size:
@@ -108,6 +109,7 @@ class Feed:
         workers: int | None = None,
     ) -> None:
         self.data = data
+        self.device = device
         self.world = world or World()
         self.lazy = is_lazy(data.train_x) or is_lazy(data.test_x)
         self._loader: DataLoader | None = None
@@ -144,8 +146,9 @@ class Feed:
             for indices in batches:
                 if augment and data.augment is not None:
                     # augment the whole global batch, so each rank's slice is what one
-                    # process sees
-                    x = shard(data.augment(data.train_x[indices], augment_rng), self.world)
+                    # process sees; on CUDA the augmentation runs on the device
+                    x = data.train_x[indices].to(self.device, non_blocking=True)
+                    x = shard(data.augment(x, augment_rng), self.world)
                     y = shard(data.train_y[indices], self.world)
                 else:
                     local = shard(indices, self.world)
