@@ -118,3 +118,32 @@ def test_channels_last_gives_the_same_training_as_contiguous(tmp_path):
 def test_an_unknown_precision_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="precision"):
         _config(tmp_path, precision="fp8").validate()
+
+
+def test_the_eigenvalue_of_a_bf16_run_is_the_fp32_eigenvalue(tmp_path):
+    # The tracker runs outside autocast: its estimate must match a tight fp32 Lanczos on
+    # the same probe set and the same weights (the checkpoint written right after it).
+    from largebatch.data import load_dataset
+    from largebatch.distributed import World
+    from largebatch.hessian import top_eigenvalues
+    from largebatch.models import build_model
+
+    config = _config(
+        tmp_path,
+        method="abs",
+        model="mlp",
+        epochs=1,
+        precision="bf16",
+        hessian_samples=64,
+        hessian_tol=1e-3,
+    )
+    train(config, echo=None, show_progress=False)
+    (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert record["eig_converged"]
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    model = build_model(**saved["model_spec"])
+    model.load_state_dict(saved["model"])
+    data = load_dataset("synthetic", seed=config.seed)
+    probe = train_module._make_tracker(config, data, torch.device("cpu"), World()).data
+    exact = top_eigenvalues(model, torch.nn.functional.cross_entropy, probe, tol=1e-6, max_iter=200)
+    assert record["eigenvalue"] == pytest.approx(float(exact.values[0]), rel=2e-3)
