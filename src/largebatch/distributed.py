@@ -7,16 +7,28 @@ slice's share of the global batch) without any communication, and one all-reduce
 per optimizer update gives every rank the gradient of the whole global batch. So the
 global batch is independent of the world size, and a slice may even be empty.
 Only rank 0 writes files and shows progress.
+
+Elastic restarts (``torchrun --max-restarts=K``): torchrun's agent keeps one key-value
+store for the whole job and points every round of workers at it, under the same keys.
+The keys the previous round's workers published (their gloo addresses, NCCL's unique id)
+are still there when the restarted workers meet, and a rank that reads one before its
+peer has replaced it connects to a dead process (gloo: "connection refused"). So
+:func:`setup` has the ranks of each round agree on a fresh random namespace in that
+store before the process group starts (see :func:`_round_namespace`).
 """
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from largebatch.errors import UsageError
 
@@ -63,11 +75,62 @@ def setup(device: str) -> tuple[World, str]:
     if use_cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        _init_process_group("nccl" if use_cuda else "gloo", rank, size)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         return World(rank, size, local_rank), f"cuda:{local_rank}"
     return World(rank, size, local_rank), "cpu"
+
+
+def _init_process_group(backend: str, rank: int, size: int) -> None:
+    """``init_process_group`` from the environment, in a namespace private to this round."""
+    timeout = default_pg_timeout
+    store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timeout))
+    store.set_timeout(timeout)
+    namespace = _round_namespace(store, rank, size, timeout)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"largebatch/{namespace}/", store),
+        rank=rank,
+        world_size=size,
+    )
+
+
+def _round_namespace(store: dist.Store, rank: int, size: int, timeout: timedelta) -> str:
+    """A name that the ranks of this round, and no earlier round, share: rank 0's nonce.
+
+    The store may hold keys of any earlier round whose workers died at any point, so no
+    fixed key can be trusted to be fresh. Each rank ``r > 0`` posts a fresh nonce under
+    ``hello/r`` and waits for ``welcome/<its nonce>``, a key nobody wrote before; rank 0
+    answers whatever ``hello/r`` holds (first perhaps a stale nonce, then the fresh one)
+    until ``r`` confirms under a key named after rank 0's own fresh nonce. Restart counters
+    are not used: torchrun's agents count restarts each on their own (a restart for a node
+    that joined or left is not counted), so they can differ between nodes.
+    """
+    mine = uuid.uuid4().hex
+    if rank != 0:
+        store.set(f"largebatch/hello/{rank}", mine)
+        namespace = store.get(f"largebatch/welcome/{mine}").decode()  # waits up to timeout
+        store.set(f"largebatch/joined/{namespace}/{rank}", "1")
+        return namespace
+    answered: dict[int, str] = {}
+    waiting = set(range(1, size))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        for other in sorted(waiting):
+            if store.check([f"largebatch/joined/{mine}/{other}"]):
+                waiting.discard(other)
+            elif store.check([f"largebatch/hello/{other}"]):
+                nonce = store.get(f"largebatch/hello/{other}").decode()
+                if answered.get(other) != nonce:
+                    store.set(f"largebatch/welcome/{nonce}", mine)
+                    answered[other] = nonce
+        if not waiting:
+            return mine
+        if time.monotonic() > deadline:
+            missing = ", ".join(str(r) for r in sorted(waiting))
+            raise RuntimeError(f"ranks {missing} did not join the process group in {timeout}")
+        time.sleep(0.005)
 
 
 def teardown() -> None:
