@@ -2,6 +2,7 @@
 persistent pool of decoding workers; training and evaluation on tiny real JPEG trees."""
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,29 @@ def test_the_cli_names_a_corrupt_image_and_exits_2(tmp_path, tiny):
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and str(bad) in lines[-1]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="Fashion-MNIST package not installed",
+)
+def test_squeezenext_learns_fashion_mnist(tmp_path):
+    # Few updates on a small subset: the training loss must fall clearly. (Test accuracy
+    # is not asserted: after so few updates the batch-norm running statistics lag.)
+    config = TrainConfig(
+        dataset="fashion-mnist",
+        model="squeezenext",
+        epochs=2,
+        batch_size=64,
+        max_batch_size=64,
+        lr=0.05,
+        limit_train=1024,
+        limit_test=100,
+        device="cpu",
+        out=str(tmp_path / "sqnxt"),
+    )
+    train(config, echo=None, show_progress=False)
+    first, last = read_jsonl(tmp_path / "sqnxt" / "metrics.jsonl")
+    assert last["train_loss"] < 0.95 * first["train_loss"]
+    assert last["train_acc"] > first["train_acc"] + 0.05
