@@ -73,12 +73,20 @@ def _values(tmp_path, name, **changes):
     return values
 
 
-def _assert_same_run(a, b):
+def _assert_same_run(a, b, estimates_within=None):
+    """Same metrics and weights; with ``estimates_within`` (the tracker's tolerance) the
+    eigenvalue estimates need only agree to it, and the Krylov path may differ."""
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert [r["batch_size"] for r in ra] == [r["batch_size"] for r in rb]
     assert [r["updates"] for r in ra] == [r["updates"] for r in rb]
     for x, y in zip(without_times(ra), without_times(rb), strict=True):
         for key, value in x.items():
+            if estimates_within is not None and key.startswith("eig"):
+                if key == "eigenvalue" and value is not None:
+                    assert y[key] == pytest.approx(value, rel=estimates_within), key
+                elif key == "eig_residual" and value is not None:
+                    assert max(value, y[key]) <= estimates_within, key
+                continue
             if isinstance(value, float):
                 assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
             else:
@@ -86,7 +94,11 @@ def _assert_same_run(a, b):
     pa = load_checkpoint(a / "checkpoint.pt")["model"]
     pb = load_checkpoint(b / "checkpoint.pt")["model"]
     for key in pa:
-        assert torch.allclose(pa[key], pb[key], rtol=1e-4, atol=1e-5), key
+        if estimates_within is None:
+            assert torch.allclose(pa[key], pb[key], rtol=1e-4, atol=1e-5), key
+        else:  # C1 amplifies rounding over three epochs: the weights agree in norm
+            diff = (pa[key].double() - pb[key].double()).norm()
+            assert diff <= 1e-3 * pa[key].double().norm() + 1e-6, key
 
 
 @pytest.mark.parametrize("method", ["bl", "abs"])
@@ -102,27 +114,19 @@ def test_two_ranks_match_one_process_with_twice_the_accumulation(tmp_path, metho
         assert records[-1]["batch_size"] > 32
 
 
-def test_batch_norm_model_gets_the_same_parameters_and_shared_statistics(tmp_path):
-    # With batch-norm the slices normalize exactly as the single process's micro-batches,
-    # so the parameters match; the running statistics are averaged over the ranks after
-    # each update, where one process chains them micro-batch after micro-batch.
-    values = _values(tmp_path, "two", method="bl", epochs=1)
-    _train_on_ranks(2, values)
-    train(
-        TrainConfig(**_values(tmp_path, "one", method="bl", epochs=1)),
-        echo=None,
-        show_progress=False,
-    )
-    a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
-    b = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"]
-    parameters = [k for k in a if not k.rsplit(".", 1)[-1].startswith(("running", "num_"))]
-    assert len(parameters) < len(a)
-    for key in parameters:
-        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
-    # one EMA step per micro-batch: a single process takes two per update here, the ranks
-    # one each (then averaged), so the statistics are the same kind but not equal
-    for key in set(a) - set(parameters):
-        assert torch.isfinite(b[key].float()).all() and b[key].float().abs().sum() > 0, key
+def test_batch_norm_model_two_ranks_match_one_process_exactly(tmp_path):
+    # C1 has batch-norm: the slices normalize as the single process's micro-batches, and
+    # the running statistics move once per update (the mean over micro-batches and ranks),
+    # so parameters, running statistics, eval accuracy, eigenvalues and the batch schedule
+    # all match.
+    _train_on_ranks(2, _values(tmp_path, "two"))
+    train(TrainConfig(**_values(tmp_path, "one")), echo=None, show_progress=False)
+    # rounding differs in the eval-mode batch-norm products, so the eigenvalue estimates
+    # agree to the tracker's tolerance (1e-2), not to the last digit
+    _assert_same_run(tmp_path / "one", tmp_path / "two", estimates_within=1e-2)
+    records = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert all(r["eigenvalue"] is not None for r in records[:-1])
+    assert records[-1]["batch_size"] > 32
 
 
 def test_a_two_rank_run_resumed_by_one_process_keeps_the_schedule(tmp_path):

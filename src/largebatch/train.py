@@ -230,11 +230,7 @@ def _train_epoch(
     micro = min(config.micro_batch_size or config.batch_size, global_batch)
     base_lr = config.lr * decision.lr_factor * state.lr_scale
     params = [p for p in model.parameters() if p.requires_grad]
-    running_stats = [
-        b
-        for name, b in model.named_buffers()
-        if b.is_floating_point() and name.rsplit(".", 1)[-1].startswith("running_")
-    ]
+    bn_stats = _StatsPerUpdate(model)
     augment_rng = torch.Generator().manual_seed(config.seed * 7919 + epoch)
     if state.augment_rng is not None:
         augment_rng.set_state(state.augment_rng)
@@ -267,6 +263,9 @@ def _train_epoch(
     for step, (indices, micro_batches) in enumerate(batches, start=first_step):
         _set_lr(optimizer, base_lr * controller.warmup_factor(step / num_batches))
         optimizer.zero_grad(set_to_none=True)
+        accumulating = len(micro_batches) > 1
+        if accumulating:
+            bn_stats.begin()
         for xb, yb in micro_batches:
             xb = _to_device(xb, device, channels_last)
             yb = yb.to(device, non_blocking=True)
@@ -278,7 +277,13 @@ def _train_epoch(
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
             loss_sum += loss.detach().float() * len(yb)
             correct += (out.argmax(1) == yb).sum()
-        stop_flag = all_reduce_gradients(params, world, 1.0 if stop.signal else 0.0, running_stats)
+            if accumulating:
+                bn_stats.micro_batch_done(len(yb))
+        if accumulating:
+            bn_stats.end()
+        stop_flag = all_reduce_gradients(
+            params, world, 1.0 if stop.signal else 0.0, bn_stats.running
+        )
         if stop_flag and stop.signal is None:  # another rank was signalled
             stop.signal = signal.SIGTERM
         # A diverged run must stop before a non-finite update reaches the weights; one
@@ -320,6 +325,42 @@ def _train_epoch(
     state.position, state.partial_loss, state.partial_correct = 0, 0.0, 0
     state.augment_rng = None
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+
+
+class _StatsPerUpdate:
+    """Batch-norm running statistics move once per optimizer update, not per micro-batch.
+
+    Each micro-batch's forward pass starts from the statistics of the update's start, and
+    the update ends with the sample-weighted mean of where the micro-batches took them:
+    ``(1 - m) r + m * mean(batch statistics)``. So an update's running statistics do not
+    depend on how its global batch was cut into micro-batches or spread over ranks (the
+    ranks' results are averaged in the gradient all-reduce), and one process with
+    accumulation gives the running statistics, eval-mode accuracy and eigenvalue of any
+    number of ranks.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        buffers = [(name.rsplit(".", 1)[-1], b) for name, b in model.named_buffers()]
+        self.running = [b for n, b in buffers if b.is_floating_point() and n.startswith("running_")]
+        self.counts = [b for n, b in buffers if n == "num_batches_tracked"]
+
+    def begin(self) -> None:
+        self._start = [b.clone() for b in self.running]
+        self._start_counts = [c.clone() for c in self.counts]
+        self._sums = [torch.zeros_like(b) for b in self.running]
+        self._samples = 0
+
+    def micro_batch_done(self, samples: int) -> None:
+        for total, buffer, start in zip(self._sums, self.running, self._start, strict=True):
+            total.add_(buffer, alpha=samples)
+            buffer.copy_(start)
+        self._samples += samples
+
+    def end(self) -> None:
+        for buffer, total in zip(self.running, self._sums, strict=True):
+            buffer.copy_(total / max(self._samples, 1))
+        for count, start in zip(self.counts, self._start_counts, strict=True):
+            count.copy_(start + 1)
 
 
 def _with_adversarial_share(
