@@ -18,7 +18,7 @@ Cases:
 
 Medians over ``--repeats`` timed batches after one warm-up batch. Writes JSON (``--json``).
 
-    python benchmarks/bench_pipeline.py --json docs/results/pipeline/bench_pipeline.json
+    python benchmarks/bench_pipeline.py --threads 1 --json docs/results/pipeline/bench_pipeline.json
 """
 
 from __future__ import annotations
@@ -188,7 +188,16 @@ def main() -> None:
         help="batches for the folder case (none: skip it)",
     )
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); 1 keeps figures stable when other jobs "
+        "share the cores",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     fashion = load_dataset("fashion-mnist")
     rows += _case("c1/fashion-mnist", fashion, "c1", False, args, args.batches)

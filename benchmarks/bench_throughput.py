@@ -61,7 +61,14 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure(
+def measure(threads: int | None = None, **spec) -> dict:
+    """One configuration, in this process, with ``threads`` torch threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    return {**_measure(**spec), "threads": torch.get_num_threads()}
+
+
+def _measure(
     shape: str,
     model_name: str,
     batch: int,
@@ -128,6 +135,13 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32"])
     parser.add_argument("--channels-last", action="store_true", help="also channels-last runs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per configuration (default: torch's); 1 keeps figures stable "
+        "when other jobs share the cores",
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration
     args = parser.parse_args()
@@ -141,6 +155,7 @@ def main() -> None:
             for precision in args.precisions:
                 for channels_last in formats:
                     spec = dict(
+                        threads=args.threads,
                         shape=shape,
                         model_name=model_name,
                         batch=batch,

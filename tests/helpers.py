@@ -15,10 +15,10 @@ def without_times(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
 
 
-def with_alarm(build: Callable[..., torch.nn.Module], count: int, signum: int = signal.SIGTERM):
-    """Wrap a model builder: the model raises ``signum`` at its ``count``-th training forward."""
+def at_training_forward(build: Callable[..., torch.nn.Module], count: int, action: Callable):
+    """Wrap a model builder: the model calls ``action()`` at its ``count``-th training forward."""
 
-    def build_with_alarm(*args, **kwargs):
+    def build_and_arm(*args, **kwargs):
         model = build(*args, **kwargs)
         calls = [0]
 
@@ -26,12 +26,17 @@ def with_alarm(build: Callable[..., torch.nn.Module], count: int, signum: int = 
             if module.training:
                 calls[0] += 1
                 if calls[0] == count:
-                    signal.raise_signal(signum)
+                    action()
 
         model.register_forward_hook(hook)
         return model
 
-    return build_with_alarm
+    return build_and_arm
+
+
+def with_alarm(build: Callable[..., torch.nn.Module], count: int, signum: int = signal.SIGTERM):
+    """Wrap a model builder: the model raises ``signum`` at its ``count``-th training forward."""
+    return at_training_forward(build, count, lambda: signal.raise_signal(signum))
 
 
 def cli_train(out, *flags: str) -> list[str]:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from helpers import without_times
+from helpers import at_training_forward, without_times
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.distributed import _round_namespace
@@ -201,22 +201,11 @@ def _say(text: str) -> None:
 def _dies_at(build, count: int, out: Path):
     """Wrap a model builder: the process SIGKILLs itself at its ``count``-th training forward."""
 
-    def build_and_arm(*args, **kwargs):
-        model = build(*args, **kwargs)
-        calls = [0]
+    def die() -> None:
+        _say(f"rank 1 killed itself in round 0, checkpoint at epoch {_checkpoint_epoch(out)}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
-        def hook(module, inputs, output):
-            if module.training:
-                calls[0] += 1
-                if calls[0] == count:
-                    epoch = _checkpoint_epoch(out)
-                    _say(f"rank 1 killed itself in round 0, checkpoint at epoch {epoch}")
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-        model.register_forward_hook(hook)
-        return model
-
-    return build_and_arm
+    return at_training_forward(build, count, die)
 
 
 def _worker_main(argv: list[str]) -> int:
