@@ -198,3 +198,89 @@ def test_determinism_check_catches_dropout_in_train_mode():
         model, F.cross_entropy, data, operator_options={"check_determinism": True}
     )
     assert result.converged and model.training
+
+
+def rewritable_problem():
+    """Layers the fast graph rewrites, in their less common settings."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, groups=2, bias=False),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm2d(4),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.Conv2d(4, 3, 3, padding=2, dilation=2),
+        nn.BatchNorm2d(3, affine=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 5),
+        nn.BatchNorm1d(5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+    ).double()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                if module.affine:
+                    module.weight.uniform_(-1.5, 1.5)
+                    module.bias.uniform_(-0.5, 0.5)
+    x, y = torch.randn(12, 2, 7, 7, dtype=torch.float64), torch.randint(0, 3, (12,))
+    return model, [(x[:5], y[:5]), (x[5:], y[5:])]
+
+
+def conv1d_problem():
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv1d(3, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(4 * 6, 2)
+    ).double()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model, (torch.randn(7, 3, 6, dtype=torch.float64), torch.randint(0, 2, (7,)))
+
+
+@pytest.mark.parametrize("make", [rewritable_problem, conv1d_problem])
+def test_fast_graph_products_are_the_same_hessian(make):
+    from largebatch.hessian.fast_graph import rewritable_modules
+
+    model, data = make()
+    model.eval()
+    rewritten = {type(module) for module, _ in rewritable_modules(model)}
+    assert nn.BatchNorm2d in rewritten or nn.BatchNorm1d in rewritten
+    assert nn.Conv2d in rewritten or nn.Conv1d in rewritten
+    if make is rewritable_problem:
+        assert {nn.ReLU, nn.MaxPool2d} <= rewritten
+    truth = dense_hessian(model, F.cross_entropy, data)
+    vectors = torch.randn(truth.shape[0], 3, dtype=torch.float64)
+    before = capture(model)
+    with HessianOperator(model, F.cross_entropy, data) as fast:
+        assert fast.fast_graph
+        torch.testing.assert_close(fast @ vectors, truth @ vectors, rtol=1e-10, atol=1e-12)
+    with HessianOperator(model, F.cross_entropy, data, fast_graph=False) as plain:
+        torch.testing.assert_close(plain @ vectors, truth @ vectors, rtol=1e-10, atol=1e-12)
+    assert_unchanged(model, before)
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    # The rewritten forward is the model's function, gradients included.
+    inputs = data[0][0] if isinstance(data, list) else data[0]
+    model.zero_grad()
+    with HessianOperator(model, F.cross_entropy, data):
+        pass
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model(inputs), model(inputs))
+
+
+def test_fast_graph_leaves_train_mode_batch_norm_alone():
+    from largebatch.hessian.fast_graph import fast_double_backward
+
+    model, data = rewritable_problem()
+    model.train()
+    with fast_double_backward(model) as count:
+        # Convolutions (the second falls back to the plain one at run time, as its input
+        # needs a gradient), ReLUs and max-pools; batch-norm in train mode uses batch
+        # statistics and is left alone.
+        assert count == 6 and "forward" not in model[2].__dict__
+    model.eval()
+    with fast_double_backward(model) as count:
+        assert count == 9 and "forward" in model[2].__dict__
+    assert "forward" not in model[2].__dict__

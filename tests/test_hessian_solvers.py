@@ -176,3 +176,65 @@ def test_full_lanczos_quadrature_nodes_are_the_eigenvalues():
     assert result.matvecs == 5
     torch.testing.assert_close(result.nodes, spectrum.double(), rtol=0, atol=1e-10)
     assert result.grid[0] < -2 and result.grid[-1] > 7
+
+
+class _StartRecorder:
+    """An identity operator that keeps the vectors it is applied to."""
+
+    def __init__(self, dim):
+        self.dim, self.dtype, self.device, self.seen = dim, torch.float64, torch.device("cpu"), []
+
+    def matvec(self, vector):
+        self.seen.append(vector.clone())
+        return vector
+
+
+def close_pair_hiding_from(seed, dim=300, component=1e-4):
+    """A matrix whose top pair is 10.0 and 9.9 (bulk in [-1, 5]) and whose top
+    eigenvector is almost orthogonal to the cold start vector of ``seed``."""
+    recorder = _StartRecorder(dim)
+    top_eigenvalues(recorder, max_iter=1, seed=seed)
+    start = recorder.seen[0] / recorder.seen[0].norm()
+    generator = torch.Generator().manual_seed(100)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    top = basis[:, 0] - (basis[:, 0] @ start) * start
+    top = top / top.norm() + component * start
+    basis, _ = torch.linalg.qr(torch.cat([top[:, None], basis[:, 1:]], dim=1))
+    assert abs(basis[:, 0] @ start) < 2 * component
+    spectrum = torch.cat([torch.tensor([10.0, 9.9]), torch.linspace(-1, 5, dim - 2)]).double()
+    return basis @ torch.diag(spectrum) @ basis.T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cold_lanczos_does_not_stop_on_the_second_of_a_close_pair(seed):
+    matrix = close_pair_hiding_from(seed)
+    # The bare residual test (no minimum Krylov dimension) stops early on 9.9: its Ritz
+    # pair has a tiny residual, and the top eigenvector has not emerged yet.
+    early = top_eigenvalues(matrix, tol=1e-3, seed=seed, min_steps=1)
+    assert early.converged and early.matvecs <= 15
+    assert early.values[0].item() == pytest.approx(9.9, abs=1e-3)
+    # A cold start fills its first basis before it may stop, and finds 10.0.
+    cold = top_eigenvalues(matrix, tol=1e-3, seed=seed)
+    assert cold.converged and cold.values[0].item() == pytest.approx(10.0, rel=1e-6)
+    # The margin is for cold starts only: a warm start from a good vector stays cheap.
+    noise = torch.randn(cold.vectors.shape, generator=torch.Generator().manual_seed(seed))
+    nearby = cold.vectors + 1e-2 * noise.double() / noise.norm()
+    warm = top_eigenvalues(matrix, tol=1e-3, init=nearby, seed=seed)
+    assert warm.converged and warm.matvecs <= 5 and warm.matvecs * 4 <= cold.matvecs
+    assert warm.values[0].item() == pytest.approx(10.0, rel=1e-6)
+
+
+def test_residuals_from_the_lanczos_relation_match_true_products():
+    spectrum = torch.cat([torch.tensor([6.0, 5.0, 4.5]), torch.linspace(-2, 4, 97)])
+    matrix = symmetric_matrix(spectrum, seed=9)
+    for tol in (1e-2, 1e-8):
+        checked = top_eigenvalues(matrix, k=2, tol=tol, seed=0)
+        relation = top_eigenvalues(matrix, k=2, tol=tol, seed=0, verify=False)
+        assert relation.matvecs == checked.matvecs - 2
+        torch.testing.assert_close(relation.values, checked.values, rtol=1e-12, atol=0)
+        torch.testing.assert_close(relation.residuals, checked.residuals, rtol=1e-6, atol=1e-14)
+        vectors = relation.vectors
+        true = (vectors @ matrix - relation.values[:, None] * vectors).norm(dim=1)
+        torch.testing.assert_close(
+            relation.residuals, true / relation.values.abs(), rtol=1e-6, atol=1e-14
+        )

@@ -93,3 +93,15 @@ def test_tracks_several_eigenvalues_and_a_new_probe_set(problem):
     second = tracker.estimate(model, data=other)
     expected = torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, other))[-2:].flip(0)
     torch.testing.assert_close(second.values, expected, rtol=1e-6, atol=0)
+
+
+def test_verify_spends_one_product_for_the_same_answer(problem):
+    model, data = problem
+    plain = EigenTracker(F.cross_entropy, data, tol=1e-6, seed=3).estimate(model)
+    checked = EigenTracker(F.cross_entropy, data, tol=1e-6, seed=3, verify=True).estimate(model)
+    assert plain.converged and checked.converged
+    assert checked.matvecs == plain.matvecs + 1
+    assert plain.eigenvalue == pytest.approx(checked.eigenvalue, rel=1e-10)
+    assert plain.residuals[0].item() == pytest.approx(checked.residuals[0].item(), rel=1e-3)
+    with pytest.raises(ValueError, match="max_matvecs >= 2"):
+        EigenTracker(F.cross_entropy, data, max_matvecs=1, verify=True)

@@ -15,6 +15,7 @@ from largebatch.hessian.krylov import (
     orthogonalize,
     rayleigh_ritz,
     relative_residual,
+    vector_norm,
 )
 from largebatch.hessian.linear_operator import (
     CountingOperator,
@@ -49,6 +50,8 @@ def top_eigenvalues(
     seed: int | None = None,
     krylov_dim: int | None = None,
     operator_options: Mapping[str, Any] | None = None,
+    min_steps: int | None = None,
+    verify: bool = True,
 ) -> EigenResult:
     """The ``k`` largest (algebraic) eigenvalues of the Hessian, with eigenvectors.
 
@@ -61,9 +64,10 @@ def top_eigenvalues(
             ``tol`` (method ``"reference"``: when the eigenvalue's relative change between
             two iterations is below ``tol``; the reference code uses 1e-2).
         max_iter: ``"lanczos"``: at most this many Lanczos steps (products), plus ``k``
-            products to measure the final residuals. ``"power"``/``"reference"``: at most
-            this many iterations (products) per eigenpair; ``"power"`` spends up to twice
-            that on a pair whose dominant eigenvalue is negative (it then shifts).
+            products to measure the final residuals with ``verify``.
+            ``"power"``/``"reference"``: at most this many iterations (products) per
+            eigenpair; ``"power"`` spends up to twice that on a pair whose dominant
+            eigenvalue is negative (it then shifts).
         method: ``"lanczos"`` (full reorthogonalization, thick restart), ``"power"``
             (power iteration with deflation, the reference method, slower) or
             ``"reference"`` (power iteration as the papers' code: largest magnitude,
@@ -76,6 +80,18 @@ def top_eigenvalues(
             memory is ``krylov_dim + 1`` vectors of ``dim`` entries.
         operator_options: keyword arguments of :class:`HessianOperator` (``params``,
             ``method``, ...) when a model is given.
+        min_steps: Lanczos only: steps before convergence may be declared (capped by
+            ``max_iter`` and the dimension). Default: the basis size (``krylov_dim``) on a
+            cold start, 1 with ``init``. A residual test cannot see an eigenvalue whose
+            eigenvector the Krylov space does not hold yet: from a random start with a
+            small component along the top eigenvector, a close second eigenvalue can
+            converge first and pass the test. A full first basis, as ARPACK's initial
+            factorization, gives the top one room to emerge. A warm start from a good
+            vector needs no such margin.
+        verify: Lanczos only: spend ``k`` products to measure the final residuals
+            (default). ``False`` takes the products of the Ritz vectors from the Lanczos
+            relation ``H V = V T + beta v e^T`` instead, exact up to rounding, and saves
+            those ``k`` products.
 
     Returns:
         :class:`EigenResult`; the model's mode, buffers and ``.grad`` are as they were.
@@ -97,7 +113,11 @@ def top_eigenvalues(
         starts = _init_rows(init, op)
         if method == "lanczos":
             size = krylov_dim or max(MIN_KRYLOV_DIM, 2 * k + 8)
-            vectors, products = _lanczos(op, k, tol, max_iter, starts, generator, size)
+            if min_steps is None:
+                min_steps = 1 if starts is not None else size
+            vectors, products = _lanczos(
+                op, k, tol, max_iter, starts, generator, size, min_steps, verify
+            )
             change_converged = True
         else:
             vectors, products, change_converged = _power(
@@ -126,8 +146,11 @@ def _lanczos(
     starts: torch.Tensor | None,
     generator: torch.Generator,
     krylov_dim: int,
+    min_steps: int,
+    verify: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k Ritz vectors to ``tol`` (estimated residual) and their true products."""
+    """Top-k Ritz vectors to ``tol`` (estimated residual) and their products (true ones if
+    ``verify``, else from the Lanczos relation)."""
     start = _warm_start(starts, op, generator)
     process = LanczosProcess(op, start, max(krylov_dim, k + 2), generator)
     keep = min(max(k + 1, process.max_size // 2), process.max_size - 1)
@@ -138,12 +161,16 @@ def _lanczos(
         if process.size >= k:
             pairs = process.ritz()
             small = relative_residual(pairs.estimates[-k:], pairs.theta[-k:]) <= tol
-            if process.exhausted or bool(small.all()) or steps >= max_steps:
+            settled = bool(small.all()) and steps >= min_steps
+            if process.exhausted or settled or steps >= max_steps:
                 break
         if process.full:
             process.restart(keep)
-    vectors = process.ritz_vectors(pairs.coords[:, -k:])
-    return vectors, torch.stack([op.matvec(v) for v in vectors])
+    coords = pairs.coords[:, -k:]
+    vectors = process.ritz_vectors(coords)
+    if verify:
+        return vectors, torch.stack([op.matvec(v) for v in vectors])
+    return vectors, process.ritz_products(pairs.theta[-k:], coords)
 
 
 def _warm_start(
@@ -151,7 +178,8 @@ def _warm_start(
 ) -> torch.Tensor:
     # The sum of k near-eigenvectors spans them all within k Krylov steps.
     if starts is not None:
-        norms = torch.linalg.vector_norm(starts, dim=1, keepdim=True)
+        norms = torch.linalg.vector_norm(starts, dim=1, keepdim=True, dtype=torch.float64)
+        norms = norms.to(starts.dtype)
         combined = (starts / norms.clamp_min(torch.finfo(op.dtype).tiny)).sum(dim=0)
         if torch.isfinite(combined).all() and torch.linalg.vector_norm(combined) > 0:
             return combined
@@ -224,4 +252,4 @@ def _deflate(vector: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
 
 
 def _unit(vector: torch.Tensor) -> torch.Tensor:
-    return vector / torch.linalg.vector_norm(vector)
+    return vector / vector_norm(vector)

@@ -7,13 +7,21 @@ projected matrix is kept in float64; basis vectors stay in the operator's dtype.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from largebatch.hessian.linear_operator import CountingOperator, rademacher
 
-__all__ = ["LanczosProcess", "RitzPairs", "orthogonalize", "rayleigh_ritz", "relative_residual"]
+__all__ = [
+    "LanczosProcess",
+    "RitzPairs",
+    "orthogonalize",
+    "rayleigh_ritz",
+    "relative_residual",
+    "vector_norm",
+]
 
 
 def orthogonalize(vectors: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +76,8 @@ class LanczosProcess:
         self.beta = 0.0
         self.broke_down = False
         start = start.to(dtype=op.dtype, device=op.device)
-        norm = torch.linalg.vector_norm(start)
-        if not torch.isfinite(norm) or norm == 0:
+        norm = vector_norm(start)
+        if not math.isfinite(norm) or norm == 0:
             raise ValueError("the Lanczos start vector must be finite and non-zero")
         self.basis[0] = start / norm
 
@@ -89,11 +97,11 @@ class LanczosProcess:
             raise RuntimeError("Lanczos basis is full; restart() first")
         j = self.size
         product = self.op.matvec(self.basis[j])
-        scale = float(torch.linalg.vector_norm(product))
+        scale = vector_norm(product)
         residual, coefficients = orthogonalize(product, self.basis[: j + 1])
         self.projected[j, j] = float(coefficients[j])
         self.size = j + 1
-        beta = float(torch.linalg.vector_norm(residual))
+        beta = vector_norm(residual)
         self.broke_down = beta <= 100 * torch.finfo(self.op.dtype).eps * scale
         if self.exhausted:
             self.beta = 0.0
@@ -102,7 +110,7 @@ class LanczosProcess:
             beta = 0.0
             residual = self._fresh_direction()
         self.beta = beta
-        self.basis[j + 1] = residual / torch.linalg.vector_norm(residual)
+        self.basis[j + 1] = residual / vector_norm(residual)
         if j + 1 < self.max_size:
             self.projected[j, j + 1] = self.projected[j + 1, j] = beta
 
@@ -114,6 +122,18 @@ class LanczosProcess:
     def ritz_vectors(self, coords: torch.Tensor) -> torch.Tensor:
         """Vectors ``V @ coords`` for coordinate columns ``coords``; shape ``(m, dim)``."""
         return coords.T.to(self.op.dtype).to(self.op.device) @ self.basis[: self.size]
+
+    def ritz_products(self, theta: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """``H y`` for the Ritz vectors ``y = V s`` of values ``theta`` and coordinate
+        columns ``coords``, without a product: ``theta y + beta s_last v_next`` by the
+        Lanczos relation (exact up to rounding). Shape ``(m, dim)``."""
+        vectors = self.ritz_vectors(coords)
+        scale = theta.to(self.op.dtype).to(self.op.device)[:, None]
+        products = scale * vectors
+        if self.size < self.op.dim and self.beta != 0.0:
+            last = (self.beta * coords[-1]).to(self.op.dtype).to(self.op.device)
+            products = products + last[:, None] * self.basis[self.size][None, :]
+        return products
 
     def restart(self, keep: int) -> None:
         """Thick restart: keep the ``keep`` largest Ritz pairs and continue from the
@@ -137,9 +157,19 @@ class LanczosProcess:
         basis = self.basis[: self.size]
         for _ in range(3):
             candidate, _ = orthogonalize(rademacher(1, self.op, self.generator)[0], basis)
-            if torch.linalg.vector_norm(candidate) > 1e-3 * self.op.dim**0.5:
+            if vector_norm(candidate) > 1e-3 * self.op.dim**0.5:
                 return candidate
         raise RuntimeError("could not find a direction orthogonal to the Krylov basis")
+
+
+def vector_norm(vector: torch.Tensor) -> float:
+    """The 2-norm of a flat vector, accumulated in float64.
+
+    A float32 norm of a million entries can be off by 1e-4 relative (more when a few
+    entries hold most of the mass, as Hessian eigenvectors of networks often do); a unit
+    vector that is not quite unit biases every Rayleigh quotient by as much.
+    """
+    return float(torch.linalg.vector_norm(vector, dtype=torch.float64))
 
 
 def relative_residual(residual: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.hessian.batches import Batch, Data, as_batches, sample_count
 from largebatch.hessian.distributed import all_reduce_sum, broadcast_seed, distributed_enabled
+from largebatch.hessian.fast_graph import fast_double_backward
 from largebatch.hessian.model_state import preserved_model_state
 from largebatch.hessian.params import ParamSpec, flatten, select_parameters, unflatten
 
@@ -68,6 +69,13 @@ class HessianOperator:
             "if one is initialized". Each rank passes its own shard of the probe data.
         cache_graph: keep every batch's gradient graph between products (double backward
             only). False rebuilds it per product: less memory, one more backward.
+        fast_graph: build the gradient graph (double backward only) with layers rewritten
+            into the same functions with cheaper second derivatives: eval-mode batch-norm
+            as a per-channel affine map, a convolution whose input needs no gradient
+            without the unused input-gradient term, ReLU and 2-d max-pooling without
+            their all-zero second derivative (see
+            :func:`~largebatch.hessian.fast_graph.fast_double_backward`). The products
+            are the same up to rounding.
 
     Attributes:
         dim: number of selected scalars. dtype, device: those of the parameters.
@@ -85,6 +93,7 @@ class HessianOperator:
         check_determinism: bool = False,
         distributed: bool | None = None,
         cache_graph: bool = True,
+        fast_graph: bool = True,
     ) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {HVP_METHODS}")
@@ -98,6 +107,7 @@ class HessianOperator:
         self.eval_mode = eval_mode
         self.check_determinism = check_determinism
         self.cache_graph = cache_graph
+        self.fast_graph = fast_graph
         named = select_parameters(model, params)
         self.param_names = [name for name, _ in named]
         self.params = [p for _, p in named]
@@ -171,14 +181,16 @@ class HessianOperator:
         if self.check_determinism:
             self._check_losses()
         pieces = unflatten(vector.detach(), self.params)
-        product = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         batch_product = (
             self._double_backward_product
             if self.method == "double_backward"
             else self._forward_over_reverse_product
         )
+        if not self.batches:  # an empty shard of the probe set on this rank
+            product = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         for index in range(len(self.batches)):
-            product += batch_product(index, pieces)
+            part = batch_product(index, pieces)
+            product = part if index == 0 else product.add_(part)
         if self.distributed:
             all_reduce_sum(product)
         self.matvecs += 1
@@ -247,7 +259,8 @@ class HessianOperator:
         cached = self._graphs[index]
         if cached is not None:
             return cached
-        with torch.enable_grad():
+        rewrite = fast_double_backward(self.model) if self.fast_graph else nullcontext()
+        with torch.enable_grad(), rewrite:
             loss = self._loss(self.batches[index]) * self._weights[index]
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         graph = tuple(_zeros_if_none(g, p) for g, p in zip(grads, self.params, strict=True))

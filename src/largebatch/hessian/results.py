@@ -20,8 +20,9 @@ class EigenResult:
         vectors: shape ``(k, dim)``, unit eigenvectors as flat vectors in the operator's
             dtype (``HessianOperator.unflatten`` gives the per-parameter layout).
         residuals: float64, shape ``(k,)``, ``|H v - value v| / |value|`` per pair,
-            measured with true products.
-        matvecs: Hessian-vector products spent, the final check included.
+            measured with true products (Lanczos with ``verify=False``: from the Lanczos
+            relation, exact up to rounding).
+        matvecs: Hessian-vector products spent, the final check (if any) included.
         converged: every residual is within the tolerance (method ``"reference"``: the
             relative change of the eigenvalue fell below it).
         method: the solver used.

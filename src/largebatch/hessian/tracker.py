@@ -77,10 +77,10 @@ class EigenTracker:
             torch.distributed: this rank's shard, see :func:`shard_batch`).
         k: eigenpairs to track.
         tol: relative residual to reach.
-        max_matvecs: most products per estimate, the final residual check included
-            (``"lanczos"`` needs at least ``2 k``). ``"power"`` spends at most
-            ``max_matvecs // k`` iterations per pair, twice that for a pair whose dominant
-            eigenvalue is negative.
+        max_matvecs: most products per estimate, a final residual check included
+            (``"lanczos"`` needs at least ``k``, ``2 k`` with ``verify``). ``"power"``
+            spends at most ``max_matvecs // k`` iterations per pair, twice that for a pair
+            whose dominant eigenvalue is negative.
         method: ``"lanczos"``, ``"power"``, or ``"reference"``: the papers' reference code
             (cold random start every time, plain power iteration, at most 10 iterations,
             stop when the relative change is below 1e-2; ``tol``, ``max_matvecs`` and
@@ -89,6 +89,12 @@ class EigenTracker:
         seed: seed of the tracker's own random stream (start vectors).
         operator_options: keyword arguments of :class:`HessianOperator` (``params``,
             ``method``, ``eval_mode``, ...).
+        verify: ``"lanczos"``: spend ``k`` more products to measure the final residuals
+            with true products. The default takes them from the Lanczos relation (exact up
+            to rounding, see :func:`top_eigenvalues`), which saves those products.
+        min_steps: ``"lanczos"``: steps before convergence may be declared; default the
+            basis size on a cold start (the first estimate, or after :meth:`reset`) and 1
+            on a warm one (see :func:`top_eigenvalues`).
     """
 
     def __init__(
@@ -102,10 +108,12 @@ class EigenTracker:
         warm_start: bool = True,
         seed: int = 0,
         operator_options: Mapping[str, Any] | None = None,
+        verify: bool = False,
+        min_steps: int | None = None,
     ) -> None:
         if method not in EIGEN_METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {EIGEN_METHODS}")
-        least = 2 * k if method == "lanczos" else k
+        least = 2 * k if method == "lanczos" and verify else k
         if k < 1 or max_matvecs < least:
             raise ValueError(f"{method} with k={k} needs max_matvecs >= {least}")
         self.loss_fn = loss_fn
@@ -116,6 +124,8 @@ class EigenTracker:
         self.method = method
         self.warm_start = warm_start and method != "reference"
         self.operator_options = dict(operator_options or {})
+        self.verify = verify
+        self.min_steps = min_steps
         self.last: TrackerResult | None = None
         self._vectors: torch.Tensor | None = None
         self._generator = torch.Generator()
@@ -185,7 +195,18 @@ class EigenTracker:
                 "max_iter": REFERENCE_MAX_ITER,
                 "method": "reference",
             }
-        budget = (
-            self.max_matvecs - self.k if self.method == "lanczos" else self.max_matvecs // self.k
-        )
-        return {"k": self.k, "tol": self.tol, "max_iter": budget, "method": self.method}
+        if self.method == "power":
+            return {
+                "k": self.k,
+                "tol": self.tol,
+                "max_iter": self.max_matvecs // self.k,
+                "method": "power",
+            }
+        return {
+            "k": self.k,
+            "tol": self.tol,
+            "max_iter": self.max_matvecs - self.k if self.verify else self.max_matvecs,
+            "method": "lanczos",
+            "verify": self.verify,
+            "min_steps": self.min_steps,
+        }
