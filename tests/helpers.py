@@ -1,6 +1,7 @@
 """Helpers shared by the tests (imported as ``helpers``: pytest puts tests/ on sys.path)."""
 
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,13 @@ def at_training_forward(build: Callable[..., torch.nn.Module], count: int, actio
 def with_alarm(build: Callable[..., torch.nn.Module], count: int, signum: int = signal.SIGTERM):
     """Wrap a model builder: the model raises ``signum`` at its ``count``-th training forward."""
     return at_training_forward(build, count, lambda: signal.raise_signal(signum))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for process-group rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_train(out, *flags: str) -> list[str]:

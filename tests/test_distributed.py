@@ -1,7 +1,6 @@
 """Data-parallel training with real gloo processes on CPU: the same answer as one process."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import largebatch.train as train_module
-from helpers import with_alarm, without_times
+from helpers import free_port, with_alarm, without_times
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.distributed import teardown
@@ -18,12 +17,6 @@ from largebatch.io import read_jsonl
 from largebatch.train import TrainingInterrupted, train
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, values, stop_after, signal_rank, signal_at):
@@ -46,7 +39,7 @@ def _worker(rank, world, port, values, stop_after, signal_rank, signal_at):
 
 
 def _train_on_ranks(world, values, stop_after=None, signal_rank=None, signal_at=0):
-    args = (world, _free_port(), values, stop_after, signal_rank, signal_at)
+    args = (world, free_port(), values, stop_after, signal_rank, signal_at)
     mp.spawn(_worker, args=args, nprocs=world, join=True)
 
 
@@ -147,7 +140,7 @@ def test_torchrun_command_line_writes_from_rank_zero_only(tmp_path):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
             "-m",
             "largebatch",
             "train",

@@ -15,7 +15,6 @@ round starts late); the namespace test below checks the remedy deterministically
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from helpers import at_training_forward, without_times
+from helpers import at_training_forward, free_port, without_times
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.distributed import _round_namespace
@@ -43,12 +42,6 @@ KILL_AT = "LARGEBATCH_TEST_KILL_AT"
 EVENTS = "LARGEBATCH_TEST_EVENTS"
 # Test-only: seconds by which rank 0 of the restarted round starts after rank 1.
 LAG = "LARGEBATCH_TEST_LAG"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _values() -> dict:
@@ -107,7 +100,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(
         "torch.distributed.run",
         "--nproc-per-node=2",
         "--max-restarts=1",
-        *LAUNCHERS[launcher](_free_port()),
+        *LAUNCHERS[launcher](free_port()),
         __file__,
         "train",
         "--config",
