@@ -3,9 +3,11 @@
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import largebatch.train as train_module
@@ -34,8 +36,11 @@ def _worker(rank, world, port, values, stop_after, signal_rank, signal_at):
         train(TrainConfig(**values), echo=None, show_progress=False, stop_after=stop_after)
     except TrainingInterrupted:
         pass
-    finally:
-        teardown()
+    group = weakref.ref(dist.distributed_c10d._get_default_group())
+    teardown()
+    # A group that outlives teardown still runs its threads while the interpreter exits,
+    # and one of them releasing a finished collective's tensors then aborts the process.
+    assert group() is None, "the process group outlived teardown"
 
 
 def _train_on_ranks(world, values, stop_after=None, signal_rank=None, signal_at=0):

@@ -75,11 +75,26 @@ def setup(device: str) -> tuple[World, str]:
     if use_cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available")
     if not dist.is_initialized():
+        _import_group_holders()
         _init_process_group("nccl" if use_cuda else "gloo", rank, size)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         return World(rank, size, local_rank), f"cuda:{local_rank}"
     return World(rank, size, local_rank), "cpu"
+
+
+def _import_group_holders() -> None:
+    """Import, before the process group exists, the torch modules that would keep it alive.
+
+    ``torch.distributed.fsdp`` evaluates ``dist.group.WORLD`` in function defaults when it
+    is imported, and the first ``torch.optim`` optimizer imports it (through
+    ``torch._dynamo``). Imported after ``init_process_group`` it holds the default group
+    for good: ``destroy_process_group`` can then not free it, its gloo worker threads still
+    run while the interpreter exits, and one that releases a finished collective's tensors
+    then aborts the process ("terminate called without an active exception"), now and
+    then, after a run that succeeded. Imported first, the defaults are ``None``.
+    """
+    import torch.distributed.fsdp  # noqa: F401
 
 
 def _init_process_group(backend: str, rank: int, size: int) -> None:
