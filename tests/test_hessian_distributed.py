@@ -1,5 +1,7 @@
 """Hessian products over a probe set sharded across two real gloo processes."""
 
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from largebatch.distributed import _import_group_holders
 from largebatch.hessian import (
     EigenTracker,
     HessianOperator,
@@ -42,16 +45,24 @@ def measure(model, data, vector):
 
 def worker(rank, init_file, out_dir):
     torch.manual_seed(1000 + rank)  # different global RNG streams on purpose
+    _import_group_holders()  # torch modules that would keep the group alive (see there)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    group = weakref.ref(dist.distributed_c10d._get_default_group())
     try:
-        model, x, y, vector = problem()
-        xs, ys = shard_batch(x, y, rank, WORLD)
-        local = [(xs[:2], ys[:2]), (xs[2:], ys[2:])]  # unequal local batches as well
-        # As in training: the model is wrapped in DDP, which the Hessian code unwraps.
-        wrapped = DistributedDataParallel(model)
-        torch.save(measure(wrapped, local, vector), f"{out_dir}/rank{rank}.pt")
+        measure_on_rank(rank, out_dir)
     finally:
         dist.destroy_process_group()
+    # nothing may keep the group (and its threads) alive until the interpreter exits
+    assert group() is None, "the process group outlived destroy_process_group"
+
+
+def measure_on_rank(rank, out_dir):
+    model, x, y, vector = problem()
+    xs, ys = shard_batch(x, y, rank, WORLD)
+    local = [(xs[:2], ys[:2]), (xs[2:], ys[2:])]  # unequal local batches as well
+    # As in training: the model is wrapped in DDP, which the Hessian code unwraps.
+    wrapped = DistributedDataParallel(model)
+    torch.save(measure(wrapped, local, vector), f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.slow
