@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from largebatch.distributed import World, all_reduce_gradients, shard
+from largebatch.distributed import World, _import_group_holders, all_reduce_gradients, shard
 from largebatch.models import build_model
 
 
@@ -36,6 +36,7 @@ def _run(rank: int, world_size: int, port: int, args: argparse.Namespace, result
     torch.set_num_threads(1)
     if world_size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        _import_group_holders()  # else the group outlives teardown (see there)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     world = World(rank, world_size, rank)
     torch.manual_seed(0)
