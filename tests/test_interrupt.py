@@ -1,5 +1,6 @@
 """Interruption: SIGINT/SIGTERM finish the update in progress, save, and resume exactly."""
 
+import os
 import signal
 import subprocess
 import time
@@ -7,7 +8,7 @@ import time
 import pytest
 
 import largebatch.train as train_module
-from helpers import cli_train, with_alarm, without_times
+from helpers import cli_train, with_alarm, without_times, write_tiny
 from largebatch.config import TrainConfig
 from largebatch.io import read_jsonl
 from largebatch.train import TrainingInterrupted, train
@@ -142,3 +143,47 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_result(t
     proc.wait(timeout=60)
     _same_as_an_uninterrupted_run(tmp_path, out, flags)
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ctrl_c_in_a_terminal_with_decoding_workers_saves_exits_130_and_resumes(tmp_path):
+    # A terminal's Ctrl-C signals the whole foreground process group, so the image-folder
+    # decoding workers get SIGINT too: the run must still finish its update, save, say so
+    # in one line, leave no worker behind, and resume to the uninterrupted result.
+    tiny = write_tiny(tmp_path / "tiny-imagenet-200", n_train=6, n_val=3)
+    out = tmp_path / "run"
+    flags = [
+        *("--dataset", "tinyimagenet", "--data-dir", str(tiny), "--image-size", "16"),
+        *("--model", "c1", "--epochs", "60", "--batch-size", "6", "--max-batch-size", "6"),
+        *("--workers", "2", "--lr", "0.01"),
+    ]
+    proc = subprocess.Popen(
+        cli_train(out, *flags, "--quiet"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal job has
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: SIGINT: saved"), err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    deadline = time.monotonic() + 15
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid), "a decoding worker outlived the run"
+    epochs_done = len(read_jsonl(out / "metrics.jsonl"))
+    assert 1 <= epochs_done < 60
+    _same_as_an_uninterrupted_run(tmp_path, out, flags)
