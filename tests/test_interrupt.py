@@ -171,8 +171,9 @@ def test_ctrl_c_in_a_terminal_with_decoding_workers_saves_exits_130_and_resumes(
         text=True,
         start_new_session=True,  # its own process group, as a terminal job has
     )
+    metrics = out / "metrics.jsonl"  # created empty at the start; a line per epoch
     deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+    while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)
@@ -184,6 +185,6 @@ def test_ctrl_c_in_a_terminal_with_decoding_workers_saves_exits_130_and_resumes(
     while _group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _group_alive(proc.pid), "a decoding worker outlived the run"
-    epochs_done = len(read_jsonl(out / "metrics.jsonl"))
+    epochs_done = len(read_jsonl(metrics))
     assert 1 <= epochs_done < 60
     _same_as_an_uninterrupted_run(tmp_path, out, flags)

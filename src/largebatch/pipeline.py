@@ -176,7 +176,7 @@ class Feed:
             yield (
                 indices,
                 [
-                    (_cat([next(decoded) for _ in range(n)]), data.train_y[part])
+                    (self._join([next(decoded) for _ in range(n)]), data.train_y[part])
                     for part, n in micros
                 ],
             )
@@ -206,7 +206,7 @@ class Feed:
         decoded = self._run(requests)
         for i, n in enumerate(counts):
             b = i * batch_size
-            yield _cat([next(decoded) for _ in range(n)]), y[b : b + batch_size]
+            yield self._join([next(decoded) for _ in range(n)]), y[b : b + batch_size]
 
     # ---------------------------------------------------------------- the pool
 
@@ -218,6 +218,14 @@ class Feed:
             if isinstance(item, DataError):
                 raise DataError(str(item))
             yield item
+
+    def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """One batch from its decoded chunks. On CUDA each (pinned) chunk is copied to the
+        device asynchronously and the chunks are joined there: joining them on the host
+        would put the batch in unpinned memory and make its copy synchronous."""
+        if self.device.type == "cuda":
+            parts = [part.to(self.device, non_blocking=True) for part in parts]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the feed is garbage-collected)."""
@@ -236,7 +244,3 @@ class Feed:
 
 def _chunks(indices: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(indices[i : i + CHUNK]) for i in range(0, len(indices), CHUNK)]
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
