@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup data demo test lint format clean
+.PHONY: setup data demo test fuzz lint format clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ demo: setup data
 
 test: setup
 	@$(PY) -m pytest -q
+
+# Fresh random inputs for every reader (`make test` replays a fixed set).
+FUZZ_EXAMPLES ?= 1000
+fuzz: setup
+	@LARGEBATCH_FUZZ=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
 
 lint:
 	@$(VENV)/bin/ruff check src tests benchmarks
