@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import largebatch.train as train_module
-from helpers import free_port, with_alarm, without_times
+from helpers import free_port, threads_like_a_rank, with_alarm, without_times
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.distributed import teardown
@@ -48,6 +48,12 @@ def _train_on_ranks(world, values, stop_after=None, signal_rank=None, signal_at=
     mp.spawn(_worker, args=args, nprocs=world, join=True)
 
 
+def _train_here(values, **kwargs):
+    """The single-process side of a comparison, with the ranks' thread count (one)."""
+    with threads_like_a_rank():
+        train(TrainConfig(**values), echo=None, show_progress=False, **kwargs)
+
+
 def _values(tmp_path, name, **changes):
     values = dict(
         dataset="synthetic",
@@ -71,20 +77,17 @@ def _values(tmp_path, name, **changes):
     return values
 
 
-def _assert_same_run(a, b, estimates_within=None):
-    """Same metrics and weights; with ``estimates_within`` (the tracker's tolerance) the
-    eigenvalue estimates need only agree to it, and the Krylov path may differ."""
+def _assert_same_run(a, b):
+    """Same schedule, metrics and weights. Both sides run one intra-op thread per process,
+    so they differ only in how the two micro-batch gradients meet (added in one process,
+    all-reduced across two): measured on AMD EPYC, every metric and eigenvalue agreed to
+    7e-7 relative. The 1e-4 bound leaves room for other kernels, and still fails when the
+    thread counts differ (2e-4 in test loss, 1.3% in the eigenvalue, on C1)."""
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert [r["batch_size"] for r in ra] == [r["batch_size"] for r in rb]
     assert [r["updates"] for r in ra] == [r["updates"] for r in rb]
     for x, y in zip(without_times(ra), without_times(rb), strict=True):
         for key, value in x.items():
-            if estimates_within is not None and key.startswith("eig"):
-                if key == "eigenvalue" and value is not None:
-                    assert y[key] == pytest.approx(value, rel=estimates_within), key
-                elif key == "eig_residual" and value is not None:
-                    assert max(value, y[key]) <= estimates_within, key
-                continue
             if isinstance(value, float):
                 assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
             else:
@@ -92,19 +95,14 @@ def _assert_same_run(a, b, estimates_within=None):
     pa = load_checkpoint(a / "checkpoint.pt")["model"]
     pb = load_checkpoint(b / "checkpoint.pt")["model"]
     for key in pa:
-        if estimates_within is None:
-            assert torch.allclose(pa[key], pb[key], rtol=1e-4, atol=1e-5), key
-        else:  # C1 amplifies rounding over three epochs: the weights agree in norm
-            diff = (pa[key].double() - pb[key].double()).norm()
-            assert diff <= 1e-3 * pa[key].double().norm() + 1e-6, key
+        assert torch.allclose(pa[key], pb[key], rtol=1e-4, atol=1e-5), key
 
 
 @pytest.mark.parametrize("method", ["bl", "abs"])
 def test_two_ranks_match_one_process_with_twice_the_accumulation(tmp_path, method):
     # Global batch 32: 2 ranks x 1 micro-batch of 16 against 1 rank x 2 micro-batches of 16.
     _train_on_ranks(2, _values(tmp_path, "two", method=method, model="mlp"))
-    one = _values(tmp_path, "one", method=method, model="mlp")
-    train(TrainConfig(**one), echo=None, show_progress=False)
+    _train_here(_values(tmp_path, "one", method=method, model="mlp"))
     _assert_same_run(tmp_path / "one", tmp_path / "two")
     records = read_jsonl(tmp_path / "two" / "metrics.jsonl")
     if method == "abs":
@@ -118,10 +116,8 @@ def test_batch_norm_model_two_ranks_match_one_process_exactly(tmp_path):
     # so parameters, running statistics, eval accuracy, eigenvalues and the batch schedule
     # all match.
     _train_on_ranks(2, _values(tmp_path, "two"))
-    train(TrainConfig(**_values(tmp_path, "one")), echo=None, show_progress=False)
-    # rounding differs in the eval-mode batch-norm products, so the eigenvalue estimates
-    # agree to the tracker's tolerance (1e-2), not to the last digit
-    _assert_same_run(tmp_path / "one", tmp_path / "two", estimates_within=1e-2)
+    _train_here(_values(tmp_path, "one"))
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
     records = read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert all(r["eigenvalue"] is not None for r in records[:-1])
     assert records[-1]["batch_size"] > 32
@@ -131,8 +127,8 @@ def test_a_two_rank_run_resumed_by_one_process_keeps_the_schedule(tmp_path):
     values = _values(tmp_path, "mixed", model="mlp")
     _train_on_ranks(2, values, stop_after=1)
     assert len(read_jsonl(tmp_path / "mixed" / "metrics.jsonl")) == 1
-    train(TrainConfig(**values), echo=None, show_progress=False)
-    train(TrainConfig(**_values(tmp_path, "one", model="mlp")), echo=None, show_progress=False)
+    _train_here(values)
+    _train_here(_values(tmp_path, "one", model="mlp"))
     _assert_same_run(tmp_path / "one", tmp_path / "mixed")
 
 
@@ -188,6 +184,6 @@ def test_a_signal_on_one_rank_stops_all_mid_epoch_and_one_process_resumes(tmp_pa
     _train_on_ranks(2, values, signal_rank=1, signal_at=9)
     saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["run"]
     assert saved["epoch"] == 1 and 0 < saved["position"] < 192
-    train(TrainConfig(**values), echo=None, show_progress=False)
-    train(TrainConfig(**_values(tmp_path, "one", model="mlp")), echo=None, show_progress=False)
+    _train_here(values)
+    _train_here(_values(tmp_path, "one", model="mlp"))
     _assert_same_run(tmp_path / "one", tmp_path / "cut")

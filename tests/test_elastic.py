@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from helpers import at_training_forward, free_port, without_times
+from helpers import at_training_forward, free_port, threads_like_a_rank, without_times
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.distributed import _round_namespace
@@ -83,7 +83,8 @@ LAUNCHERS = {
 def reference(tmp_path_factory) -> Path:
     """The same run, uninterrupted, in this process."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    train(TrainConfig(**_values(), out=str(out)), echo=None, show_progress=False)
+    with threads_like_a_rank():  # the workers run one thread each
+        train(TrainConfig(**_values(), out=str(out)), echo=None, show_progress=False)
     return out
 
 

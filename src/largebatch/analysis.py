@@ -14,10 +14,12 @@ from typing import Any
 
 import torch.nn.functional as F
 
+from largebatch.config import check_number, check_seed
 from largebatch.errors import UsageError
 from largebatch.evaluate import load_trained_with_data
 from largebatch.hessian import hessian_trace, spectral_density, top_eigenvalues
 from largebatch.io import atomic_write, atomic_write_json
+from largebatch.outputs import check_output_file
 from largebatch.pipeline import materialize
 from largebatch.sampler import probe_batches
 from largebatch.train import resolve_device
@@ -57,11 +59,24 @@ def analyze_checkpoint(
     ``density``) the top ``top_k`` eigenvalues with residuals and cost, and optionally the
     Hutchinson trace and the spectral density.
     """
-    if samples < 1 or top_k < 1 or batch_size < 1:
-        raise UsageError("--samples, --top-k and the batch size must be >= 1")
+    for key, value in (
+        ("samples", samples),
+        ("top_k", top_k),
+        ("batch_size", batch_size),
+        ("trace_probes", trace_probes),
+        ("density_probes", density_probes),
+    ):
+        check_number(key, value, low=1, integer=True)
+    check_number("lanczos_steps", lanczos_steps, low=2, integer=True)
+    check_number("tol", tol, low=0, high=1, open_low=True)
+    check_seed(seed)
+    check_output_file(out)
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     dev = resolve_device(device)
     model, config, data = load_trained_with_data(checkpoint, dev, data_dir, limit_train=None)
+    parameters = sum(p.numel() for p in model.parameters())
+    if top_k > parameters:
+        raise UsageError(f"top_k ({top_k}) exceeds the model's {parameters} parameters")
     batches = [
         (materialize(xb).to(dev), yb.to(dev))
         for xb, yb in probe_batches(data.train_x, data.train_y, samples, batch_size, seed)
@@ -74,7 +89,7 @@ def analyze_checkpoint(
         "model": config["model"],
         "method": config["method"],
         "samples": used,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters,
     }
     eig, seconds = _timed(
         f"top-{top_k} eigenvalues",

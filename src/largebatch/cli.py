@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -180,7 +181,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train(
             config,
             show_progress=None if not args.quiet else False,
-            echo=None if args.quiet else print,
+            echo=None if args.quiet else _say,
         )
     finally:
         teardown()
@@ -200,7 +201,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     line = f"clean accuracy {result['clean_acc']:.4f}"
     if result.get("adv_acc") is not None:
         line += f", {args.attack} accuracy {result['adv_acc']:.4f} (eps {args.eps:g})"
-    print(line + f" on {result['samples']} test samples")
+    _say(line + f" on {result['samples']} test samples")
     return 0
 
 
@@ -210,16 +211,16 @@ def _cmd_hessian(args: argparse.Namespace) -> int:
     result = _call_with_args(analyze_checkpoint, args)
     eig = result["eigenvalues"]
     values = ", ".join(f"{v:.6g}" for v in eig["values"])
-    print(
+    _say(
         f"top eigenvalues: {values} (max residual {max(eig['residuals']):.1e}, "
         f"{eig['matvecs']} Hessian-vector products, {result['samples']} samples)"
     )
     if "trace" in result:
-        print(f"trace: {result['trace']['estimate']:.6g} +- {result['trace']['stderr']:.2g}")
+        _say(f"trace: {result['trace']['estimate']:.6g} +- {result['trace']['stderr']:.2g}")
     if "density_png" in result:
-        print(f"spectral density: {result['density_png']}")
+        _say(f"spectral density: {result['density_png']}")
     if args.out:
-        print(f"written: {args.out}")
+        _say(f"written: {args.out}")
     return 0
 
 
@@ -229,11 +230,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from largebatch.report import collect_runs, markdown_table, summarize, write_report
 
     overrides = dict(parse_assignment(a) for a in args.assignments)
-    status = run_experiment(load_experiment(args.config, overrides), args.out)
+    status = run_experiment(load_experiment(args.config, overrides), args.out, echo=_say)
     failed = [name for name, state in status.items() if state == "failed"]
     if not args.no_report and len(failed) < len(status):
-        print(markdown_table(summarize(collect_runs(args.out))))
-        print(f"report: {write_report(args.out)}")
+        _say(markdown_table(summarize(collect_runs(args.out))))
+        _say(f"report: {write_report(args.out)}")
     if failed:
         print(
             f"{len(failed)} of {len(status)} runs failed (see their error.txt): "
@@ -248,30 +249,64 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from largebatch.report import collect_runs, markdown_table, summarize, write_report
 
     path = write_report(args.folder)
-    print(markdown_table(summarize(collect_runs(args.folder))))
-    print(f"report: {path}")
+    _say(markdown_table(summarize(collect_runs(args.folder))))
+    _say(f"report: {path}")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from largebatch.train import TrainingInterrupted
+class _Stdout:
+    """Prints to stdout until the reader goes away (``largebatch ... | head -1``); then
+    the output is dropped and the work goes on, so a closed pipe never stops a run
+    half-way. :func:`main` reports it at the end."""
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    closed = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        if _Stdout.closed:
+            return
+        try:
+            print(*args, **kwargs, flush=True)
+        except BrokenPipeError:
+            _Stdout.closed = True
+            # later writes by anything else (and the interpreter's final flush) go nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+_say = _Stdout()
+
+
+def _error(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    _Stdout.closed = False
     try:
-        return int(args.func(args))
+        args = build_parser().parse_args(argv)
+        # a Ctrl-C from here on, imports included, is one line and exit status 130
+        from largebatch.train import TrainingInterrupted
+
+        try:
+            status = int(args.func(args))
+        except TrainingInterrupted as exc:
+            sys.stderr.write(f"interrupted: {exc}\n")
+            return 130
     except UsageError as exc:
-        if args.debug:
-            traceback.print_exc()
-        message = " ".join(str(exc).split())
-        sys.stderr.write(f"error: {message}\n")
-        return 2
-    except TrainingInterrupted as exc:
-        sys.stderr.write(f"interrupted: {exc}\n")
-        return 130
+        return _error(str(exc), debug)
+    except OSError as exc:  # a path the user named: full disk, read-only, no permission
+        from largebatch.outputs import describe_os_error
+
+        return _error(describe_os_error(exc), debug)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    if _Stdout.closed:
+        return _error("standard output was closed before the end (broken pipe)", debug)
+    return status
 
 
 if __name__ == "__main__":

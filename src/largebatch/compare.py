@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,13 +35,18 @@ from typing import Any
 
 from tqdm import tqdm
 
-from largebatch.config import TrainConfig, apply_overrides, read_yaml
+from largebatch.config import TrainConfig, apply_overrides, check_number, read_yaml
 from largebatch.errors import ConfigError
+from largebatch.evaluate import check_evaluation
 from largebatch.io import atomic_write_json, atomic_write_text
+from largebatch.outputs import RunFolder
 
 __all__ = ["Experiment", "load_experiment", "expand_grid", "run_name", "run_experiment"]
 
 _SECTIONS = {"base", "grid", "evaluate", "hessian"}
+# Characters a run's folder name keeps; any other (a path separator in a grid value such
+# as data_dir: [../x]) becomes "_", so every run stays one folder under OUT/runs.
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+,=-]")
 _SHORT = {
     "method": "",
     "max_batch_size": "bmax",
@@ -85,30 +91,47 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     unknown |= {f"hessian.{k}" for k in set(hessian) - {"samples"}}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+    base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path}: base must be a mapping of config key: value")
+    attacks = evaluate.get("attacks", ["fgsm"])
+    if not isinstance(attacks, list) or not all(isinstance(a, str) for a in attacks):
+        raise ConfigError(f"{path}: evaluate.attacks must be a list, e.g. [fgsm, pgd]")
+    bad = set(attacks) - {"fgsm", "pgd"}
+    if bad:
+        raise ConfigError(f"{path}: unknown attacks {sorted(bad)}; choose from fgsm, pgd")
     experiment = Experiment(
-        base={**(raw.get("base") or {}), **(overrides or {})},
+        base={**base, **(overrides or {})},
         grid=grid,
-        attacks=list(evaluate.get("attacks", ["fgsm"])),
-        eps=float(evaluate.get("eps", 0.02)),
-        pgd_steps=int(evaluate.get("pgd_steps", 10)),
+        attacks=list(attacks),
+        eps=evaluate.get("eps", 0.02),
+        pgd_steps=evaluate.get("pgd_steps", 10),
         eval_limit=evaluate.get("limit"),
         hessian_samples=hessian.get("samples"),
     )
-    bad = set(experiment.attacks) - {"fgsm", "pgd"}
-    if bad:
-        raise ConfigError(f"{path}: unknown attacks {sorted(bad)}; choose from fgsm, pgd")
+    try:
+        check_evaluation("none", experiment.eps, experiment.pgd_steps)
+        if experiment.eval_limit is not None:
+            check_number("limit", experiment.eval_limit, low=1, integer=True)
+        if experiment.hessian_samples is not None:
+            check_number("samples", experiment.hessian_samples, low=1, integer=True)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: evaluate/hessian section: {exc}") from None
+    experiment.eps = float(experiment.eps)
     for _, config in expand_grid(experiment, Path(".")):
         config.validate()
     return experiment
 
 
 def run_name(values: dict[str, Any]) -> str:
-    """A folder name from a grid point, e.g. ``absa-bmax4096-seed0``."""
+    """A folder name from a grid point, e.g. ``absa-bmax4096-seed0``: one path component,
+    not hidden, with characters other than letters, digits and ``._+,=-`` as ``_``."""
     parts = []
     for key, value in values.items():
         text = "-".join(str(v) for v in value) if isinstance(value, list) else str(value)
         parts.append(f"{_SHORT.get(key, key.replace('_', ''))}{text}")
-    return "-".join(parts) or "run"
+    name = _UNSAFE.sub("_", "-".join(parts)).lstrip(".")
+    return name or "run"
 
 
 def expand_grid(experiment: Experiment, out: Path) -> list[tuple[str, TrainConfig]]:
@@ -170,12 +193,23 @@ def run_experiment(
     echo: Callable[[str], None] = print,
 ) -> dict[str, str]:
     """Run every grid point not yet finished; return ``{name: "done"|"skipped"|"failed"}``."""
-    from largebatch.train import TrainingInterrupted, train
-
     out = Path(out)
     runs = expand_grid(experiment, out)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
+    with RunFolder(out):  # a second compare on the same folder is refused
+        return _run_grid(experiment, out, runs, show_progress, echo)
+
+
+def _run_grid(
+    experiment: Experiment,
+    out: Path,
+    runs: list[tuple[str, TrainConfig]],
+    show_progress: bool,
+    echo: Callable[[str], None],
+) -> dict[str, str]:
+    from largebatch.train import TrainingInterrupted, train
+
     status: dict[str, str] = {}
     bar = tqdm(total=len(runs), desc="grid", unit="run", disable=not show_progress, file=sys.stderr)
     for name, config in runs:

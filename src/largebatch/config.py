@@ -8,6 +8,7 @@ Unknown keys, values of the wrong type and out-of-range values raise
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -23,7 +24,11 @@ __all__ = [
     "METHODS",
     "DEVICES",
     "PRECISIONS",
+    "MAX_SEED",
     "TrainConfig",
+    "check_finite",
+    "check_number",
+    "check_seed",
     "load_config",
     "read_yaml",
     "apply_overrides",
@@ -33,6 +38,8 @@ __all__ = [
 ]
 
 METHODS: tuple[str, ...] = ("bl", "fb", "gg", "abs", "absa")
+#: seeds are kept to 32 bits: numpy takes no more, and derived seeds stay within 64 bits
+MAX_SEED: int = 2**32 - 1
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
@@ -101,6 +108,8 @@ class TrainConfig:
         from largebatch.data import DATASETS
         from largebatch.models import MODELS
 
+        _check_types(self)
+
         _choice("dataset", self.dataset, DATASETS)
         _choice("model", self.model, MODELS)
         _choice("method", self.method, METHODS)
@@ -144,7 +153,9 @@ class TrainConfig:
         for key in ("micro_batch_size", "limit_train", "limit_test", "image_size"):
             if getattr(self, key) is not None:
                 _at_least(key, getattr(self, key), 1)
-        _at_least("seed", self.seed, 0)
+        check_seed(self.seed)
+        if not self.out.strip():
+            raise ConfigError("out must name a folder, got an empty string")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
@@ -176,6 +187,54 @@ def _choice(key: str, value: Any, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ConfigError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def check_seed(seed: int, key: str = "seed") -> None:
+    """A seed is an integer in [0, MAX_SEED]."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{key} must be an integer in [0, {MAX_SEED}], got {seed!r}")
+
+
+def check_finite(key: str, value: float) -> None:
+    """NaN and infinity are bad input everywhere: no range check can catch them later."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+
+
+def check_number(
+    key: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    integer: bool = False,
+) -> None:
+    """``value`` is a finite number (an integer if ``integer``) within [low, high], or
+    (low, high] with ``open_low``; otherwise a one-line ConfigError naming ``key``."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    check_finite(key, value)
+    too_low = low is not None and (value <= low if open_low else value < low)
+    if too_low or (high is not None and value > high):
+        if high is None:
+            wanted = f"{'>' if open_low else '>='} {low:g}"
+        elif low is None:
+            wanted = f"<= {high:g}"
+        else:
+            wanted = f"in {'(' if open_low else '['}{low:g}, {high:g}]"
+        raise ConfigError(f"{key} must be {wanted}, got {value!r}")
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Every field holds a value of its declared type (a config built in Python skips
+    :func:`apply_overrides`), and every number is finite."""
+    for name in _FIELDS:
+        value = getattr(config, name)
+        coerced = _coerce(name, value)
+        if coerced != value or type(coerced) is not type(value):
+            setattr(config, name, coerced)
 
 
 def _at_least(key: str, value: int, low: int) -> None:
@@ -216,6 +275,7 @@ def _scalar(key: str, value: Any, kind: type) -> Any:
             return value
     elif kind is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            check_finite(key, float(value))
             return float(value)
     elif kind is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):

@@ -8,15 +8,23 @@ from typing import Any
 import torch
 
 from largebatch.adversarial import fgsm, pgd
-from largebatch.checkpoint import load_checkpoint
+from largebatch.checkpoint import checked_model_spec, checked_part, load_checkpoint, load_part
+from largebatch.config import check_number, check_seed
 from largebatch.data import DataSource, load_dataset
 from largebatch.errors import UsageError
 from largebatch.io import atomic_write_json
 from largebatch.models import build_model
+from largebatch.outputs import check_output_file
 from largebatch.pipeline import Feed
 from largebatch.train import resolve_device
 
-__all__ = ["ATTACKS", "load_trained", "load_trained_with_data", "evaluate_checkpoint"]
+__all__ = [
+    "ATTACKS",
+    "check_evaluation",
+    "load_trained",
+    "load_trained_with_data",
+    "evaluate_checkpoint",
+]
 
 ATTACKS: tuple[str, ...] = ("none", "fgsm", "pgd")
 
@@ -24,8 +32,12 @@ ATTACKS: tuple[str, ...] = ("none", "fgsm", "pgd")
 def load_trained(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model of checkpoint ``path`` (eval mode, on ``device``) and the checkpoint itself."""
     saved = load_checkpoint(path, map_location=device)
-    model = build_model(**saved["model_spec"]).to(device)
-    model.load_state_dict(saved["model"])
+    spec = checked_model_spec(saved, path)
+    config = checked_part(saved, "config", dict, path)
+    for key, kind in (("dataset", str), ("model", str), ("method", str), ("seed", int)):
+        checked_part(config, key, kind, f"{path} (config)")
+    model = build_model(**spec).to(device)
+    load_part(model, checked_part(saved, "model", dict, path), path, "model weights")
     model.eval()
     return model, saved
 
@@ -73,10 +85,12 @@ def evaluate_checkpoint(
     (default ``2.5 * eps / steps``) from a random start. Returns and optionally writes
     ``{"clean_acc", "adv_acc", "attack", "eps", "steps", "samples", ...}``.
     """
-    if attack not in ATTACKS:
-        raise UsageError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACKS)}")
-    if eps < 0 or steps < 1 or batch_size < 1 or (limit is not None and limit < 1):
-        raise UsageError("eps must be >= 0, and steps, batch size and limit >= 1")
+    check_evaluation(attack, eps, steps, alpha)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    if limit is not None:
+        check_number("limit", limit, low=1, integer=True)
+    check_seed(seed)
+    check_output_file(out)
     dev = resolve_device(device)
     model, config, data = load_trained_with_data(checkpoint, dev, data_dir, limit_test=limit)
     step = alpha if alpha is not None else 2.5 * eps / steps
@@ -108,6 +122,17 @@ def evaluate_checkpoint(
     if out is not None:
         atomic_write_json(out, result)
     return result
+
+
+def check_evaluation(attack: str, eps: float, steps: int, alpha: float | None = None) -> None:
+    """The attack settings of an evaluation, checked before any work (eps in raw input
+    units, at least 0; PGD steps at least 1; a step size, if given, above 0)."""
+    if not isinstance(attack, str) or attack not in ATTACKS:
+        raise UsageError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACKS)}")
+    check_number("eps", eps, low=0)
+    check_number("steps", steps, low=1, integer=True)
+    if alpha is not None:
+        check_number("alpha", alpha, low=0, open_low=True)
 
 
 def _accuracy_counts(

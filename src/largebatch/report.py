@@ -36,52 +36,137 @@ __all__ = [
 GROUP_KEYS = ("dataset", "model", "method", "batch_size", "max_batch_size", "adversarial")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``; None if it is absent. Unreadable JSON is a UsageError."""
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is not readable JSON ({exc}); remove or fix it") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# What each file of a run must hold for the tables and figures (key: check).
+_NUMBER_OR_NONE = (lambda v: v is None or _is_number(v), "a number or null")
+_SHAPES: dict[str, dict[str, tuple[Any, str]]] = {
+    "summary": {
+        "final_test_acc": (_is_number, "a number"),
+        "best_test_acc": (_is_number, "a number"),
+        "updates": (_is_number, "a number"),
+        "wall_s": (_is_number, "a number"),
+        "hessian_s": (_is_number, "a number"),
+        "final_batch_size": (_is_number, "a number"),
+    },
+    "config": {
+        "dataset": (lambda v: isinstance(v, str), "a string"),
+        "model": (lambda v: isinstance(v, str), "a string"),
+        "method": (lambda v: isinstance(v, str), "a string"),
+        "batch_size": (_is_number, "a number"),
+        "max_batch_size": (_is_number, "a number"),
+    },
+    "epoch": {
+        "epoch": (_is_number, "a number"),
+        "updates": (_is_number, "a number"),
+        "batch_size": (_is_number, "a number"),
+        "lr": (_is_number, "a number"),
+        "test_acc": (_is_number, "a number"),
+        "eigenvalue": _NUMBER_OR_NONE,
+    },
+    "robust": {
+        "clean_acc": _NUMBER_OR_NONE,
+        "fgsm_acc": _NUMBER_OR_NONE,
+        "pgd_acc": _NUMBER_OR_NONE,
+    },
+}
+
+
+def _checked(value: Any, shape: str, path: Path, optional_keys: bool = False) -> dict[str, Any]:
+    """``value`` if it is a mapping whose keys hold what the report needs."""
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} does not hold a largebatch {shape} (not a mapping)")
+    for key, (check, wanted) in _SHAPES[shape].items():
+        if key not in value:
+            if optional_keys or (shape == "epoch" and key == "eigenvalue"):
+                continue
+            raise UsageError(f"{path} does not hold a largebatch {shape}: no {key!r}")
+        if not check(value[key]):
+            raise UsageError(
+                f"{path} does not hold a largebatch {shape}: {key!r} is {value[key]!r}, "
+                f"not {wanted}"
+            )
+    return value
+
+
+def _read_run(folder: Path, summary_path: Path) -> dict[str, Any] | None:
+    """One finished run's files, checked; None if it has no config (not a run)."""
+    run = summary_path.parent
+    config_path = run / "config.yaml"
+    if not config_path.exists():
+        return None
+    summary = _checked(_read_json(summary_path), "summary", summary_path)
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"{config_path} is not readable YAML ({reason})") from None
+    config = _checked(config, "config", config_path)
+    adversarial = config.get("adversarial")
+    config["adversarial"] = (
+        bool(adversarial) if adversarial is not None else config.get("method") == "absa"
+    )
+    metrics = run / "metrics.jsonl"
+    try:
+        history = read_jsonl(metrics) if metrics.exists() else []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{metrics} is not readable ({exc})") from None
+    for record in history:
+        _checked(record, "epoch", metrics)
+    robust = _read_json(run / "robust.json") or {}
+    hessian = _read_json(run / "hessian.json") or {}
+    if not isinstance(hessian, dict):
+        raise UsageError(f"{run / 'hessian.json'} does not hold a largebatch Hessian result")
+    values = (hessian.get("eigenvalues") or {}).get("values", [None])
+    if not isinstance(values, list) or not values or not _NUMBER_OR_NONE[0](values[0]):
+        raise UsageError(f"{run / 'hessian.json'} has no list of eigenvalues")
+    return {
+        "name": str(run.relative_to(folder)),
+        "config": config,
+        "summary": summary,
+        "history": history,
+        "robust": _checked(robust, "robust", run / "robust.json", optional_keys=True),
+        "hessian": hessian,
+    }
 
 
 def collect_runs(folder: str | Path) -> list[dict[str, Any]]:
-    """Every finished run under ``folder`` (or ``folder/runs``), sorted by name."""
+    """Every finished run under ``folder`` (or ``folder/runs``), sorted by name.
+
+    A run is a folder with ``summary.json`` and ``config.yaml``. A file that does not hold
+    what the report needs is a UsageError naming it.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder of runs")
     runs = []
     for summary_path in sorted(folder.rglob("summary.json")):
-        run = summary_path.parent
-        summary = _read_json(summary_path)
-        config_path = run / "config.yaml"
-        if summary is None or not config_path.exists():
-            continue
-        config = yaml.safe_load(config_path.read_text())
-        adversarial = config.get("adversarial")
-        config["adversarial"] = (
-            adversarial if adversarial is not None else config.get("method") == "absa"
-        )
-        runs.append(
-            {
-                "name": str(run.relative_to(folder)),
-                "config": config,
-                "summary": summary,
-                "history": read_jsonl(run / "metrics.jsonl")
-                if (run / "metrics.jsonl").exists()
-                else [],
-                "robust": _read_json(run / "robust.json") or {},
-                "hessian": _read_json(run / "hessian.json") or {},
-            }
-        )
+        run = _read_run(folder, summary_path)
+        if run is not None:
+            runs.append(run)
     if not runs:
         raise UsageError(f"no finished runs (summary.json) under {folder}")
     return runs
 
 
 def _mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation; no spread (None) from fewer than two values."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return None, None
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    spread = statistics.stdev(values) if len(values) > 1 else None
     return statistics.fmean(values), spread
 
 
@@ -138,9 +223,12 @@ def _add_update_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def _pct(mean: float | None, std: float | None) -> str:
+    """A percentage, with its spread over seeds when there is one."""
     if mean is None:
         return "-"
-    return f"{100 * mean:.2f} ± {100 * (std or 0):.2f}"
+    if std is None:
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def _num(value: float | None, fmt: str) -> str:

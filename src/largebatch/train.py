@@ -7,6 +7,7 @@ records written to ``--out``. Methods differ only in the controller built from t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -25,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from largebatch.adversarial import fgsm, pgd
-from largebatch.checkpoint import load_checkpoint, save_checkpoint
+from largebatch.checkpoint import checked_part, load_checkpoint, load_part, save_checkpoint
 from largebatch.config import TrainConfig, config_to_dict, save_config
 from largebatch.controllers import BatchController, Decision, make_controller
 from largebatch.data import DataSource, load_dataset
@@ -41,6 +42,7 @@ from largebatch.errors import CheckpointError, DivergedError, UsageError
 from largebatch.hessian import EigenTracker, HessianOperatorError
 from largebatch.io import append_jsonl, atomic_write_json, write_jsonl
 from largebatch.models import build_model
+from largebatch.outputs import RunFolder, remove_own_temporaries
 from largebatch.pipeline import Feed, materialize
 from largebatch.precision import autocast, make_scaler
 from largebatch.sampler import EpochSampler, probe_batches
@@ -53,6 +55,9 @@ __all__ = [
     "RunState",
     "TrainingInterrupted",
 ]
+
+#: the files a run writes into its folder
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt")
 
 # The probe set is drawn with its own seed, apart from the data order.
 _PROBE_SEED_OFFSET = 104_729
@@ -481,17 +486,23 @@ def _restore(
     scaler: torch.amp.GradScaler | None,
 ) -> RunState:
     """Load checkpoint ``path`` into the run's objects; return its counters."""
-    saved = load_checkpoint(path, map_location=device)
-    _check_resumable(saved["config"], config, path)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    controller.load_state_dict(saved["controller"])
+    # Loaded on the CPU: the RNG and generator states in it must stay CPU byte tensors
+    # (torch.set_rng_state and Generator.set_state refuse CUDA ones); the model's and the
+    # optimizer's load_state_dict copy each tensor to its parameter's device.
+    saved = load_checkpoint(path, map_location="cpu")
+    _check_resumable(checked_part(saved, "config", dict, path), config, path)
+    load_part(model, checked_part(saved, "model", dict, path), path, "model weights")
+    load_part(optimizer, checked_part(saved, "optimizer", dict, path), path, "optimizer state")
+    load_part(controller, checked_part(saved, "controller", dict, path), path, "controller state")
     if tracker is not None and saved.get("tracker") is not None:
-        tracker.load_state_dict(saved["tracker"])
+        load_part(tracker, saved["tracker"], path, "eigenvalue tracker state")
     if scaler is not None and saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
-    _set_rng_state(saved["rng"])
-    return RunState(**saved["run"])
+        load_part(scaler, saved["scaler"], path, "loss scaler state")
+    try:
+        _set_rng_state(checked_part(saved, "rng", dict, path))
+        return RunState(**checked_part(saved, "run", dict, path))
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: its run state is damaged ({exc})") from None
 
 
 def _may_roll_back(config: TrainConfig, state: RunState) -> bool:
@@ -585,6 +596,35 @@ def train(
     """
     config.validate()
     world, device_name = setup(config.device)
+    if world.enabled and config.hessian_samples < world.size:
+        raise UsageError(
+            f"hessian_samples ({config.hessian_samples}) must be at least the number of "
+            f"processes ({world.size})"
+        )
+    # Rank 0 alone writes; it holds the run folder's lock for the whole run, so that a
+    # second process on the same --out is refused before it reads any data.
+    with contextlib.ExitStack() as held:
+        problem = None
+        if world.is_main:
+            try:
+                held.enter_context(RunFolder(config.out))
+            except UsageError as exc:
+                problem = str(exc)
+        problem = broadcast_object(problem, world)
+        if problem is not None:
+            raise UsageError(problem)
+        return _train_in_folder(config, world, device_name, show_progress, echo, stop_after)
+
+
+def _train_in_folder(
+    config: TrainConfig,
+    world: World,
+    device_name: str,
+    show_progress: bool | None,
+    echo: Callable[[str], None] | None,
+    stop_after: int | None,
+) -> dict[str, Any]:
+    """The body of :func:`train`, once the run folder is this run's alone."""
     device = torch.device(device_name) if world.enabled else resolve_device(device_name)
     if not world.is_main:  # only rank 0 talks and writes
         echo, show_progress = None, False
@@ -597,11 +637,6 @@ def train(
     if not config.resume and broadcast_object(taken, world):
         raise UsageError(
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
-    if world.enabled and config.hessian_samples < world.size:
-        raise UsageError(
-            f"hessian_samples ({config.hessian_samples}) must be at least the number of "
-            f"processes ({world.size})"
         )
 
     _seed_everything(config.seed)
@@ -637,6 +672,11 @@ def train(
 
     if config.resume and ckpt_path.exists():
         state = restore()
+        if state.epoch > config.epochs:
+            raise UsageError(
+                f"{out} has finished {state.epoch} epochs already; resume it with --epochs "
+                f"{state.epoch} or more (now {config.epochs})"
+            )
     # Ctrl-C and SIGTERM are caught from before the first write: a signal never leaves a
     # half-started run, and arrives at the loop as a stop request.
     # The decoding workers (image folders only) start inside, so they inherit the handler.
@@ -645,8 +685,7 @@ def train(
         broadcast_object(None, world)
         if world.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            for stale in out.glob(".*.tmp"):  # left by a save that a crash cut short
-                stale.unlink(missing_ok=True)
+            remove_own_temporaries(out, RUN_FILES)  # left by a save that a crash cut short
             save_config(config, out / "config.yaml")
             # The checkpoint's history is the truth: it drops epochs logged after the last save.
             write_jsonl(out / "metrics.jsonl", state.history)
