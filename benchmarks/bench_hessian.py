@@ -30,6 +30,15 @@ JSON to stdout; progress goes to stderr.
 Usage: python benchmarks/bench_hessian.py --out docs/results/hessian-engine
 ``--quick`` (64 probe samples, 2% of an epoch, one repeat, short budgets) only checks
 that it runs.
+
+``--products-only`` measures (a) alone, on ``--device`` (``cpu`` or ``cuda``), for C1 at
+Fashion-MNIST shape (the real data when installed, else random inputs of that shape) and
+ResNet-20 at CIFAR shape (random inputs), at each of ``--samples-list`` probe sizes. On
+CUDA every timed block is bracketed by ``torch.cuda.synchronize()``, and it runs twice:
+with torch's TF32 defaults (cuDNN convolutions in TF32) and with TF32 off; it also reports
+how far each float32 product is from a float64 one (the products' rounding error).
+
+    python benchmarks/bench_hessian.py --products-only --device cuda --json hessian.json
 """
 
 from __future__ import annotations
@@ -87,6 +96,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--power-iters", type=int, default=100, help="cold power budget")
     parser.add_argument("--pyhessian-iters", type=int, default=80, help="PyHessian budget")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--products-only", action="store_true", help="only (a), the product/gradient ratio"
+    )
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="--products-only")
+    parser.add_argument(
+        "--models", nargs="+", default=["c1", "resnet20"], help="--products-only: models"
+    )
+    parser.add_argument(
+        "--samples-list",
+        type=int,
+        nargs="+",
+        default=[256, 1024],
+        help="--products-only: probe sizes",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="--products-only: JSON file")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.product_repeats, args.samples = 1, 2, 64
@@ -96,6 +120,15 @@ def parse_args() -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- timing
+def _no_sync() -> None:
+    pass
+
+
+#: Called before and after every timed block: ``torch.cuda.synchronize`` on CUDA, so that
+#: the block's kernels are inside its time.
+SYNC: Callable[[], None] = _no_sync
+
+
 class Clock:
     """Wall and CPU seconds of a block (CPU time is less sensitive to other jobs)."""
 
@@ -104,10 +137,12 @@ class Clock:
 
     @contextmanager
     def measure(self) -> Iterator[Clock]:
+        SYNC()
         wall, cpu = time.perf_counter(), time.process_time()
         try:
             yield self
         finally:
+            SYNC()
             self.wall = time.perf_counter() - wall
             self.cpu = time.process_time() - cpu
 
@@ -206,32 +241,41 @@ def bench_products(model: nn.Module, probe: tuple, repeats: int) -> dict[str, An
     ):
         vector = torch.randn(fast.dim, generator=torch.Generator().manual_seed(0))
         block = torch.randn(4, fast.dim, generator=torch.Generator().manual_seed(1))
+        vector, block = vector.to(fast.device), block.to(fast.device)  # no copy in the timing
         build = {}
         for name, op in (("double_backward", fast), ("double_backward_plain", plain)):
             clock = Clock()
             with clock.measure():
                 op.matvec(vector)  # the first product builds the gradient graph
             build[name] = clock.wall
-        fwd.matvec(vector)  # warm-up of torch.func
+        try:
+            fwd.matvec(vector)  # warm-up of torch.func
+        except RuntimeError as exc:  # reported, not fatal
+            report["forward_over_reverse_error"] = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            )
         reference = plain.matvec(vector)
         agreement = float((fast.matvec(vector) - reference).norm() / reference.norm())
         # vmap (is_grads_batched) cannot see through the rewritten graph's custom nodes:
         # batching is measured on the plain graph, against its single products.
-        batched = _batched_product(plain, block)
-        times = interleaved(
-            {
-                "gradient": gradient,
-                "double_backward": lambda: fast.matvec(vector),
-                "double_backward_plain": lambda: plain.matvec(vector),
-                "forward_over_reverse": lambda: fwd.matvec(vector),
-                "batched_4_per_vector": lambda: batched(block),
-            },
-            repeats,
-        )
-    per_vector = times["batched_4_per_vector"]
-    for name in ("wall_s", "cpu_s"):
-        per_vector[name] /= len(block)
-    per_vector["wall_runs"] = [t / len(block) for t in per_vector["wall_runs"]]
+        actions = {
+            "gradient": gradient,
+            "double_backward": lambda: fast.matvec(vector),
+            "double_backward_plain": lambda: plain.matvec(vector),
+        }
+        if "forward_over_reverse_error" not in report:
+            actions["forward_over_reverse"] = lambda: fwd.matvec(vector)
+        try:
+            batched = _batched_product(plain, block)
+            actions["batched_4_per_vector"] = lambda: batched(block)
+        except (AssertionError, RuntimeError) as exc:  # reported, not fatal
+            report["batched_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        times = interleaved(actions, repeats)
+    if "batched_4_per_vector" in times:
+        per_vector = times["batched_4_per_vector"]
+        for name in ("wall_s", "cpu_s"):
+            per_vector[name] /= len(block)
+        per_vector["wall_runs"] = [t / len(block) for t in per_vector["wall_runs"]]
     grad = times["gradient"]
     for entry in times.values():
         entry["wall_over_gradient"] = entry["wall_s"] / grad["wall_s"]
@@ -637,6 +681,156 @@ def bench_accuracy(
     return report
 
 
+# ------------------------------------------------------------- (a) alone, any device
+PRODUCT_SHAPES = {"c1": ((1, 28, 28), 10), "resnet20": ((3, 32, 32), 10)}
+
+
+def products_problem(
+    model_name: str, samples: int, device: torch.device, seed: int
+) -> tuple[nn.Module, tuple, str]:
+    """A model and a probe set on ``device``: C1 on Fashion-MNIST when it is installed,
+    otherwise (and for the other models) uniform random inputs of the model's shape."""
+    if model_name not in PRODUCT_SHAPES:
+        raise SystemExit(f"--models: choose from {sorted(PRODUCT_SHAPES)}")
+    shape, classes = PRODUCT_SHAPES[model_name]
+    torch.manual_seed(seed)
+    data_name = "random"
+    mean, std = [0.5] * shape[0], [0.25] * shape[0]
+    x = y = None
+    if model_name == "c1":
+        try:
+            source = load_dataset("fashion-mnist")
+        except Exception:  # not installed: random inputs of the same shape
+            source = None
+        if source is not None and len(source.train_y) >= samples:
+            x, y = source.train_x[:samples], source.train_y[:samples]
+            mean, std, data_name = source.mean, source.std, "fashion-mnist"
+    if x is None:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.rand(samples, *shape, generator=generator)
+        y = torch.randint(0, classes, (samples,), generator=generator)
+    model = build_model(model_name, shape, classes, mean=mean, std=std).to(device)
+    return model, (x.to(device), y.to(device)), data_name
+
+
+@contextmanager
+def tf32(enabled: bool | None) -> Iterator[None]:
+    """TF32 for cuBLAS and cuDNN on (True), off (False), or as torch set it (None)."""
+    if enabled is None or not torch.cuda.is_available():
+        yield
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def product_rounding(model: nn.Module, probe: tuple, settings: dict) -> dict[str, float]:
+    """Relative distance of float32 products (per TF32 setting) from the float64 product."""
+    vector = torch.randn(
+        sum(p.numel() for p in model.parameters()),
+        generator=torch.Generator().manual_seed(2),
+        dtype=torch.float64,
+    )
+    exact_model = copy.deepcopy(model).double()
+    with HessianOperator(exact_model, F.cross_entropy, (probe[0].double(), probe[1])) as op:
+        exact = op.matvec(vector).double().cpu()
+    del exact_model
+    errors = {}
+    for label, enabled in settings.items():
+        with tf32(enabled), HessianOperator(model, F.cross_entropy, probe) as op:
+            product = op.matvec(vector.float()).double().cpu()
+        errors[label] = float((product - exact).norm() / exact.norm())
+    return errors
+
+
+def _products_case(
+    case: dict[str, Any],
+    model_name: str,
+    samples: int,
+    rounding: bool,
+    settings: dict[str, bool | None],
+    device: torch.device,
+    args: argparse.Namespace,
+) -> None:
+    """Fill ``case`` with the product/gradient ratios of one model and probe size."""
+    model, probe, data_name = products_problem(model_name, samples, device, args.seed)
+    case["data"] = data_name
+    case["parameters"] = sum(p.numel() for p in model.parameters())
+    for label, enabled in settings.items():
+        with tf32(enabled):
+            products = bench_products(model, probe, args.product_repeats)
+        times = products["times"]
+        case[label] = {
+            "hvp_over_gradient": products["hvp_over_gradient"],
+            "wall_over_gradient": {k: v["wall_over_gradient"] for k, v in times.items()},
+            "wall_s": {k: v["wall_s"] for k, v in times.items()},
+            "first_product_over_gradient": products["first_product_over_gradient"],
+            "rewritten_vs_plain_relative_difference": products[
+                "rewritten_vs_plain_relative_difference"
+            ],
+            **{k: v for k, v in products.items() if k.endswith("_error")},
+        }
+    if rounding:
+        case["product_rounding_vs_float64"] = product_rounding(model, probe, settings)
+    progress(
+        f"{model_name} / {samples} samples",
+        {label: round(case[label]["hvp_over_gradient"], 3) for label in settings},
+    )
+
+
+def products_only(args: argparse.Namespace) -> dict[str, Any]:
+    global SYNC
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device")
+        SYNC = torch.cuda.synchronize
+    # On CUDA: torch's defaults (cuDNN convolutions in TF32 on Ampere and later) and IEEE fp32.
+    settings: dict[str, bool | None] = (
+        {"default": None, "tf32_off": False} if device.type == "cuda" else {"default": None}
+    )
+    report: dict[str, Any] = {
+        "command": "python " + " ".join(sys.argv),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "product_repeats": args.product_repeats,
+        "settings": {
+            "cudnn_allow_tf32_default": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32_default": torch.backends.cuda.matmul.allow_tf32,
+        }
+        if device.type == "cuda"
+        else {},
+        "cases": [],
+    }
+    started = time.perf_counter()
+    for model_name in args.models:
+        for index, samples in enumerate(args.samples_list):
+            case: dict[str, Any] = {"model": model_name, "samples": samples}
+            try:
+                _products_case(case, model_name, samples, index == 0, settings, device, args)
+            except Exception as exc:  # one failed case must not lose the others
+                case["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                progress(f"{model_name} / {samples} samples", case["error"])
+            report["cases"].append(case)
+            report["total_seconds"] = time.perf_counter() - started
+            if args.json is not None:  # after every case: a run cut short keeps the rest
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return report
+
+
 # ------------------------------------------------------------------------- report
 def fmt(value: Any) -> str:
     if value is None:
@@ -800,6 +994,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def main() -> int:
     args = parse_args()
+    if args.products_only:
+        print(json.dumps(products_only(args), indent=2, default=_jsonable))
+        return 0
     started = time.perf_counter()
     problem = load_problem(args)
     model, probe = problem["model"], problem["probe"]
