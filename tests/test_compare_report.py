@@ -175,3 +175,17 @@ def test_a_signal_stops_the_grid_instead_of_failing_the_run(tmp_path, monkeypatc
     monkeypatch.undo()
     status = run_experiment(load_experiment(path), out, show_progress=False, echo=lambda _: None)
     assert status == {"seed0": "done", "seed1": "done"}
+
+
+def test_a_group_of_one_run_shows_no_spread(finished_grid, tmp_path):
+    from largebatch.report import markdown_table
+
+    _, out, _ = finished_grid
+    runs = [r for r in collect_runs(out) if r["name"].endswith("seed0")]
+    rows = summarize(runs)
+    assert all(r["seeds"] == 1 and r["final_test_acc_std"] is None for r in rows)
+    table = markdown_table(rows)
+    assert "±" not in table
+    acc = 100 * runs[0]["summary"]["final_test_acc"]
+    assert f"| {acc:.2f} |" in table
+    assert "±" in markdown_table(summarize(collect_runs(out)))  # two seeds: mean ± std
