@@ -69,6 +69,7 @@ from largebatch.hessian import (
     top_eigenvalues,
 )
 from largebatch.models import build_model
+from largebatch.precision import tf32
 
 COMMAND = "python benchmarks/bench_hessian.py --out docs/results/hessian-engine"
 TRAIN_BATCH = 128
@@ -711,26 +712,6 @@ def products_problem(
         y = torch.randint(0, classes, (samples,), generator=generator)
     model = build_model(model_name, shape, classes, mean=mean, std=std).to(device)
     return model, (x.to(device), y.to(device)), data_name
-
-
-@contextmanager
-def tf32(enabled: bool | None) -> Iterator[None]:
-    """TF32 for cuBLAS and cuDNN on (True), off (False), or as torch set it (None)."""
-    if enabled is None or not torch.cuda.is_available():
-        yield
-        return
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def product_rounding(model: nn.Module, probe: tuple, settings: dict) -> dict[str, float]:

@@ -18,7 +18,6 @@ on the CPU of a 2-core machine with LARGEBATCH_TEST_DEVICE=cpu).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -27,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +45,7 @@ from largebatch.hessian import top_eigenvalues
 from largebatch.io import read_jsonl
 from largebatch.models import build_model
 from largebatch.pipeline import Feed
+from largebatch.precision import tf32
 from largebatch.sampler import EpochSampler
 from largebatch.train import TrainingInterrupted, resolve_device, train
 
@@ -87,29 +86,11 @@ def _cuda_was_asked_for():
         pytest.fail("LARGEBATCH_TEST_DEVICE=cuda, but torch.cuda.is_available() is False")
 
 
-@contextlib.contextmanager
 def exact_float32():
-    """TF32 off for cuBLAS and cuDNN while the block runs (a no-op without CUDA).
-
-    On Ampere and later GPUs cuDNN runs float32 convolutions in TF32 by default (10-bit
-    mantissa, about 1e-3 relative error per product), which alone would keep CPU and CUDA
-    results from agreeing to 1e-4. With TF32 off both devices compute in IEEE float32 and
-    differ only by summation order (about 1e-6 relative).
-    """
-    if not torch.cuda.is_available():
-        yield
-        return
-    with warnings.catch_warnings():  # newer torch prefers fp32_precision; both still work
-        warnings.simplefilter("ignore")
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    """TF32 off for cuBLAS and cuDNN while the block runs (a no-op without CUDA): CPU and
+    CUDA results then differ by summation order only (about 1e-6 relative in float32),
+    where TF32 alone would keep them from agreeing to 1e-4."""
+    return tf32(False)
 
 
 def _write_cifar_like(folder: Path, seed: int = 0) -> Path:
