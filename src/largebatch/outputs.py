@@ -98,7 +98,10 @@ class RunFolder:
 def _probe_writable(folder: Path) -> None:
     """Create and remove a file in ``folder``: the only check that a read-only mount,
     /proc or a missing permission cannot fool."""
-    fd, name = tempfile.mkstemp(prefix=".largebatch-probe.", dir=folder)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".largebatch-probe.", dir=folder)
+    except OSError as exc:  # name the folder, not the probe file that could not be made
+        raise OSError(exc.errno, exc.strerror, str(folder)) from None
     os.close(fd)
     os.unlink(name)
 
@@ -119,8 +122,9 @@ def remove_own_temporaries(folder: str | Path, names: tuple[str, ...]) -> list[P
 def check_output_file(path: str | Path | None, what: str = "--out") -> None:
     """Check, before any work, that a result file can be written at ``path``.
 
-    ``None`` is no file. The path must not be an existing folder; its folder is created
-    if needed and must accept new files.
+    ``None`` is no file. The path must not be an existing folder, and its nearest existing
+    folder must accept new files (the missing ones are made when the result is written,
+    so a run that fails before then leaves nothing behind).
     """
     if path is None:
         return
@@ -129,9 +133,11 @@ def check_output_file(path: str | Path | None, what: str = "--out") -> None:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{what} {path} is a folder; name a file, e.g. {path / 'result.json'}")
+    existing = next(p for p in (*path.absolute().parents, Path("/")) if p.exists())
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _probe_writable(path.parent)
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        _probe_writable(existing)
     except OSError as exc:
         raise UsageError(describe_os_error(exc, f"{what} {path}")) from None
 
