@@ -16,8 +16,8 @@
 #   pipeline.json    bench_pipeline: input pipeline against the training step
 #   gpu-check.log    everything the steps printed, then the summary of exit statuses
 #
-# Budget: at most about 7.5 minutes in all (steps of 170 + 120 + 55 + 80 s at most, each cut
-# to what is left of GPU_CHECK_BUDGET, default 440 s); about 4-5 minutes expected.
+# Budget: at most about 7.5 minutes in all (steps of 170 + 120 + 120 + 80 s at most, each
+# cut to what is left of GPU_CHECK_BUDGET, default 440 s); about 4-5 minutes expected.
 #
 # Dry run on a machine without a GPU (tests on the CPU, benchmarks at toy sizes; the tests
 # alone take about 20 minutes on 2 cores, so GPU_CHECK_PYTEST_ARGS can pick a few):
