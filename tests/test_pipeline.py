@@ -202,10 +202,13 @@ def test_the_cli_names_a_corrupt_image_and_exits_2(tmp_path, tiny):
 def test_squeezenext_learns_fashion_mnist(tmp_path):
     # Few updates on a small subset: the training loss must fall clearly. (Test accuracy
     # is not asserted: after so few updates the batch-norm running statistics lag.)
+    # Three epochs, not two: on an AMD EPYC machine two epochs (32 updates) lowered the
+    # loss by only 4.5% (2.313 to 2.210); three lower it by 15% (to 1.961), a margin that
+    # does not hang on which kernels the CPU picks.
     config = TrainConfig(
         dataset="fashion-mnist",
         model="squeezenext",
-        epochs=2,
+        epochs=3,
         batch_size=64,
         max_batch_size=64,
         lr=0.05,
@@ -215,6 +218,6 @@ def test_squeezenext_learns_fashion_mnist(tmp_path):
         out=str(tmp_path / "sqnxt"),
     )
     train(config, echo=None, show_progress=False)
-    first, last = read_jsonl(tmp_path / "sqnxt" / "metrics.jsonl")
+    first, *_, last = read_jsonl(tmp_path / "sqnxt" / "metrics.jsonl")
     assert last["train_loss"] < 0.95 * first["train_loss"]
     assert last["train_acc"] > first["train_acc"] + 0.05
