@@ -134,3 +134,42 @@ def write_imagenet(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
         (root / "train" / name / "notes.txt").write_text("not an image")
         (root / "train" / name / "._apple_0.JPEG").write_bytes(b"macOS resource fork")
     return root
+
+
+def assert_runs_equal(a: Path, b: Path) -> None:
+    """Two run folders hold the same metrics (times aside) and bit-equal weights."""
+    from largebatch.checkpoint import load_checkpoint
+    from largebatch.io import read_jsonl
+
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert without_times(ra) == without_times(rb)
+    pa, pb = (
+        load_checkpoint(a / "checkpoint.pt")["model"],
+        load_checkpoint(b / "checkpoint.pt")["model"],
+    )
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def assert_runs_close(a: Path, b: Path) -> None:
+    """Two run folders hold the same schedule and counts, and metrics and weights within
+    1e-4 relative (the bound that tells summation order from a thread mismatch: see
+    :func:`threads_like_a_rank`)."""
+    import pytest
+
+    from largebatch.checkpoint import load_checkpoint
+    from largebatch.io import read_jsonl
+
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert len(ra) == len(rb)
+    for x, y in zip(without_times(ra), without_times(rb), strict=True):
+        for key, value in x.items():
+            if isinstance(value, float):
+                assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+            else:
+                assert y[key] == value, key
+    pa, pb = (
+        load_checkpoint(a / "checkpoint.pt")["model"],
+        load_checkpoint(b / "checkpoint.pt")["model"],
+    )
+    for key in pa:
+        assert torch.allclose(pa[key], pb[key], rtol=1e-4, atol=1e-5), key

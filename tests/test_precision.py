@@ -1,10 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-import largebatch.train as train_module
+import largebatch.engine as engine_module
 from helpers import without_times
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
+from largebatch.engine import make_tracker
 from largebatch.errors import ConfigError
 from largebatch.io import read_jsonl
 from largebatch.precision import autocast, make_scaler
@@ -96,7 +98,7 @@ def test_fp16_overflow_skips_updates_instead_of_calling_it_divergence(tmp_path, 
     # A loss scale of 2**40 overflows fp16 gradients; the scaler must halve it, skipping
     # those updates, and the run must go on and learn.
     monkeypatch.setattr(
-        train_module,
+        engine_module,
         "make_scaler",
         lambda device, precision: torch.amp.GradScaler(device.type, init_scale=2.0**40),
     )
@@ -144,6 +146,6 @@ def test_the_eigenvalue_of_a_bf16_run_is_the_fp32_eigenvalue(tmp_path):
     model = build_model(**saved["model_spec"])
     model.load_state_dict(saved["model"])
     data = load_dataset("synthetic", seed=config.seed)
-    probe = train_module._make_tracker(config, data, torch.device("cpu"), World()).data
+    probe = make_tracker(config, data, torch.device("cpu"), World(), F.cross_entropy).data
     exact = top_eigenvalues(model, torch.nn.functional.cross_entropy, probe, tol=1e-6, max_iter=200)
     assert record["eigenvalue"] == pytest.approx(float(exact.values[0]), rel=2e-3)

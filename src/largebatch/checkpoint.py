@@ -84,6 +84,12 @@ def _numbers(value: Any, integers: bool) -> bool:
 
 def checked_model_spec(state: Mapping[str, Any], path: Any) -> dict[str, Any]:
     """The checkpoint's model spec, checked field by field before any model is built."""
+    if state.get("model_spec", 0) is None and isinstance(state.get("model"), dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a model that was passed to largebatch.fit as an object, "
+            "so it cannot be rebuilt here: build the model in Python and load "
+            "checkpoint['model'] into it"
+        )
     spec = checked_part(state, "model_spec", dict, path)
     problem = None
     if set(spec) != {"name", "input_shape", "num_classes", "mean", "std"}:
@@ -96,7 +102,7 @@ def checked_model_spec(state: Mapping[str, Any], path: Any) -> dict[str, Any]:
         problem = f"input_shape {spec['input_shape']!r} is out of range"
     elif isinstance(spec["num_classes"], bool) or not isinstance(spec["num_classes"], int):
         problem = "num_classes is not an integer"
-    elif not 1 <= spec["num_classes"] <= 1 << 20:
+    elif not 0 <= spec["num_classes"] <= 1 << 20:
         problem = f"num_classes {spec['num_classes']} is out of range"
     else:
         for key in ("mean", "std"):

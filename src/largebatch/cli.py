@@ -7,6 +7,7 @@ Bad input ends with one ``error: ...`` line on stderr and exit status 2, no trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import sys
@@ -16,6 +17,7 @@ from typing import Any, NoReturn
 
 from largebatch import __version__
 from largebatch.errors import UsageError
+from largebatch.interrupts import hold_interrupts
 
 __all__ = ["main", "build_parser"]
 
@@ -34,12 +36,19 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
         "--dataset",
         "dataset",
         str,
-        "fashion-mnist|mnist|cifar10|cifar100|svhn|tinyimagenet|imagenet|digits|mnist1d|synthetic",
+        "fashion-mnist|mnist|cifar10|cifar100|svhn|tinyimagenet|imagenet|digits|mnist1d|synthetic"
+        ", or package.module:callable returning (train, test) datasets",
     ),
     ("--data-dir", "data_dir", str, "folder with the dataset files"),
     ("--image-size", "image_size", int, "image-folder datasets: side of the decoded images"),
     ("--workers", "loader_workers", int, "image-folder datasets: decoding processes"),
-    ("--model", "model", str, "mlp|c1|c2|resnet20|resnet18|resnet50|squeezenext|squeezenext-2x"),
+    (
+        "--model",
+        "model",
+        str,
+        "mlp|c1|c2|resnet20|resnet18|resnet50|squeezenext|squeezenext-2x, or "
+        "package.module:callable returning an nn.Module",
+    ),
     ("--method", "method", str, "bl|fb|gg|abs|absa"),
     ("--epochs", "epochs", int, "number of epochs"),
     ("--batch-size", "batch_size", int, "base (global) batch size B0"),
@@ -91,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=argparse.SUPPRESS,
         help="continue the run in --out from its checkpoint",
+    )
+    train.add_argument(
+        "--tensorboard",
+        dest="tensorboard",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also write TensorBoard scalars (against samples seen) to OUT/tensorboard",
     )
     train.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     train.set_defaults(func=_cmd_train)
@@ -286,12 +302,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     _Stdout.closed = False
     try:
-        args = build_parser().parse_args(argv)
-        # a Ctrl-C from here on, imports included, is one line and exit status 130
-        from largebatch.train import TrainingInterrupted
+        # A Ctrl-C from here on is one line and exit status 130. It is held during the
+        # imports, and for `train` until the loop takes over (see largebatch.interrupts).
+        with hold_interrupts():
+            args = build_parser().parse_args(argv)
+            import torch  # noqa: F401  (the heavy import, done under the hold)
+
+            from largebatch.train import TrainingInterrupted
 
         try:
-            status = int(args.func(args))
+            with hold_interrupts() if args.command == "train" else contextlib.nullcontext():
+                status = int(args.func(args))
         except TrainingInterrupted as exc:
             sys.stderr.write(f"interrupted: {exc}\n")
             return 130

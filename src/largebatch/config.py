@@ -100,18 +100,26 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds loss scaling)
     channels_last: bool | None = None  # None: on for image models on CUDA
     eval_batch_size: int = 1000
+    tensorboard: bool = False  # also write TensorBoard scalars to OUT/tensorboard
     out: str = "runs/train"
     resume: bool = False
 
-    def validate(self) -> TrainConfig:
-        """Check ranges and combinations; raise ConfigError on the first problem."""
+    def validate(self, names: bool = True) -> TrainConfig:
+        """Check ranges and combinations; raise ConfigError on the first problem.
+
+        ``names``: ``dataset`` and ``model`` must be built-in names or
+        ``package.module:callable`` paths (False: they are labels, as :func:`largebatch.fit`
+        sets them).
+        """
         from largebatch.data import DATASETS
         from largebatch.models import MODELS
 
         _check_types(self)
 
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, MODELS)
+        for key, choices in (("dataset", DATASETS), ("model", MODELS)):
+            value = getattr(self, key)
+            if names and ":" not in value:
+                _choice(key, value, choices)
         _choice("method", self.method, METHODS)
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)

@@ -1,9 +1,12 @@
 """Batch-size controllers: schedulers for the global batch, the LR factor and the
 adversarial fraction.
 
-A controller is told what was measured at the end of an epoch (:meth:`step`) and answers
-with a :class:`Decision` for the next one. Its state is plain numbers, with
-``state_dict()`` and ``load_state_dict()``, so a run resumes exactly.
+A controller is told what was measured at a decision point (:meth:`step`) and answers
+with a :class:`Decision` from there on. Decision points are the epochs' ends and, for a
+controller with ``decide_every`` set, every that many samples in between. A controller
+declares the measurements it may ask for (``measures``) and those it wants now
+(``wants``); the loop runs only those meters (:mod:`largebatch.meters`). Its state is
+plain numbers, with ``state_dict()`` and ``load_state_dict()``, so a run resumes exactly.
 """
 
 from __future__ import annotations
@@ -59,13 +62,26 @@ class BatchController:
     """
 
     name = "base"
-    #: whether :meth:`step` wants the top Hessian eigenvalue in its measurements
-    wants_eigenvalue = False
+    #: measurements :meth:`step` may ask for (names of meters, e.g. ``"eigenvalue"``)
+    measures: frozenset[str] = frozenset()
+    #: samples between decision points inside an epoch (None: at epoch ends only)
+    decide_every: int | None = None
 
     def __init__(self, adv_ratio: float = 0.0, adv_stop_epoch: int | None = None) -> None:
         self.epoch = 0
         self.adv_ratio = adv_ratio
         self.adv_stop_epoch = adv_stop_epoch
+        #: why the latest :meth:`step` changed the batch ("" when it did not)
+        self.last_reason = ""
+
+    @property
+    def wants(self) -> frozenset[str]:
+        """The measurements wanted at the next decision point (a subset of ``measures``)."""
+        return self.measures
+
+    @property
+    def wants_eigenvalue(self) -> bool:
+        return "eigenvalue" in self.wants
 
     def current_adv_ratio(self) -> float:
         """The adversarial fraction for epoch ``self.epoch``."""
@@ -82,8 +98,13 @@ class BatchController:
         return 1.0
 
     def step(self, measurements: Mapping[str, Any] | None = None) -> Decision:
-        """Record the end of epoch ``self.epoch``; return the decision for the next one."""
-        self.epoch += 1
+        """Record a decision point; return the decision from there on.
+
+        ``measurements`` holds the wanted meters' numbers and ``epoch_end`` (default True):
+        at an epoch's end the controller moves on to epoch ``self.epoch + 1``.
+        """
+        if is_epoch_end(measurements):
+            self.epoch += 1
         return self.decision()
 
     def state_dict(self) -> dict[str, Any]:
@@ -91,6 +112,11 @@ class BatchController:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.epoch = int(state["epoch"])
+
+
+def is_epoch_end(measurements: Mapping[str, Any] | None) -> bool:
+    """Whether a decision point's measurements mark an epoch's end (the default)."""
+    return bool((measurements or {}).get("epoch_end", True))
 
 
 class FixedBatch(BatchController):
@@ -193,6 +219,7 @@ class AdaptiveBatch(BatchController):
     """
 
     name = "abs"
+    measures = frozenset({"eigenvalue"})
 
     def __init__(
         self,
@@ -219,11 +246,10 @@ class AdaptiveBatch(BatchController):
         self.reference: float | None = None
         self.epochs_since_growth = 0
         self.growths = 0
-        self.last_reason = ""
 
     @property
-    def wants_eigenvalue(self) -> bool:  # type: ignore[override]
-        return self.batch_size < self.max_batch
+    def wants(self) -> frozenset[str]:
+        return self.measures if self.batch_size < self.max_batch else frozenset()
 
     def decision(self) -> Decision:
         lr_factor = (
@@ -234,7 +260,7 @@ class AdaptiveBatch(BatchController):
     def step(self, measurements: Mapping[str, Any] | None = None) -> Decision:
         eigenvalue = (measurements or {}).get("eigenvalue")
         self.last_reason = ""
-        if self.batch_size < self.max_batch:
+        if self.batch_size < self.max_batch and is_epoch_end(measurements):
             self.epochs_since_growth += 1
             usable = eigenvalue is not None and math.isfinite(eigenvalue)
             if usable and self.reference is None:

@@ -83,7 +83,8 @@ class DataSource:
     """A loaded dataset, train and test split, as tensors in memory.
 
     Attributes:
-        name: canonical dataset name (one of :data:`DATASETS`).
+        name: canonical dataset name (one of :data:`DATASETS`), or the
+            ``package.module:callable`` path or label of a user's dataset.
         train_x, test_x: float32, shape ``(N, *input_shape)``, raw values inside
             ``input_range`` (images scaled to [0, 1]); never normalized. For the image-folder
             datasets a :class:`~largebatch.imagefolder.LazyImages` instead, indexed like a
@@ -122,10 +123,13 @@ def load_dataset(
     limit_test: int | None = None,
     image_size: int | None = None,
 ) -> DataSource:
-    """Load dataset ``name`` (one of :data:`DATASETS`).
+    """Load dataset ``name`` (one of :data:`DATASETS`, or ``package.module:callable``).
 
     Args:
-        name: dataset name; ``_`` is accepted for ``-`` and case is ignored.
+        name: dataset name; ``_`` is accepted for ``-`` and case is ignored. A
+            ``package.module:callable`` path names a function of yours that returns
+            ``(train, test)`` datasets (see :func:`largebatch.user_data.as_tensors`); it
+            is given ``data_dir=`` and ``seed=`` when its signature takes them.
         data_dir: folder holding the dataset files. ``None`` uses :data:`DEFAULT_DATA_DIRS`
             (only Fashion-MNIST has one). For ``mnist1d`` it is the cache folder; ``None``
             means ``$LARGEBATCH_CACHE/mnist1d`` or else ``~/.cache/largebatch/mnist1d``.
@@ -150,6 +154,10 @@ def load_dataset(
             integer.
         DataError: a missing, truncated or malformed dataset file.
     """
+    if ":" in str(name):
+        _check_limit("limit_train", limit_train)
+        _check_limit("limit_test", limit_test)
+        return _apply_limits(_user_dataset(str(name), data_dir, seed), limit_train, limit_test)
     key = str(name).strip().lower().replace("_", "-")
     if key not in _LOADERS:
         raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
@@ -161,6 +169,23 @@ def load_dataset(
     if augment and key in _AUGMENT_FLIP:
         source.augment = functools.partial(random_crop_flip, padding=4, flip=_AUGMENT_FLIP[key])
     return _apply_limits(source, limit_train, limit_test)
+
+
+def _user_dataset(path: str, data_dir: Any, seed: int) -> DataSource:
+    """``--dataset package.module:callable``: the callable returns ``(train, test)``
+    datasets; it receives ``data_dir=`` and ``seed=`` when its signature takes them."""
+    from largebatch.user_data import as_source, call_with_accepted, load_callable
+
+    function = load_callable(path, "--dataset")
+    what = f"--dataset {path}"
+    result = call_with_accepted(
+        function, what, data_dir=None if data_dir is None else str(data_dir), seed=seed
+    )
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise UsageError(
+            f"{what} returned a {type(result).__name__}; it must return (train, test) datasets"
+        )
+    return as_source(result[0], result[1], name=path, input_range=None)
 
 
 def random_crop_flip(

@@ -396,9 +396,15 @@ def build_model(
 ) -> nn.Module:
     """Build model ``name`` for inputs of shape ``input_shape`` (per sample, e.g. (1, 28, 28)).
 
+    ``name`` is one of :data:`MODELS` or a ``package.module:callable`` path to a function
+    of yours returning an ``nn.Module``; it gets ``num_classes=`` and ``input_shape=``
+    when its signature takes them (``mean``/``std`` are then not applied).
+
     ``mean``/``std`` (per channel, or one value per feature for vectors) become a leading
     :class:`Normalize` layer; omit them for none. Image models need (C, H, W) inputs.
     """
+    if ":" in name:
+        return _user_model(name, input_shape, num_classes)
     if name not in _BUILDERS:
         raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     shape = tuple(int(s) for s in input_shape)
@@ -411,6 +417,23 @@ def build_model(
     if mean is None or std is None:
         return nn.Sequential(nn.Identity(), body)
     return nn.Sequential(Normalize(mean, std, len(shape)), body)
+
+
+def _user_model(path: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """``--model package.module:callable``: called with ``num_classes=`` and
+    ``input_shape=`` when its signature takes them; must return an ``nn.Module``."""
+    from largebatch.user_data import call_with_accepted, load_callable
+
+    function = load_callable(path, "--model")
+    model = call_with_accepted(
+        function,
+        f"--model {path}",
+        num_classes=num_classes,
+        input_shape=tuple(int(s) for s in input_shape),
+    )
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {path} returned a {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,77 @@
+"""One owner for the learning rate: a factor times each param group's own base LR.
+
+Batch scaling, milestone decay, warm-up and the divergence guard's rollback scale are all
+factors; :class:`LRScaler` multiplies each param group's base LR by their product, so an
+optimizer with per-group LRs (a smaller LR for the embeddings, say) keeps its ratios while
+the batch grows. The base LRs live in the param groups themselves (key ``base_lr``), so
+they travel in ``optimizer.state_dict()`` and a resumed run scales the same bases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["LRScaler", "BASE_LR_KEY"]
+
+#: where each param group keeps the LR that factors multiply
+BASE_LR_KEY = "base_lr"
+
+
+class LRScaler:
+    """Applies an LR factor to every param group of ``optimizer``.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``. Each group's ``lr`` when the scaler is
+            made becomes its base (unless the group already has one, as after loading a
+            state dict saved with it).
+        scheduler: optional ``torch.optim.lr_scheduler`` object of the caller's. Then the
+            bases are the scheduler's latest LRs (``get_last_lr()``); step it through
+            :meth:`step_scheduler`, which lets it work on the unscaled LRs (most
+            schedulers multiply the group's current LR, which would compound the factor).
+
+    Example::
+
+        scaler = LRScaler(optimizer)
+        decision = controller.decision()
+        scaler.apply(decision.lr_factor)      # lr = base_lr * factor, per group
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        for group in optimizer.param_groups:
+            group.setdefault(BASE_LR_KEY, float(group["lr"]))
+        self.factor = 1.0
+
+    def bases(self) -> list[float]:
+        """Each group's unscaled LR."""
+        if self.scheduler is not None:
+            return [float(lr) for lr in self.scheduler.get_last_lr()]
+        return [float(group[BASE_LR_KEY]) for group in self.optimizer.param_groups]
+
+    def apply(self, factor: float) -> None:
+        """Set every group's LR to its base times ``factor``."""
+        self.factor = float(factor)
+        for group, base in zip(self.optimizer.param_groups, self.bases(), strict=True):
+            group["lr"] = base * self.factor
+
+    def step_scheduler(self) -> None:
+        """``scheduler.step()`` on the unscaled LRs, then the factor again."""
+        if self.scheduler is None:
+            raise ValueError("this LRScaler was made without a scheduler")
+        for group, base in zip(self.optimizer.param_groups, self.bases(), strict=True):
+            group["lr"] = base
+        self.scheduler.step()
+        self.apply(self.factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "bases": self.bases()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.scheduler is None:
+            for group, base in zip(self.optimizer.param_groups, state["bases"], strict=True):
+                group[BASE_LR_KEY] = float(base)
+        self.apply(float(state["factor"]))

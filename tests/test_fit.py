@@ -1,0 +1,326 @@
+"""largebatch.fit: your own model, data, loss and optimizer through the shared loop."""
+
+import os
+import signal
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+import largebatch
+from helpers import (
+    assert_runs_close,
+    assert_runs_equal,
+    at_training_forward,
+    free_port,
+    threads_like_a_rank,
+)
+from largebatch.checkpoint import load_checkpoint
+from largebatch.controllers import BatchController, Decision
+from largebatch.distributed import teardown
+from largebatch.engine import TrainingInterrupted
+from largebatch.errors import CheckpointError, ConfigError, UsageError
+from largebatch.evaluate import load_trained
+from largebatch.io import read_jsonl
+from largebatch.meters import Meter
+
+
+class Net(nn.Module):
+    """Nothing from the zoo: LayerNorm and GELU."""
+
+    def __init__(self, features=10, classes=3, hidden=32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, classes)
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _blobs(n, seed, features=10, classes=3):
+    """Three Gaussian clusters: learnable in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, features, generator=torch.Generator().manual_seed(99)) * 2
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centres[y] + torch.randn(n, features, generator=g)
+    return x, y
+
+
+def _data(n_train=384, n_test=128):
+    return TensorDataset(*_blobs(n_train, 0)), TensorDataset(*_blobs(n_test, 1))
+
+
+def _model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return Net(**kwargs)
+
+
+COMMON = dict(epochs=3, batch_size=32, max_batch_size=128, lr=0.05, device="cpu", seed=3)
+
+
+@pytest.mark.parametrize("method", ["bl", "abs", "absa"])
+def test_a_user_model_trains_with_each_method(tmp_path, method):
+    train, test = _data()
+    summary = largebatch.fit(
+        _model(),
+        train,
+        eval_data=test,
+        out=tmp_path / "run",
+        method=method,
+        abs_duration=1,
+        hessian_samples=64,
+        **COMMON,
+    )
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert summary["final_test_acc"] > 0.8  # three well-separated clusters
+    assert summary["model"] == "Net" and summary["dataset"] == "TensorDataset"
+    assert (tmp_path / "run" / "summary.json").exists()
+    if method == "bl":
+        assert {r["batch_size"] for r in records} == {32}
+    else:
+        assert records[-1]["batch_size"] > 32
+        assert all(r["eigenvalue"] is not None for r in records[:-1])
+        growth = [c for r in records for c in r["batch_changes"]]
+        assert growth[0]["batch_size"] == 64
+        assert growth[0]["reason"] in ("eigenvalue", "duration")
+    if method == "absa":
+        assert records[0]["adv_ratio"] > 0
+
+
+def test_regression_with_mse_reports_loss_only(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    summary = largebatch.fit(
+        model, (x, y), eval_data=(x[:64], y[:64]), loss_fn=F.mse_loss, method="abs",
+        abs_duration=1, hessian_samples=64, **COMMON,
+    )  # fmt: skip
+    assert summary["final_test_acc"] is None and summary["best_test_acc"] is None
+    assert summary["final_test_loss"] < 0.5 * float(F.mse_loss(torch.zeros_like(y), y))
+    assert summary["final_batch_size"] > 32
+
+
+def test_per_group_learning_rates_keep_their_ratio_as_the_batch_grows():
+    train, test = _data()
+    model = _model()
+    head = list(model.body[3].parameters())
+    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    optimizer = torch.optim.Adam([{"params": rest, "lr": 1e-3}, {"params": head, "lr": 4e-3}])
+    summary = largebatch.fit(
+        model, train, optimizer=optimizer, method="abs", abs_duration=1, hessian_samples=64,
+        epochs=4, batch_size=32, max_batch_size=128, device="cpu",
+    )  # fmt: skip
+    assert summary["final_batch_size"] == 128  # the first estimate is the reference
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    # linear scaling: the batch grew 4x, so each group's LR did too, ratio kept
+    assert lrs == pytest.approx([4e-3, 16e-3])
+
+
+def test_an_optimizer_factory_and_its_config_keys(tmp_path):
+    train, _ = _data()
+    summary = largebatch.fit(
+        _model(), train, optimizer=lambda params: torch.optim.SGD(params, lr=0.05), epochs=1,
+        device="cpu",
+    )  # fmt: skip
+    assert summary["updates"] == 3  # 384 samples at the default batch of 128
+    with pytest.raises(ConfigError, match="lr configure the default SGD"):
+        largebatch.fit(_model(), train, optimizer=lambda p: torch.optim.SGD(p, lr=1), lr=0.1)
+    with pytest.raises(UsageError, match="not the model's"):
+        largebatch.fit(_model(), train, optimizer=torch.optim.SGD(_model(1).parameters(), lr=1))
+    with pytest.raises(UsageError, match="returned a list"):
+        largebatch.fit(_model(), train, optimizer=lambda p: list(p))
+
+
+def test_fit_interrupted_mid_epoch_resumes_exactly(tmp_path):
+    train, test = _data()
+    values = dict(method="absa", abs_duration=1, hessian_samples=64, **COMMON)
+
+    def run(name, model, resume=False):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return largebatch.fit(
+            model, train, eval_data=test, optimizer=optimizer, out=tmp_path / name,
+            resume=resume, **{k: v for k, v in values.items() if k != "lr"},
+        )  # fmt: skip
+
+    run("whole", _model())
+    # SIGTERM at the 16th training forward: epoch 2 (12 batches of 32, then 64s), mid-way
+    arm = at_training_forward(lambda: _model(), 16, lambda: signal.raise_signal(signal.SIGTERM))
+    with pytest.raises(TrainingInterrupted, match="sample"):
+        run("cut", arm())
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert saved["run"]["epoch"] == 1 and 0 < saved["run"]["position"] < 384
+    run("cut", _model(seed=5), resume=True)  # other initial weights: all comes from the file
+    assert_runs_equal(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_bad_data_and_models_are_one_line_errors():
+    x, y = _blobs(64, 0)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y, strict=True))
+
+    class Triples(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return x[i], y[i], 0
+
+    cases = [
+        (Stream(), "iterable-style dataset"),
+        (Triples(), r"train_data\[0\] is a tuple of 3 items"),
+        ((x, y[:10]), "64 inputs but 10 targets"),
+        ((x.clone().fill_(float("nan")), y), "NaN"),
+        ({1, 2, 3}, "map-style Dataset of"),
+        ((x[:, :3], y), "fails on training samples of shape"),
+    ]
+    for data, message in cases:
+        with pytest.raises(UsageError, match=message) as caught:
+            largebatch.fit(_model(), data, epochs=1, device="cpu")
+        assert "\n" not in str(caught.value)
+    with pytest.raises(UsageError, match="not a torch.nn.Module"):
+        largebatch.fit(lambda x: x, (x, y))
+    with pytest.raises(ConfigError, match="takes no 'dataset'"):
+        largebatch.fit(_model(), (x, y), dataset="mnist")
+    with pytest.raises(ConfigError, match="unknown config key 'epoch'"):
+        largebatch.fit(_model(), (x, y), epoch=3)
+    with pytest.raises(UsageError, match="one number"):
+        largebatch.fit(
+            _model(), (x, y), loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none")
+        )
+
+
+def test_a_map_style_dataset_of_pairs_is_read(tmp_path):
+    x, y = _blobs(96, 0)
+
+    class Pairs(Dataset):  # numpy inputs and int labels, as many user datasets give
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return x[i].numpy(), int(y[i])
+
+    summary = largebatch.fit(
+        _model(), Pairs(), eval_data=Pairs(), epochs=2, batch_size=16, lr=0.05, device="cpu",
+        tensorboard=True, out=tmp_path / "tb",
+    )  # fmt: skip
+    assert summary["final_test_acc"] > 0.7
+    events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(events[0].parent)).Reload()
+    steps = [e.step for e in scalars.Scalars("train/loss")]
+    assert steps == [96, 192]  # plotted against samples seen
+    assert {"eval/accuracy", "batch/size", "batch/lr"} <= set(scalars.Tags()["scalars"])
+
+
+def test_a_checkpoint_of_an_object_model_says_how_to_load_it(tmp_path):
+    largebatch.fit(_model(), _data()[0], epochs=1, device="cpu", out=tmp_path / "run")
+    with pytest.raises(CheckpointError, match="passed to largebatch.fit as an object"):
+        load_trained(tmp_path / "run" / "checkpoint.pt", torch.device("cpu"))
+
+
+class EveryHundredSamples(BatchController):
+    """A controller of a user's own: doubles the batch at each decision point, which falls
+    every 100 samples; asks a meter for the update count it saw."""
+
+    name = "doubling"
+    measures = frozenset({"updates_seen"})
+    decide_every = 100
+
+    def __init__(self):
+        super().__init__()
+        self.batch = 8
+        self.told = []
+
+    def decision(self):
+        return Decision(self.batch, self.batch / 8)
+
+    def step(self, measurements=None):
+        self.told.append(dict(measurements))
+        self.batch = min(self.batch * 2, 64)
+        self.last_reason = "every 100 samples"
+        return super().step(measurements)
+
+    def state_dict(self):
+        return {**super().state_dict(), "batch": self.batch}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.batch = state["batch"]
+
+
+class CountingMeter(Meter):
+    def __init__(self):
+        self.backwards = self.updates = 0
+
+    def after_backward(self, model, samples, batch_samples):
+        assert all(p.grad is not None for p in model.parameters())
+        self.backwards += 1
+
+    def at_update(self, model, point):
+        self.updates += 1
+
+    def at_decision(self, model, point):
+        return {"updates_seen": self.updates, "backwards_seen": self.backwards}
+
+
+def test_decisions_fall_inside_epochs_and_meters_get_their_hooks(tmp_path):
+    x, y = _blobs(240, 0)
+    controller, meter = EveryHundredSamples(), CountingMeter()
+    summary = largebatch.fit(
+        _model(), (x, y), controller=controller, meters={"updates_seen": meter}, epochs=2,
+        micro_batch_size=16, device="cpu", out=tmp_path / "run",
+    )  # fmt: skip
+    # Epoch 1 (240 samples): 13 updates of 8 reach 104 (decide), 6 of 16 reach 200
+    # (decide), then 32 + a short 8 end the epoch (decide): 21 updates. Epoch 2 at 64 (the
+    # cap): points at 300, 400 fall after 1 and 2 more updates, then 1 ends it: 4 updates.
+    assert summary["updates"] == 13 + 6 + 2 + 4
+    told = controller.told
+    assert [t["epoch_end"] for t in told] == [False, False, True, False, False, True]
+    assert [t["updates_seen"] for t in told] == [13, 19, 21, 22, 24, 25]
+    # micro-batches of at most 16: the two updates of 32 and 8 take 2 + 1 backwards
+    assert told[2]["backwards_seen"] == 13 + 6 + 3
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    changes = [(c["samples"], c["batch_size"]) for c in records[0]["batch_changes"]]
+    assert changes == [(104, 16), (200, 32), (240, 64)]
+    assert summary["final_batch_size"] == 64
+
+
+def _spawned_fit(rank, world, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    _fit_for_ranks(out)
+    group = weakref.ref(dist.distributed_c10d._get_default_group())
+    teardown()
+    assert group() is None
+
+
+def _fit_for_ranks(out, **changes):
+    train, test = _data()
+    values = dict(method="abs", abs_duration=1, hessian_samples=64, micro_batch_size=16, **COMMON)
+    values.update(changes)
+    largebatch.fit(_model(), train, eval_data=test, out=out, **values)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_a_user_model_equal_one_process_with_twice_the_accumulation(tmp_path):
+    mp.spawn(_spawned_fit, args=(2, free_port(), tmp_path / "two"), nprocs=2, join=True)
+    with threads_like_a_rank():
+        _fit_for_ranks(tmp_path / "one")
+    one = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    two = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["batch_size"] for r in one] == [r["batch_size"] for r in two] == [32, 32, 64]
+    assert_runs_close(tmp_path / "one", tmp_path / "two")

@@ -1,0 +1,171 @@
+"""User code from the command line (--model/--dataset module:callable), the own-loop
+example, and the pieces a loop of your own is built from."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largebatch.accumulate import accumulate
+from largebatch.io import read_jsonl
+from largebatch.lr import LRScaler
+from largebatch.sampler import GrowingBatchSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+USER_MODULE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    def data(seed=0):
+        g = torch.Generator().manual_seed(seed)
+        centres = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(9)) * 2
+        def split(n):
+            y = torch.randint(0, 3, (n,), generator=g)
+            return TensorDataset(centres[y] + torch.randn(n, 2, 4, generator=g), y)
+        return split(192), split(64)
+
+    def net(num_classes, input_shape):
+        return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0] * input_shape[1], 16),
+                             nn.GELU(), nn.Linear(16, num_classes))
+
+    def one_split():
+        return data()[0]
+
+    def not_a_model(num_classes):
+        return 42
+
+    def broken():
+        raise RuntimeError("disk on fire")
+    """
+)
+
+
+def _largebatch(cwd, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "largebatch", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_model_and_dataset_by_import_path_from_the_command_line(tmp_path):
+    (tmp_path / "mycode.py").write_text(USER_MODULE)
+    done = _largebatch(
+        tmp_path, "train", "--dataset", "mycode:data", "--model", "mycode:net", "--method",
+        "abs", "--set", "abs_duration=1", "--set", "hessian_samples=64", "--epochs", "3",
+        "--batch-size", "32", "--max-batch-size", "128", "--lr", "0.05", "--device", "cpu",
+        "--out", "run", "--quiet",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert records[-1]["batch_size"] > 32 and records[-1]["test_acc"] > 0.8
+    # evaluate rebuilds the model and the data from the same paths
+    done = _largebatch(tmp_path, "evaluate", "--checkpoint", "run/checkpoint.pt", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "accuracy" in done.stdout.lower()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "nosuchmodule:net"], "cannot import 'nosuchmodule'"),
+        (["--model", "mycode:missing"], "has no attribute 'missing'"),
+        (["--model", "mycode:not_a_model"], "returned a int, not an nn.Module"),
+        (["--model", "mycode"], "unknown model 'mycode'"),
+        (["--dataset", "mycode:one_split"], "must return (train, test) datasets"),
+        (["--dataset", "mycode:broken"], "failed: RuntimeError: disk on fire"),
+        (["--dataset", ":data"], "must look like package.module:callable"),
+    ],
+)
+def test_bad_import_paths_are_one_error_line(tmp_path, flags, message):
+    (tmp_path / "mycode.py").write_text(USER_MODULE)
+    base = {"--dataset": "mycode:data", "--model": "mycode:net"}
+    base.update(dict(zip(flags[::2], flags[1::2], strict=True)))
+    args = [item for pair in base.items() for item in pair]
+    done = _largebatch(tmp_path, "train", *args, "--epochs", "1", "--device", "cpu", "--out", "r")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], done.stderr
+    assert not (tmp_path / "r").exists()  # the run folder it created is removed again
+
+
+def test_the_own_loop_example_runs_and_its_batch_grows():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "own_loop.py")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    batches = [
+        int(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("epoch")
+    ]
+    assert len(batches) == 8 and batches[0] == 32 and batches[-1] >= 128
+    accuracy = float(done.stdout.splitlines()[-1].split()[-1])
+    assert accuracy > 0.9
+
+
+def test_accumulation_weights_a_short_last_micro_batch_by_its_size():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(23, 5, dtype=torch.float64), torch.randint(0, 3, (23,))
+    F.cross_entropy(model(x), y).backward()  # the whole batch at once: the truth
+    truth = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = accumulate(model, F.cross_entropy, x, y, micro_batch_size=10)  # 10, 10, 3
+    for p, g in zip(model.parameters(), truth, strict=True):
+        assert torch.allclose(p.grad, g, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        assert loss == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-12)
+
+
+def test_the_sampler_resumes_mid_epoch_and_changes_batch_at_any_point():
+    whole = GrowingBatchSampler(100, batch_size=8, seed=4)
+    seen = []
+    for i, batch in enumerate(whole):
+        seen.append(batch)
+        if i == 2:
+            whole.batch_size = 32  # takes effect at the next batch
+            saved = whole.state_dict()
+    assert [len(b) for b in seen] == [8, 8, 8, 32, 32, 12]
+    assert sorted(i for b in seen for i in b) == list(range(100))
+    again = GrowingBatchSampler(100, batch_size=1, seed=4)
+    again.load_state_dict(saved)
+    assert list(again) == seen[3:]
+    assert again.epoch == 1 and list(again)[0] != seen[0]  # the next epoch: a new order
+    # two ranks: contiguous halves of every global batch
+    ranks = [GrowingBatchSampler(100, batch_size=8, seed=4, rank=r, world_size=2) for r in (0, 1)]
+    halves = [list(s) for s in ranks]
+    for a, b, full in zip(halves[0], halves[1], GrowingBatchSampler(100, 8, seed=4), strict=True):
+        assert a + b == full
+
+
+def test_the_lr_scaler_keeps_group_ratios_and_resumes():
+    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD(
+        [{"params": [params[0]], "lr": 0.1}, {"params": [params[1]]}], lr=0.3
+    )
+    scaler = LRScaler(optimizer)
+    scaler.apply(4.0)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.4, 1.2])
+    state, opt_state = scaler.state_dict(), optimizer.state_dict()
+    fresh = torch.optim.SGD([{"params": [params[0]], "lr": 9.0}, {"params": [params[1]]}], lr=9.0)
+    fresh.load_state_dict(opt_state)
+    again = LRScaler(fresh)
+    again.load_state_dict(state)
+    assert [g["lr"] for g in fresh.param_groups] == pytest.approx([0.4, 1.2])
+    # with a scheduler: it steps on the unscaled LRs, and the factor multiplies its result
+    optimizer = torch.optim.SGD(
+        [{"params": [params[0]], "lr": 0.1}, {"params": [params[1]]}], lr=0.3
+    )
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    with_schedule = LRScaler(optimizer, schedule)
+    with_schedule.apply(4.0)
+    for _ in range(2):
+        optimizer.step()
+        with_schedule.step_scheduler()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1, 0.3])  # /4 * 4
