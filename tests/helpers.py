@@ -159,14 +159,22 @@ def assert_runs_close(a: Path, b: Path) -> None:
     from largebatch.checkpoint import load_checkpoint
     from largebatch.io import read_jsonl
 
+    def close(x, y, where):
+        if isinstance(x, float) and isinstance(y, float):
+            assert y == pytest.approx(x, rel=1e-4, abs=1e-6), where
+        elif isinstance(x, dict) and isinstance(y, dict):
+            assert x.keys() == y.keys(), where
+            for key in x:
+                close(x[key], y[key], f"{where}.{key}")
+        elif isinstance(x, list) and isinstance(y, list):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                close(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, where
+
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
-    assert len(ra) == len(rb)
-    for x, y in zip(without_times(ra), without_times(rb), strict=True):
-        for key, value in x.items():
-            if isinstance(value, float):
-                assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-            else:
-                assert y[key] == value, key
+    close(without_times(ra), without_times(rb), "metrics")
     pa, pb = (
         load_checkpoint(a / "checkpoint.pt")["model"],
         load_checkpoint(b / "checkpoint.pt")["model"],

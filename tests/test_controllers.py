@@ -5,10 +5,14 @@ import pytest
 from largebatch.config import TrainConfig
 from largebatch.controllers import (
     AdaptiveBatch,
+    CurvatureGuard,
+    FixedBatch,
     IncreaseBatchInsteadOfDecay,
     LinearScalingWarmup,
+    NoiseScaleBatch,
     make_controller,
 )
+from largebatch.lr import scaling_factor
 
 
 def _config(method, **changes):
@@ -25,22 +29,29 @@ def _config(method, **changes):
 
 
 def _drive(controller, eigenvalues):
-    """Decisions for epoch 0, then after each step with the given eigenvalue."""
+    """Decisions for epoch 0, then after each step with the given eigenvalue (and a noise
+    scale 300 times it)."""
     decisions = [controller.decision()]
-    for value in eigenvalues:
-        decisions.append(controller.step({"eigenvalue": value}))
+    for i, value in enumerate(eigenvalues):
+        noise = None if value is None else value * 300
+        measured = {"eigenvalue": value, "gns": noise, "samples": (i + 1) * 60_000}
+        decisions.append(controller.step(measured))
     return decisions
 
 
-@pytest.mark.parametrize("method", ["bl", "fb", "gg", "abs", "absa"])
-def test_every_controller_conforms(method):
+@pytest.mark.parametrize(
+    "method, changes",
+    [(m, {}) for m in ("bl", "fb", "gg", "abs", "absa", "gns")]
+    + [("gns", {"curvature_guard": True}), ("bl", {"curvature_guard": True})],
+)
+def test_every_controller_conforms(method, changes):
     """The shared contract: valid decisions, and a state_dict that resumes exactly."""
-    config = _config(method)
-    controller = make_controller(config)
+    config = _config(method, **changes)
+    controller = make_controller(config, num_samples=60_000)
     assert controller.name == method
     eigenvalues = [10.0, 9.0, 4.0, 4.5, 1.0, math.nan, None, 0.2, 0.1, 0.05]
     decisions = _drive(controller, eigenvalues[:5])
-    clone = make_controller(config)
+    clone = make_controller(config, num_samples=60_000)
     clone.load_state_dict(controller.state_dict())
     assert clone.decision() == controller.decision()
     rest_a = _drive(controller, eigenvalues[5:])[1:]
@@ -133,3 +144,58 @@ def test_baselines_train_adversarially_at_a_constant_fraction_when_asked(method)
 def test_absa_without_adversarial_training_is_abs():
     c = make_controller(_config("absa", adversarial=False))
     assert c.decision().adv_ratio == 0.0
+
+
+def test_lr_scaling_rules_have_their_closed_forms():
+    assert scaling_factor("linear", 8, None, 128) == 8
+    assert scaling_factor("sqrt", 16, None, 128) == pytest.approx(4)
+    # adascale: r = S (phi + B0) / (phi + S B0); S without noise-free limits, 1 without noise
+    assert scaling_factor("adascale", 4, 1000.0, 100) == pytest.approx(4 * 1100 / 1400)
+    assert scaling_factor("adascale", 4, 1e12, 100) == pytest.approx(4, rel=1e-6)
+    assert scaling_factor("adascale", 4, 0.0, 100) == pytest.approx(1)
+    assert scaling_factor("adascale", 4, None, 100) == 1.0
+
+
+def test_gns_doubles_after_two_agreeing_points_and_only_grows():
+    controller = NoiseScaleBatch(128, 1024, [], 1.0, num_samples=1000, every_fraction=0.25)
+    assert controller.decide_every == 250 and controller.wants == {"gns"}
+    seen = []
+    for i, phi in enumerate([200, 50, 200, 300, 300, 300, 900, 4000, 4000, 4000, 4000, 100]):
+        decision = controller.step({"gns": phi, "epoch_end": False, "samples": 250 * (i + 1)})
+        seen.append(decision.batch_size)
+    # 128 <= 200 once, then 50 breaks the run; 200, 300 grow to 256; 300, 300 to 512
+    # (256 <= 300); 900 alone is one point at 512; 4000 x4: 1024 after two, capped after
+    assert seen == [128, 128, 128, 256, 256, 512, 512, 1024, 1024, 1024, 1024, 1024]
+    assert controller.growths == 3 and controller.last_reason == ""
+    # at the cap, adascale still wants the noise scale for its gain
+    assert controller.wants == {"gns"}
+    assert controller.decision().lr_factor == pytest.approx(8 * (100 + 128) / (100 + 1024))
+
+
+def test_gns_counts_milestones_in_base_batch_progress():
+    controller = NoiseScaleBatch(100, 400, [1], 0.1, num_samples=1000, kappa=1.0)
+    controller.batch_size, controller.noise_scale = 400, 100.0  # r = 4 * 200 / 500 = 1.6
+    for i in range(4):  # one epoch of samples at batch 400: progress 1.6 / 4 = 0.4 epochs
+        controller.step({"gns": 100.0, "epoch_end": False, "samples": 250 * (i + 1)})
+    assert controller.progress == pytest.approx(0.4)
+    assert controller.decision().lr_factor == pytest.approx(1.6)  # milestone 1 not reached
+    linear = NoiseScaleBatch(100, 400, [1], 0.1, num_samples=1000, lr_rule="linear")
+    linear.step({"gns": 10.0, "samples": 1000})  # an epoch end: epochs count for linear
+    assert linear.decision().lr_factor == pytest.approx(0.1)
+
+
+def test_the_curvature_guard_caps_the_lr_at_the_stability_limit():
+    inner = FixedBatch(128, [], 1.0)
+    guard = CurvatureGuard(inner, base_lr=0.1, momentum=0.9, fraction=0.5, every_points=2)
+    assert guard.wants == {"eigenvalue"}  # no estimate yet
+    assert guard.decision().lr_factor == 1.0
+    guard.step({"eigenvalue": 19.0, "epoch_end": False})
+    # lr <= 0.5 * 2 * 1.9 / 19 = 0.1: the factor may stay 1
+    assert guard.decision().lr_factor == pytest.approx(1.0)
+    assert guard.wants == frozenset()  # every second point: not the next one
+    guard.step({"epoch_end": False})
+    assert guard.wants == {"eigenvalue"}
+    guard.step({"eigenvalue": 76.0, "epoch_end": False})
+    assert guard.decision().lr_factor == pytest.approx(0.25)  # 0.025 / 0.1
+    guard.step({"epoch_end": True})
+    assert guard.epoch == 1 and guard.decision().lr_factor == pytest.approx(0.25)

@@ -43,10 +43,11 @@ class Net(nn.Module):
         return self.body(x)
 
 
-def _blobs(n, seed, features=10, classes=3):
-    """Three Gaussian clusters: learnable in a few epochs."""
+def _blobs(n, seed, features=10, classes=3, spread=2.0):
+    """Three Gaussian clusters: learnable in a few epochs (overlapping for spread < 1)."""
     g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, features, generator=torch.Generator().manual_seed(99)) * 2
+    centres = torch.randn(classes, features, generator=torch.Generator().manual_seed(99))
+    centres = centres * spread
     y = torch.randint(0, classes, (n,), generator=g)
     x = centres[y] + torch.randn(n, features, generator=g)
     return x, y
@@ -298,11 +299,51 @@ def test_decisions_fall_inside_epochs_and_meters_get_their_hooks(tmp_path):
     assert summary["final_batch_size"] == 64
 
 
-def _spawned_fit(rank, world, port, out):
+def test_gns_grows_the_batch_from_the_measured_noise_scale(tmp_path):
+    # Overlapping clusters: the gradient noise grows against the mean gradient as the loss
+    # nears its floor (on separable clusters the noise scale stays near 2 and the batch at 32)
+    train = TensorDataset(*_blobs(1024, 0, spread=0.5))
+    test = TensorDataset(*_blobs(256, 1, spread=0.5))
+    summary = largebatch.fit(
+        _model(), train, eval_data=test, out=tmp_path / "run", method="gns",
+        gns_micro_batch=16, curvature_guard=True, guard_samples=256, epochs=3, batch_size=32,
+        max_batch_size=512, lr=0.05, device="cpu", seed=3,
+    )  # fmt: skip
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    points = [p for r in records for p in r["points"]]
+    assert len(points) == 12  # four decision points per epoch
+    assert all(p["gns"] is not None and p["gns"] > 0 for p in points[1:])
+    # the guard's estimates (once per epoch), each with its stability ratio
+    estimated = [p for p in points if p["eigenvalue"] is not None]
+    assert len(estimated) == 3 and all(0 < p["stability"] < 10 for p in estimated)
+    changes = [c for r in records for c in r["batch_changes"]]
+    assert changes and all(c["reason"].startswith("noise scale") for c in changes)
+    assert summary["final_batch_size"] > 32 and summary["final_test_acc"] > 0.75
+    # it doubles only when the batch was at most the noise scale measured there
+    for change in changes:
+        point = next(p for p in points if p["samples"] == change["samples"])
+        assert change["batch_size"] // 2 <= point["gns"]
+
+
+def test_a_gns_run_with_the_guard_resumes_exactly_mid_epoch(tmp_path):
+    train, test = _data(n_train=512)
+    values = dict(method="gns", gns_micro_batch=16, curvature_guard=True, guard_samples=128)
+    values.update(epochs=2, batch_size=32, max_batch_size=256, lr=0.05, device="cpu", seed=3)
+    largebatch.fit(_model(), train, eval_data=test, out=tmp_path / "whole", **values)
+    arm = at_training_forward(lambda: _model(), 45, lambda: signal.raise_signal(signal.SIGTERM))
+    with pytest.raises(TrainingInterrupted):
+        largebatch.fit(arm(), train, eval_data=test, out=tmp_path / "cut", **values)
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert saved["run"]["position"] > 0 and saved["meters"]["gns"]["updates"] > 0
+    largebatch.fit(_model(7), train, eval_data=test, out=tmp_path / "cut", resume=True, **values)
+    assert_runs_equal(tmp_path / "whole", tmp_path / "cut")
+
+
+def _spawned_fit(rank, world, port, out, method):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    _fit_for_ranks(out)
+    _fit_for_ranks(out, method=method)
     group = weakref.ref(dist.distributed_c10d._get_default_group())
     teardown()
     assert group() is None
@@ -310,17 +351,27 @@ def _spawned_fit(rank, world, port, out):
 
 def _fit_for_ranks(out, **changes):
     train, test = _data()
-    values = dict(method="abs", abs_duration=1, hessian_samples=64, micro_batch_size=16, **COMMON)
+    values = dict(abs_duration=1, hessian_samples=64, micro_batch_size=16, gns_micro_batch=16)
+    values.update(COMMON)
     values.update(changes)
     largebatch.fit(_model(), train, eval_data=test, out=out, **values)
 
 
 @pytest.mark.slow
-def test_two_ranks_with_a_user_model_equal_one_process_with_twice_the_accumulation(tmp_path):
-    mp.spawn(_spawned_fit, args=(2, free_port(), tmp_path / "two"), nprocs=2, join=True)
+@pytest.mark.parametrize("method", ["abs", "gns"])
+def test_two_ranks_with_a_user_model_equal_one_process_with_twice_the_accumulation(
+    tmp_path, method
+):
+    # gns: every rank's micro-batches count in the noise scale (one extra all-reduce)
+    args = (2, free_port(), tmp_path / "two", method)
+    mp.spawn(_spawned_fit, args=args, nprocs=2, join=True)
     with threads_like_a_rank():
-        _fit_for_ranks(tmp_path / "one")
+        _fit_for_ranks(tmp_path / "one", method=method)
     one = read_jsonl(tmp_path / "one" / "metrics.jsonl")
     two = read_jsonl(tmp_path / "two" / "metrics.jsonl")
-    assert [r["batch_size"] for r in one] == [r["batch_size"] for r in two] == [32, 32, 64]
+    assert [r["batch_size"] for r in one] == [r["batch_size"] for r in two]
+    if method == "abs":
+        assert [r["batch_size"] for r in one] == [32, 32, 64]
+    else:
+        assert all(r["gns"] is not None for r in one)
     assert_runs_close(tmp_path / "one", tmp_path / "two")

@@ -37,7 +37,7 @@ __all__ = [
     "save_config",
 ]
 
-METHODS: tuple[str, ...] = ("bl", "fb", "gg", "abs", "absa")
+METHODS: tuple[str, ...] = ("bl", "fb", "gg", "abs", "absa", "gns")
 #: seeds are kept to 32 bits: numpy takes no more, and derived seeds stay within 64 bits
 MAX_SEED: int = 2**32 - 1
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -75,6 +75,18 @@ class TrainConfig:
     abs_decrease_ratio: float = 2.0  # grow when the eigenvalue fell to 1/ratio of the reference
     abs_growth_factor: int = 2  # batch multiple per growth; the LR scales by the same factor
     abs_duration: int = 10  # grow anyway after this many epochs without a growth
+    # gns: the batch doubles while below the measured gradient noise scale
+    gns_every: float = 0.25  # epochs between decision points
+    gns_kappa: float = 1.0  # double when batch <= kappa * noise scale ...
+    gns_confirmations: int = 2  # ... on this many decision points in a row
+    gns_micro_batch: int = 32  # measurement micro-batch of the gradient-noise meter
+    gns_decay: float = 0.95  # per-update decay of the meter's moving averages
+    lr_scaling: str = "adascale"  # gns LR rule: adascale | linear | sqrt
+    # curvature guard (any method): lr <= guard_fraction * 2 (1 + momentum) / eigenvalue
+    curvature_guard: bool = False
+    guard_fraction: float = 0.5
+    guard_every: float = 1.0  # epochs between estimates
+    guard_samples: int = 1024  # probe samples of the guard's eigenvalue estimates
     # adversarial training: on for absa by default; true/false forces it for any method
     adversarial: bool | None = None
     adv_ratio: float = 0.2  # initial fraction g0 of each micro-batch replaced by attacks
@@ -127,6 +139,18 @@ class TrainConfig:
         _choice("adv_clamp", self.adv_clamp, ("range", "batch"))
         _choice("hessian_mode", self.hessian_mode, ("tracker", "reference"))
         _choice("on_divergence", self.on_divergence, ("stop", "rollback"))
+        _choice("lr_scaling", self.lr_scaling, ("adascale", "linear", "sqrt"))
+        for key in ("gns_every", "guard_every"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key)}")
+        if not self.gns_kappa > 0:
+            raise ConfigError(f"gns_kappa must be > 0, got {self.gns_kappa}")
+        if not 0 <= self.gns_decay < 1:
+            raise ConfigError(f"gns_decay must be in [0, 1), got {self.gns_decay}")
+        if not 0 < self.guard_fraction <= 1:
+            raise ConfigError(f"guard_fraction must be in (0, 1], got {self.guard_fraction}")
+        for key in ("gns_confirmations", "gns_micro_batch", "guard_samples"):
+            _at_least(key, getattr(self, key), 1)
         _at_least("max_rollbacks", self.max_rollbacks, 0)
         if not 0 < self.divergence_lr_factor < 1:
             raise ConfigError(

@@ -18,6 +18,7 @@ from typing import Any
 
 from largebatch.config import TrainConfig
 from largebatch.errors import ConfigError
+from largebatch.lr import scaling_factor, stability_limit
 
 __all__ = [
     "Decision",
@@ -26,6 +27,8 @@ __all__ = [
     "LinearScalingWarmup",
     "IncreaseBatchInsteadOfDecay",
     "AdaptiveBatch",
+    "NoiseScaleBatch",
+    "CurvatureGuard",
     "step_decay",
     "make_controller",
 ]
@@ -301,7 +304,192 @@ class AdaptiveBatch(BatchController):
         self.growths = int(state["growths"])
 
 
-def make_controller(config: TrainConfig) -> BatchController:
+class NoiseScaleBatch(BatchController):
+    """``gns``: the batch doubles while it is below the measured gradient noise scale.
+
+    Every ``decide_every`` samples it reads ``gns``, the noise scale ``phi`` from
+    :class:`~largebatch.meters.GradientNoiseMeter`. By McCandlish et al., the steps to a
+    given loss scale as ``1 + phi / B``: a batch well below ``phi`` wastes steps, one
+    well above wastes samples. When ``B <= kappa * phi`` on ``confirmations`` consecutive
+    decision points the batch doubles, up to the cap; it never shrinks.
+
+    The LR factor is ``scaling_factor(lr_rule, B / B0, phi, B0)`` (``adascale`` by
+    default: the gain ``r``, which needs no warm-up and no tuning) times the step decay.
+    With ``adascale`` the milestones are counted in base-batch progress: each sample at
+    batch ``B`` advances it by ``r / S`` (``S = B / B0``), so the decays fall where they
+    fall in the fixed-batch schedule; the other rules count epochs.
+    """
+
+    name = "gns"
+    measures = frozenset({"gns"})
+
+    def __init__(
+        self,
+        base_batch: int,
+        max_batch: int,
+        milestones: Sequence[int],
+        decay: float,
+        num_samples: int,
+        every_fraction: float = 0.25,
+        kappa: float = 1.0,
+        confirmations: int = 2,
+        lr_rule: str = "adascale",
+        **adversarial: Any,
+    ) -> None:
+        super().__init__(**adversarial)
+        self.base_batch = base_batch
+        self.max_batch = max_batch
+        self.milestones = tuple(milestones)
+        self.decay = decay
+        self.num_samples = num_samples
+        self.decide_every = max(1, round(num_samples * every_fraction))
+        self.kappa = kappa
+        self.confirmations = confirmations
+        self.lr_rule = lr_rule
+        # state
+        self.batch_size = base_batch
+        self.noise_scale: float | None = None
+        self.agreeing = 0
+        self.progress = 0.0  # epochs of base-batch progress (adascale) or of samples
+        self.samples = 0  # samples seen at the last decision point
+        self.growths = 0
+
+    @property
+    def wants(self) -> frozenset[str]:
+        # adascale needs the noise scale at the cap too; the other rules only to grow
+        growing = self.batch_size < self.max_batch
+        return self.measures if growing or self.lr_rule == "adascale" else frozenset()
+
+    def _gain(self) -> float:
+        return scaling_factor(
+            self.lr_rule, self.batch_size / self.base_batch, self.noise_scale, self.base_batch
+        )
+
+    def decision(self) -> Decision:
+        epochs = self.progress if self.lr_rule == "adascale" else self.epoch
+        lr_factor = self._gain() * self.decay ** sum(1 for m in self.milestones if epochs >= m)
+        return Decision(self.batch_size, lr_factor, self.current_adv_ratio())
+
+    def step(self, measurements: Mapping[str, Any] | None = None) -> Decision:
+        measured = measurements or {}
+        self.last_reason = ""
+        samples = int(measured.get("samples", self.samples))
+        scale = self.batch_size / self.base_batch
+        advance = (samples - self.samples) / self.num_samples
+        self.progress += advance * (self._gain() / scale if self.lr_rule == "adascale" else 1)
+        self.samples = samples
+        phi = measured.get("gns")
+        if phi is not None and math.isfinite(phi) and phi > 0:
+            self.noise_scale = float(phi)
+            if self.batch_size < self.max_batch and self.batch_size <= self.kappa * phi:
+                self.agreeing += 1
+                if self.agreeing >= self.confirmations:
+                    self.batch_size = min(self.batch_size * 2, self.max_batch)
+                    self.agreeing = 0
+                    self.growths += 1
+                    self.last_reason = f"noise scale {phi:.0f}"
+            else:
+                self.agreeing = 0
+        return super().step(measurements)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "batch_size": self.batch_size,
+            "noise_scale": self.noise_scale,
+            "agreeing": self.agreeing,
+            "progress": self.progress,
+            "samples": self.samples,
+            "growths": self.growths,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.batch_size = int(state["batch_size"])
+        self.noise_scale = None if state["noise_scale"] is None else float(state["noise_scale"])
+        self.agreeing = int(state["agreeing"])
+        self.progress = float(state["progress"])
+        self.samples = int(state["samples"])
+        self.growths = int(state["growths"])
+
+
+class CurvatureGuard(BatchController):
+    """Caps another controller's LR below the stability limit of the measured curvature.
+
+    ``lr <= fraction * 2 (1 + momentum) / eigenvalue``: past ``2 (1 + momentum) / lr``
+    heavy-ball SGD is unstable along the top eigenvector, and training drives the top
+    eigenvalue up to that edge (Cohen et al. 2021). So the eigenvalue serves as a ceiling
+    for the LR, not as a trigger for the batch. It asks for ``eigenvalue`` at every
+    ``every_points``-th decision point (the first one too) and keeps the last value.
+    Decision points are the inner controller's, or every ``every_samples`` samples when
+    it has none inside epochs.
+    """
+
+    def __init__(
+        self,
+        inner: BatchController,
+        base_lr: float,
+        momentum: float,
+        fraction: float = 0.5,
+        every_points: int = 1,
+        every_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = inner.name
+        self.base_lr = base_lr
+        self.momentum = momentum
+        self.fraction = fraction
+        self.every_points = every_points
+        self.measures = inner.measures | {"eigenvalue"}
+        self.decide_every = inner.decide_every or every_samples
+        self.eigenvalue: float | None = None
+        self.points = 0  # decision points since the last estimate
+
+    @property
+    def wants(self) -> frozenset[str]:  # type: ignore[override]
+        due = self.eigenvalue is None or self.points + 1 >= self.every_points
+        return self.inner.wants | ({"eigenvalue"} if due else frozenset())
+
+    def cap(self) -> float:
+        """The largest LR factor allowed (infinite before any eigenvalue)."""
+        if self.eigenvalue is None or self.eigenvalue <= 0:
+            return math.inf
+        return self.fraction * stability_limit(self.eigenvalue, self.momentum) / self.base_lr
+
+    def decision(self) -> Decision:
+        inner = self.inner.decision()
+        return Decision(inner.batch_size, min(inner.lr_factor, self.cap()), inner.adv_ratio)
+
+    def warmup_factor(self, progress: float) -> float:
+        return self.inner.warmup_factor(progress)
+
+    def step(self, measurements: Mapping[str, Any] | None = None) -> Decision:
+        value = (measurements or {}).get("eigenvalue")
+        self.points += 1
+        if value is not None and math.isfinite(value):
+            self.eigenvalue = float(value)
+            self.points = 0
+        self.inner.step(measurements)
+        self.last_reason = self.inner.last_reason
+        self.epoch = self.inner.epoch
+        return self.decision()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner": self.inner.state_dict(),
+            "eigenvalue": self.eigenvalue,
+            "points": self.points,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.epoch = self.inner.epoch
+        self.eigenvalue = None if state["eigenvalue"] is None else float(state["eigenvalue"])
+        self.points = int(state["points"])
+
+
+def make_controller(config: TrainConfig, num_samples: int | None = None) -> BatchController:
     """The controller for ``config.method``.
 
     Adversarial training is on for ``absa`` and, with ``adversarial: true``, for any
@@ -340,7 +528,34 @@ def make_controller(config: TrainConfig) -> BatchController:
             duration=config.abs_duration,
             **adv,
         )
+    elif config.method == "gns":
+        if num_samples is None:
+            raise ConfigError("method gns needs the number of training samples")
+        controller = NoiseScaleBatch(
+            config.batch_size,
+            config.max_batch_size,
+            milestones,
+            decay,
+            num_samples,
+            every_fraction=config.gns_every,
+            kappa=config.gns_kappa,
+            confirmations=config.gns_confirmations,
+            lr_rule=config.lr_scaling,
+            **adv,
+        )
     else:
         raise ConfigError(f"unknown method {config.method!r}")
     controller.name = config.method
+    if config.curvature_guard:
+        every = None if num_samples is None else max(1, round(num_samples * config.guard_every))
+        inner_every = controller.decide_every
+        points = max(1, round(every / inner_every)) if every and inner_every else 1
+        controller = CurvatureGuard(
+            controller,
+            config.lr,
+            config.momentum,
+            config.guard_fraction,
+            every_points=points,
+            every_samples=None if inner_every else every,
+        )
     return controller

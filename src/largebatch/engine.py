@@ -48,7 +48,15 @@ from largebatch.hessian import EigenTracker
 from largebatch.interrupts import raise_if_held
 from largebatch.io import append_jsonl, atomic_write_json, write_jsonl
 from largebatch.lr import LRScaler
-from largebatch.meters import EIGENVALUE, CurvatureMeter, Meter, Point, time_of
+from largebatch.meters import (
+    EIGENVALUE,
+    NOISE_SCALE,
+    CurvatureMeter,
+    GradientNoiseMeter,
+    Meter,
+    Point,
+    time_of,
+)
 from largebatch.outputs import RunFolder, remove_own_temporaries
 from largebatch.pipeline import Feed, materialize
 from largebatch.precision import autocast, make_scaler
@@ -118,6 +126,7 @@ class RunState:
     samples: int = 0  # training samples processed
     wall_s: float = 0.0  # training + evaluation time, eigenvalue time included
     hessian_s: float = 0.0  # time spent on curvature estimates
+    measure_s: float = 0.0  # time spent by all meters (curvature included)
     history: list[dict[str, Any]] = field(default_factory=list)
     # An epoch interrupted part-way: samples done, their loss and accuracy sums, and the
     # augmentation generator's state, so that resuming finishes it exactly.
@@ -130,6 +139,8 @@ class RunState:
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     # Batch changes of the epoch in progress: sample count, new batch, LR factor, reason.
     changes: list[dict[str, Any]] = field(default_factory=list)
+    # The epoch's decision points: samples, batch, LR, noise scale and eigenvalue there.
+    points: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -370,7 +381,7 @@ def run(
     optimizer = _make_optimizer(parts.optimizer, model, config)
     lr = LRScaler(optimizer)
     scaler = make_scaler(device, config.precision)
-    controller = parts.controller or make_controller(config)
+    controller = parts.controller or make_controller(config, len(data.train_y))
     meters = _make_meters(controller, parts, config, device, world)
     sampler = EpochSampler(len(data.train_y), config.seed)
     loop = _Loop(
@@ -508,10 +519,13 @@ def run(
                 "test_acc": test_acc,
                 "wall_s": state.wall_s,
                 "hessian_s": state.hessian_s,
-                "measure_s": measured["measure_s"],
+                "measure_s": state.measure_s,
+                **{k: measured[k] for k in GradientNoiseMeter.record_keys if k != "gns_s"},
+                "stability": _stability(measured["eigenvalue"], lr_now, optimizer),
                 "batch_changes": state.changes,
+                "points": state.points,
             }
-            state.changes = []
+            state.changes, state.points = [], []
             state.history.append(record)
             if write and world.is_main:
                 append_jsonl(out / "metrics.jsonl", record)
@@ -535,6 +549,17 @@ def run(
         atomic_write_json(out / "summary.json", summary)
         echo(f"results in {out}/ (metrics.jsonl, summary.json, checkpoint.pt, config.yaml)")
     return summary
+
+
+def _stability(
+    eigenvalue: float | None, lr: float, optimizer: torch.optim.Optimizer
+) -> float | None:
+    """``eigenvalue * lr / (2 (1 + momentum))``: 1 is the stability limit of heavy-ball SGD
+    on a quadratic with that top curvature (None without an eigenvalue)."""
+    if eigenvalue is None:
+        return None
+    momentum = float(optimizer.param_groups[0].get("momentum", 0.0) or 0.0)
+    return eigenvalue * lr / (2.0 * (1.0 + momentum))
 
 
 class _CheckpointStore:
@@ -642,7 +667,12 @@ def _make_optimizer(given: Any, model: nn.Module, config: TrainConfig) -> torch.
 
 
 def make_tracker(
-    config: TrainConfig, data: DataSource, device: torch.device, world: World, loss_fn: LossFn
+    config: TrainConfig,
+    data: DataSource,
+    device: torch.device,
+    world: World,
+    loss_fn: LossFn,
+    samples: int | None = None,
 ) -> EigenTracker:
     """The top-eigenvalue tracker on a probe set drawn once from the training data.
 
@@ -652,7 +682,7 @@ def make_tracker(
     probe = probe_batches(
         data.train_x,
         data.train_y,
-        config.hessian_samples,
+        samples or config.hessian_samples,
         config.micro_batch_size or config.batch_size,
         seed=config.seed + _PROBE_SEED_OFFSET,
     )
@@ -686,10 +716,14 @@ def _make_meters(
         if name in given:
             meters[name] = given.pop(name)
         elif name == EIGENVALUE:
-            tracker = make_tracker(config, parts.data, device, world, parts.loss_fn)
+            # the guard's ceiling needs a stable estimate: a larger probe (>= 1024 samples)
+            samples = config.guard_samples if config.curvature_guard else config.hessian_samples
+            tracker = make_tracker(config, parts.data, device, world, parts.loss_fn, samples)
             meters[name] = CurvatureMeter(
                 tracker, config.hessian_every, strict=config.hessian_mode != "reference"
             )
+        elif name == NOISE_SCALE:
+            meters[name] = GradientNoiseMeter(config.gns_micro_batch, config.gns_decay, world)
         else:
             raise UsageError(
                 f"controller {controller.name!r} wants measurement {name!r}, which no meter "
@@ -733,18 +767,30 @@ class _Loop:
         ``measure_s``, the seconds they took."""
         model, controller = self.model, self.controller
         before = controller.decision()
-        measured: dict[str, Any] = CurvatureMeter.empty()
+        measured: dict[str, Any] = {**CurvatureMeter.empty(), **GradientNoiseMeter.empty()}
         seconds = 0.0
         for meter in self.wanted():
             numbers = meter.at_decision(model, point)
             measured.update(numbers)
             seconds += time_of(numbers)
         told = {**measured, **(extra or {}), "epoch_end": point.epoch_end}
-        told[EIGENVALUE] = measured["usable_eigenvalue"]
+        told.update({EIGENVALUE: measured["usable_eigenvalue"], "samples": point.samples})
         controller.step(told)
         # every rank measured the same numbers; rank 0's decision is the one kept
         controller.load_state_dict(broadcast_object(controller.state_dict(), self.world))
         after = controller.decision()
+        state.points.append(
+            {
+                "samples": point.samples,
+                "batch_size": after.batch_size,
+                "lr": self.lr.bases()[0] * after.lr_factor * state.lr_scale,
+                "gns": measured.get(NOISE_SCALE),
+                "eigenvalue": measured["eigenvalue"],
+                "stability": _stability(
+                    measured["eigenvalue"], self.optimizer.param_groups[0]["lr"], self.optimizer
+                ),
+            }
+        )
         if after.batch_size != before.batch_size:
             state.changes.append(
                 {
@@ -754,6 +800,7 @@ class _Loop:
                     "reason": controller.last_reason or "schedule",
                 }
             )
+        state.measure_s += seconds
         return {**measured, "measure_s": seconds}
 
     def train_epoch(self, state: RunState, stop: _StopFlag) -> dict[str, float | None] | None:
@@ -812,6 +859,11 @@ class _Loop:
         decision = self.controller.decision()
         global_batch = decision.batch_size
         micro = min(config.micro_batch_size or config.batch_size, global_batch)
+        meters = self.wanted()
+        for meter in meters:  # a meter may need smaller micro-batches (measurement size)
+            wanted = getattr(meter, "micro_batch", None)
+            if wanted:  # ... and at least two in the global batch
+                micro = max(1, min(micro, wanted, global_batch // 2))
         num_batches = sampler.num_batches(global_batch)
         first_step = num_batches - sampler.num_batches(global_batch, state.position)
         end = _next_decision_point(state, global_batch, sampler.num_samples, self.controller)
@@ -823,7 +875,6 @@ class _Loop:
             augment_rng=augment_rng,
             augment_seed=config.seed * 1_000_003 + state.epoch,
         )
-        meters = self.wanted()
         self.last_batch, self.last_adv_ratio = global_batch, decision.adv_ratio
         for step, (indices, micro_batches) in enumerate(batches, start=first_step):
             warmup = self.controller.warmup_factor(step / num_batches)
@@ -880,6 +931,9 @@ class _Loop:
         # check (one device sync) covers the loss and the gradient.
         # With fp16 loss scaling, an overflowing gradient is the scaler's business: it skips
         # the step and lowers the scale. Only a non-finite loss is divergence then.
+        point = Point(state.epoch, state.samples + len(indices), epoch_end=False)
+        for meter in meters:  # (before unscaling: with fp16, the scale cancels in ratios)
+            meter.at_update(model, point)
         if scaler is not None:
             scaler.unscale_(optimizer)
             grad_norm = torch.zeros((), device=device)
@@ -893,9 +947,6 @@ class _Loop:
                 f"(update {state.updates + 1}, lr {optimizer.param_groups[0]['lr']:.4g}); "
                 "lower --lr and try again"
             )
-        point = Point(state.epoch, state.samples + len(indices), epoch_end=False)
-        for meter in meters:
-            meter.at_update(model, point)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -1192,6 +1243,7 @@ def _summary(config: TrainConfig, state: RunState, controller: BatchController) 
         "samples": state.samples,
         "wall_s": state.wall_s,
         "hessian_s": state.hessian_s,
+        "measure_s": state.measure_s,
         "final_batch_size": last.get("batch_size", controller.decision().batch_size),
         "base_batch_size": config.batch_size,
         "rollbacks": len(state.rollbacks),

@@ -9,15 +9,47 @@ they travel in ``optimizer.state_dict()`` and a resumed run scales the same base
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["LRScaler", "BASE_LR_KEY"]
+__all__ = ["LRScaler", "BASE_LR_KEY", "SCALING_RULES", "scaling_factor", "stability_limit"]
 
 #: where each param group keeps the LR that factors multiply
 BASE_LR_KEY = "base_lr"
+
+
+#: LR scaling rules for a batch ``scale`` times the base batch (see :func:`scaling_factor`)
+SCALING_RULES = ("linear", "sqrt", "adascale")
+
+
+def scaling_factor(rule: str, scale: float, noise_scale: float | None, base_batch: int) -> float:
+    """LR factor for a batch ``scale`` times ``base_batch``.
+
+    - ``linear``: ``scale`` (Goyal et al.);
+    - ``sqrt``: ``sqrt(scale)`` (Krizhevsky; Hoffer et al.);
+    - ``adascale``: the gain ``r = scale (phi + B0) / (phi + scale B0)`` with ``phi`` the
+      gradient noise scale (Johnson et al., AdaScale): close to ``scale`` while the batch
+      is small against ``phi``, close to 1 once it is far above. Without a measured
+      ``phi`` it is 1.
+    """
+    if rule == "linear":
+        return float(scale)
+    if rule == "sqrt":
+        return math.sqrt(scale)
+    if rule == "adascale":
+        if noise_scale is None or not math.isfinite(noise_scale) or noise_scale < 0:
+            return 1.0
+        return scale * (noise_scale + base_batch) / (noise_scale + scale * base_batch)
+    raise ValueError(f"unknown LR scaling rule {rule!r}; choose one of {', '.join(SCALING_RULES)}")
+
+
+def stability_limit(eigenvalue: float, momentum: float) -> float:
+    """The largest stable LR of heavy-ball SGD on a quadratic of top curvature
+    ``eigenvalue``: ``2 (1 + momentum) / eigenvalue``."""
+    return 2.0 * (1.0 + momentum) / eigenvalue
 
 
 class LRScaler:

@@ -22,14 +22,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from largebatch.hessian import EigenTracker, HessianOperatorError
 
-__all__ = ["Meter", "Point", "CurvatureMeter", "EIGENVALUE", "time_of"]
+__all__ = [
+    "Meter",
+    "Point",
+    "CurvatureMeter",
+    "GradientNoiseMeter",
+    "EIGENVALUE",
+    "NOISE_SCALE",
+    "time_of",
+]
 
 #: the measurement the curvature meter provides
 EIGENVALUE = "eigenvalue"
+#: the measurement the gradient-noise meter provides
+NOISE_SCALE = "gns"
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,8 @@ class Meter:
 
 class CurvatureMeter(Meter):
     """The top Hessian eigenvalue, from an :class:`~largebatch.hessian.EigenTracker` on a
-    fixed probe set, every ``every_epochs`` epochs (at epoch ends).
+    fixed probe set: at every ``every_epochs``-th epoch end, and at any decision point
+    inside an epoch where a controller wants it.
 
     ``eigenvalue`` in the returned numbers is what a controller may act on: None when the
     estimate failed, is not finite, or (``strict``) did not reach its tolerance within the
@@ -105,7 +117,8 @@ class CurvatureMeter(Meter):
 
     def at_decision(self, model: nn.Module, point: Point) -> dict[str, Any]:
         record = self.empty()
-        if not point.epoch_end or (point.epoch + 1) % self.every_epochs:
+        # at epoch ends every `every_epochs`; at a point inside an epoch whenever wanted
+        if point.epoch_end and (point.epoch + 1) % self.every_epochs:
             return record
         started = time.perf_counter()
         try:
@@ -136,3 +149,158 @@ class CurvatureMeter(Meter):
 def time_of(record: Mapping[str, Any]) -> float:
     """Seconds a meter's record says it spent (its ``*_s`` fields)."""
     return float(sum(v for k, v in record.items() if k.endswith("_s") and v))
+
+
+class GradientNoiseMeter(Meter):
+    """The gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018),
+    from the micro-batch gradients that accumulation computes anyway.
+
+    With ``K >= 2`` micro-batches of ``b`` samples in an update, ``g_k`` their mean
+    gradients and ``g`` the update's mean gradient, two unbiased estimates follow:
+
+    - ``|G|^2 ~ (K |g|^2 - mean_k |g_k|^2) / (K - 1)``;
+    - ``tr(Sigma) ~ b K (mean_k |g_k|^2 - |g|^2) / (K - 1)`` (per-sample covariance).
+
+    Each is smoothed by a bias-corrected exponential moving average (``decay`` per update)
+    and the noise scale is the ratio of the two averages, which is far less noisy than
+    the average of ratios. Only micro-batches of the update's full size count (the short
+    last micro-batch is skipped), and updates with a non-finite gradient (an fp16
+    overflow that the loss scaler will skip) are ignored. Under torch.distributed every
+    rank's micro-batches count: one extra all-reduce of three numbers per update.
+
+    ``micro_batch`` is the measurement micro-batch the loop should use: it runs updates
+    the meter is wanted for in micro-batches of at most that many samples, and at most
+    half the batch, so that there are at least two. Under fp16
+    loss scaling the gradients it sees are scaled: both parts are then in scaled units,
+    and their ratio, the noise scale, is unaffected.
+    """
+
+    record_keys = ("gns", "gns_grad_sq", "gns_trace", "gns_updates", "gns_s")
+
+    def __init__(self, micro_batch: int = 32, decay: float = 0.95, world: Any = None) -> None:
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.micro_batch = micro_batch
+        self.decay = decay
+        self.world = world
+        self._reset_update()
+        # state: bias-corrected EMAs of |G|^2 and tr(Sigma), and their weight
+        self.grad_sq = 0.0
+        self.trace = 0.0
+        self.weight = 0.0
+        self.updates = 0
+        self.seconds = 0.0
+
+    def _reset_update(self) -> None:
+        self._previous: torch.Tensor | None = None
+        self._sum_sq: torch.Tensor | float = 0.0  # this rank's sum of |g_k|^2 (full ones)
+        self._count = 0
+        self._size: int | None = None
+
+    def after_backward(self, model: nn.Module, samples: int, batch_samples: int) -> None:
+        started = time.perf_counter()
+        flat = _flat_grad(model)
+        if flat is None:
+            return
+        if self._size is None:
+            self._size = samples  # the update's full micro-batch size (the first is full)
+        if samples == self._size:
+            # the micro-batch's backward added (samples / batch_samples) * g_k to .grad;
+            # kept on the device, summed without a sync until the update
+            step = flat if self._previous is None else self._previous.sub_(flat)
+            norm = torch.linalg.vector_norm(step, dtype=torch.float64).square()
+            self._sum_sq = self._sum_sq + norm * (batch_samples / samples) ** 2
+            self._count += 1
+        self._previous = flat
+        self.seconds += time.perf_counter() - started
+
+    def at_update(self, model: nn.Module, point: Point) -> None:
+        started = time.perf_counter()
+        flat = _flat_grad(model, copy=False)
+        size = self._size or 0
+        parts = torch.stack(
+            [
+                torch.as_tensor(self._sum_sq, dtype=torch.float64, device=_device_of(model)),
+                torch.tensor(float(self._count), dtype=torch.float64, device=_device_of(model)),
+                torch.tensor(float(size), dtype=torch.float64, device=_device_of(model)),
+                torch.linalg.vector_norm(flat, dtype=torch.float64).square()
+                if flat is not None
+                else torch.zeros((), dtype=torch.float64, device=_device_of(model)),
+            ]
+        )
+        self._reset_update()
+        if self.world is not None and getattr(self.world, "enabled", False):
+            import torch.distributed as dist
+
+            # the full gradient is already summed over the ranks: all-reduce the first three
+            dist.all_reduce(parts[:3])
+        sum_sq, count, sizes, full_sq = parts.tolist()
+        world = self.world.size if getattr(self.world, "enabled", False) else 1
+        if flat is None or count < 2 or sizes != size * world:  # ranks cut unevenly: skip
+            self.seconds += time.perf_counter() - started
+            return
+        mean_sq = sum_sq / count
+        k, b = count, size
+        grad_sq = (k * full_sq - mean_sq) / (k - 1)
+        trace = b * k * (mean_sq - full_sq) / (k - 1)
+        if math.isfinite(grad_sq) and math.isfinite(trace):
+            self.grad_sq = self.decay * self.grad_sq + (1 - self.decay) * grad_sq
+            self.trace = self.decay * self.trace + (1 - self.decay) * trace
+            self.weight = self.decay * self.weight + (1 - self.decay)
+            self.updates += 1
+        self.seconds += time.perf_counter() - started
+
+    def estimate(self) -> tuple[float | None, float | None, float | None]:
+        """``(noise scale, |G|^2, tr(Sigma))`` from the averages so far (None before any)."""
+        if self.weight == 0:
+            return None, None, None
+        grad_sq, trace = self.grad_sq / self.weight, self.trace / self.weight
+        scale = trace / grad_sq if grad_sq > 0 else math.inf
+        return scale, grad_sq, trace
+
+    @classmethod
+    def empty(cls) -> dict[str, Any]:
+        """The record of a decision point where the meter was not wanted."""
+        return {key: None for key in cls.record_keys}
+
+    def at_decision(self, model: nn.Module, point: Point) -> dict[str, Any]:
+        scale, grad_sq, trace = self.estimate()
+        seconds, self.seconds = self.seconds, 0.0
+        return {
+            "gns": scale,
+            "gns_grad_sq": grad_sq,
+            "gns_trace": trace,
+            "gns_updates": self.updates,
+            "gns_s": seconds,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "grad_sq": self.grad_sq,
+            "trace": self.trace,
+            "weight": self.weight,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.grad_sq = float(state["grad_sq"])
+        self.trace = float(state["trace"])
+        self.weight = float(state["weight"])
+        self.updates = int(state["updates"])
+
+
+def _flat_grad(model: nn.Module, copy: bool = True) -> torch.Tensor | None:
+    """All gradients as one flat tensor (a copy; a view when there is one and ``copy`` is
+    False)."""
+    grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    if len(grads) == 1 and not copy:
+        return grads[0]
+    return torch.cat(grads)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

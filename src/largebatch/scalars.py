@@ -28,6 +28,8 @@ SCALARS: dict[str, str] = {
     "eigenvalue": "curvature/top_eigenvalue",
     "eig_matvecs": "curvature/products",
     "eig_s": "curvature/seconds",
+    "stability": "curvature/stability_ratio",
+    "gns": "batch/noise_scale",
 }
 
 
@@ -45,8 +47,12 @@ class ScalarLog:
 
     def epoch(self, record: Mapping[str, Any]) -> None:
         step = int(record["samples"])
-        for change in record.get("batch_changes") or ():
-            self.writer.add_scalar("batch/size", change["batch_size"], int(change["samples"]))
+        for point in (record.get("points") or ())[:-1]:  # decision points inside the epoch
+            at = int(point["samples"])
+            self.writer.add_scalar("batch/size", point["batch_size"], at)
+            self.writer.add_scalar("batch/lr", point["lr"], at)
+            if point.get("gns") is not None:
+                self.writer.add_scalar("batch/noise_scale", point["gns"], at)
         for key, tag in SCALARS.items():
             value = record.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -1,0 +1,248 @@
+"""Benchmark: every batch controller on three datasets, with one set of controller defaults.
+
+Methods: ``bl``, ``fb`` (warm-up), ``gg``, ``abs``, ``absa``, ``gns``, ``gns`` with the
+curvature guard (``gns+guard``) and ``gns`` with adversarial training (``gns+adv``).
+Datasets: Fashion-MNIST with C1 (a subset), MNIST-1D with an MLP, scikit-learn's digits
+with an MLP. Per dataset only the training basics differ (base batch, LR, epochs, cap);
+every controller setting is its default on all three.
+
+Each run trains into ``OUT/runs/<dataset>/<method>-s<seed>`` (finished runs are skipped,
+so an interrupted benchmark continues), then its final checkpoint is evaluated under
+FGSM. ``OUT/results.json`` holds every figure, ``OUT/README.md`` the tables, and
+``OUT/<dataset>.png`` the noise scale, batch and LR against samples seen (seed 0).
+
+Per dataset: final test accuracy (mean +- std over seeds), updates and updates / BL,
+updates to reach BL's mean final accuracy minus 0.5 points (at epoch ends; "-" when a
+run never does), the meters' share of wall time, and FGSM accuracy.
+
+    python benchmarks/controllers.py --out docs/results/controllers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from largebatch.config import TrainConfig
+from largebatch.errors import DivergedError
+from largebatch.evaluate import evaluate_checkpoint
+from largebatch.io import atomic_write_json, atomic_write_text, read_jsonl
+from largebatch.train import train
+
+#: method label -> config changes (controller defaults otherwise)
+METHODS: dict[str, dict[str, Any]] = {
+    "bl": {"method": "bl"},
+    "fb": {"method": "fb"},
+    "gg": {"method": "gg"},
+    "abs": {"method": "abs"},
+    "absa": {"method": "absa"},
+    "gns": {"method": "gns"},
+    "gns+guard": {"method": "gns", "curvature_guard": True},
+    "gns+adv": {"method": "gns", "adversarial": True},
+}
+
+#: the training basics of each dataset (no controller settings here)
+DATASETS: dict[str, dict[str, Any]] = {
+    "fashion-mnist": dict(
+        dataset="fashion-mnist", model="c1", epochs=6, batch_size=128, max_batch_size=4096,
+        lr=0.02, lr_decay_epochs=[4], limit_train=6000, limit_test=2000, abs_duration=2,
+        warmup_epochs=2, fgsm_eps=0.05,
+    ),
+    "mnist1d": dict(
+        dataset="mnist1d", model="mlp", epochs=12, batch_size=32, max_batch_size=1024,
+        lr=0.05, lr_decay_epochs=[8], abs_duration=2, warmup_epochs=2, adv_eps=0.05,
+        fgsm_eps=0.05,
+    ),
+    "digits": dict(
+        dataset="digits", model="mlp", epochs=20, batch_size=32, max_batch_size=512,
+        lr=0.05, lr_decay_epochs=[12], abs_duration=3, warmup_epochs=3, adv_eps=0.05,
+        fgsm_eps=0.05,
+    ),
+}  # fmt: skip
+
+
+def _config(dataset: str, method: str, seed: int, out: Path, device: str) -> TrainConfig:
+    basics = {k: v for k, v in DATASETS[dataset].items() if k != "fgsm_eps"}
+    return TrainConfig(
+        **basics, **METHODS[method], seed=seed, out=str(out), device=device, resume=True
+    ).validate()
+
+
+def _run(dataset: str, method: str, seed: int, root: Path, device: str) -> dict[str, Any]:
+    out = root / "runs" / dataset / f"{method}-s{seed}"
+    if not (out / "summary.json").exists():
+        started = time.perf_counter()
+        try:
+            train(_config(dataset, method, seed, out, device), echo=None, show_progress=False)
+        except DivergedError as exc:
+            print(f"{dataset} {method} seed {seed}: diverged ({exc})", flush=True)
+            return {"diverged": str(exc)}
+        print(f"{dataset} {method} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    summary = json.loads((out / "summary.json").read_text())
+    records = read_jsonl(out / "metrics.jsonl")
+    fgsm_file = out / "fgsm.json"
+    if not fgsm_file.exists():
+        evaluate_checkpoint(
+            out / "checkpoint.pt",
+            attack="fgsm",
+            eps=DATASETS[dataset]["fgsm_eps"],
+            device=device,
+            out=fgsm_file,
+        )
+    fgsm = json.loads(fgsm_file.read_text())
+    return {"summary": summary, "records": records, "fgsm": fgsm}
+
+
+def _updates_to(records: list[dict[str, Any]], target: float) -> int | None:
+    for record in records:
+        if record["test_acc"] is not None and record["test_acc"] >= target:
+            return record["updates"]
+    return None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _table(dataset: str, runs: dict[str, list[dict[str, Any]]]) -> tuple[list[dict], str]:
+    bl = [r for r in runs["bl"] if "summary" in r]
+    bl_acc = statistics.mean(r["summary"]["final_test_acc"] for r in bl)
+    bl_updates = statistics.mean(r["summary"]["updates"] for r in bl)
+    target = bl_acc - 0.005
+    rows = []
+    for method, results in runs.items():
+        done = [r for r in results if "summary" in r]
+        if not done:
+            rows.append({"method": method, "diverged": len(results)})
+            continue
+        accs = [r["summary"]["final_test_acc"] for r in done]
+        updates = [r["summary"]["updates"] for r in done]
+        reach = [_updates_to(r["records"], target) for r in done]
+        share = [r["summary"]["measure_s"] / r["summary"]["wall_s"] for r in done]
+        fgsm = [r["fgsm"]["adv_acc"] for r in done]
+        acc_mean, acc_std = _mean_std(accs)
+        rows.append(
+            {
+                "method": method,
+                "runs": len(done),
+                "diverged": len(results) - len(done),
+                "test_acc_mean": acc_mean,
+                "test_acc_std": acc_std,
+                "updates_mean": statistics.mean(updates),
+                "updates_vs_bl": statistics.mean(updates) / bl_updates,
+                "updates_to_target": reach,
+                "updates_to_target_vs_bl": (
+                    statistics.mean(reach) / bl_updates
+                    if all(v is not None for v in reach)
+                    else None
+                ),
+                "measure_share": statistics.mean(share),
+                "fgsm_acc_mean": statistics.mean(fgsm),
+                "final_batch_mean": statistics.mean(r["summary"]["final_batch_size"] for r in done),
+            }
+        )
+    lines = [
+        f"### {dataset}",
+        "",
+        f"Target: BL's mean final accuracy minus 0.5 points = {100 * target:.2f}%.",
+        "",
+        "| method | test acc (%) | updates | updates / BL | updates to target / BL | "
+        "measurement share | FGSM acc (%) | final batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        if "test_acc_mean" not in row:
+            lines.append(f"| {row['method']} | diverged ({row['diverged']} runs) | | | | | | |")
+            continue
+        reach = row["updates_to_target_vs_bl"]
+        missed = sum(v is None for v in row["updates_to_target"])
+        reach_text = f"{reach:.3f}" if reach is not None else f"- ({missed} of {row['runs']} miss)"
+        lines.append(
+            f"| {row['method']} | {100 * row['test_acc_mean']:.2f} "
+            f"± {100 * row['test_acc_std']:.2f} "
+            f"| {row['updates_mean']:.0f} | {row['updates_vs_bl']:.3f} | {reach_text} "
+            f"| {100 * row['measure_share']:.1f}% | {100 * row['fgsm_acc_mean']:.2f} "
+            f"| {row['final_batch_mean']:.0f} |"
+        )
+    return rows, "\n".join(lines)
+
+
+def _figure(dataset: str, runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for method, results in runs.items():
+        if not results or "records" not in results[0]:
+            continue
+        records = results[0]["records"]
+        xs, batch, lr, gns = [0], [records[0]["batch_size"]], [records[0]["lr"]], []
+        for record in records:
+            for point in record.get("points") or []:
+                xs.append(point["samples"])
+                batch.append(point["batch_size"])
+                lr.append(point["lr"])
+                if point.get("gns") is not None:
+                    gns.append((point["samples"], point["gns"]))
+            if not record.get("points"):
+                xs.append(record["samples"])
+                batch.append(record["batch_size"])
+                lr.append(record["lr"])
+        axes[1].step(xs, batch, where="post", label=method)
+        axes[2].step(xs, lr, where="post", label=method)
+        if gns:
+            axes[0].plot(*zip(*gns, strict=True), marker=".", label=method)
+    titles = ("gradient noise scale", "global batch", "learning rate")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(f"{dataset}: {title}")
+        ax.set_xlabel("samples seen")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/results/controllers"))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    for name in args.datasets + args.methods:
+        if name not in DATASETS and name not in METHODS:
+            sys.exit(f"error: unknown dataset or method {name!r}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = [
+        "# Batch controllers on three datasets",
+        "",
+        "Regenerate: `python benchmarks/controllers.py --out docs/results/controllers` "
+        f"(datasets {' '.join(args.datasets)}; seeds {' '.join(map(str, args.seeds))}).",
+        "",
+    ]
+    results: dict[str, Any] = {}
+    for dataset in args.datasets:
+        runs = {
+            method: [_run(dataset, method, seed, args.out, args.device) for seed in args.seeds]
+            for method in args.methods
+        }
+        rows, table = _table(dataset, runs)
+        results[dataset] = {"setup": DATASETS[dataset], "rows": rows}
+        _figure(dataset, runs, args.out / f"{dataset}.png")
+        report += [table, "", f"![{dataset}]({dataset}.png)", ""]
+        atomic_write_json(args.out / "results.json", results)
+        atomic_write_text(args.out / "README.md", "\n".join(report) + "\n")
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Meters against ground truth: the gradient-noise meter from per-sample gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from largebatch.accumulate import backward_share, micro_batches
+from largebatch.meters import GradientNoiseMeter, Point
+
+
+def _problem(n=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * torch.randn(n, generator=g, dtype=torch.float64) > 0).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    return model, x, y
+
+
+def _per_sample_grads(model, x, y):
+    """Per-sample gradients, flattened: (n, parameters), from torch.func."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, p, (xi[None],))
+        return F.cross_entropy(out, yi[None])
+
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([grads[k].reshape(len(x), -1) for k in params], dim=1)
+
+
+def _one_update(model, meter, x, y, micro):
+    model.zero_grad()
+    for xb, yb in micro_batches(x, y, micro):
+        backward_share(F.cross_entropy(model(xb), yb), len(yb), len(y))
+        meter.after_backward(model, len(yb), len(y))
+    meter.at_update(model, Point(0, len(y), False))
+
+
+def test_one_update_gives_the_unbiased_estimates_of_its_micro_batch_gradients():
+    model, x, y = _problem()
+    x, y = x[:128], y[:128]
+    meter = GradientNoiseMeter(micro_batch=32, decay=0.0)
+    _one_update(model, meter, x, y, micro=32)
+    per_sample = _per_sample_grads(model, x, y)
+    g_k = per_sample.reshape(4, 32, -1).mean(1)  # the four micro-batches' mean gradients
+    g = per_sample.mean(0)
+    mean_sq, full_sq = g_k.pow(2).sum(1).mean(), g.pow(2).sum()
+    expect_grad_sq = (4 * full_sq - mean_sq) / 3
+    expect_trace = 32 * 4 * (mean_sq - full_sq) / 3
+    scale, grad_sq, trace = meter.estimate()
+    assert grad_sq == pytest.approx(float(expect_grad_sq), rel=1e-9)
+    assert trace == pytest.approx(float(expect_trace), rel=1e-9)
+    assert scale == pytest.approx(float(expect_trace / expect_grad_sq), rel=1e-9)
+
+
+def test_a_short_micro_batch_is_left_out():
+    model, x, y = _problem()
+    meter = GradientNoiseMeter(micro_batch=32, decay=0.0)
+    _one_update(model, meter, x[:80], y[:80], micro=32)  # 32, 32, 16: two count
+    per_sample = _per_sample_grads(model, x[:80], y[:80])
+    g_k = torch.stack([per_sample[:32].mean(0), per_sample[32:64].mean(0)])
+    g = per_sample.mean(0)
+    mean_sq, full_sq = g_k.pow(2).sum(1).mean(), g.pow(2).sum()
+    assert meter.estimate()[1] == pytest.approx(float(2 * full_sq - mean_sq), rel=1e-9)
+    # one full micro-batch alone gives no estimate
+    alone = GradientNoiseMeter(micro_batch=32, decay=0.0)
+    _one_update(model, alone, x[:48], y[:48], micro=32)
+    assert alone.estimate() == (None, None, None)
+
+
+def test_the_noise_scale_converges_to_the_population_value():
+    # Batches drawn with replacement from a fixed population: the estimates of |G|^2 and
+    # tr(Sigma) are unbiased for the population's, so their averages converge to them.
+    model, x, y = _problem()
+    per_sample = _per_sample_grads(model, x, y)
+    mean = per_sample.mean(0)
+    true_trace = float((per_sample - mean).pow(2).sum(1).mean())
+    true_scale = true_trace / float(mean.pow(2).sum())
+    errors = []
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        meter = GradientNoiseMeter(micro_batch=16, decay=0.995)
+        for _ in range(400):
+            pick = torch.randint(0, len(y), (128,), generator=g)
+            _one_update(model, meter, x[pick], y[pick], micro=16)
+        scale, _, trace = meter.estimate()
+        errors.append(abs(scale / true_scale - 1))
+        assert trace == pytest.approx(true_trace, rel=0.1)
+    # measured: median error 2-6% over these seeds; 20% leaves room and still fails for
+    # an estimator off by a factor (a mix-up of b and B, of K and K - 1, ...)
+    assert sorted(errors)[2] < 0.2, errors
+    assert math.isfinite(true_scale) and true_scale > 10  # a noise scale worth measuring
+
+
+def test_non_finite_gradients_are_skipped_and_the_state_resumes():
+    model, x, y = _problem()
+    meter = GradientNoiseMeter(micro_batch=32, decay=0.9)
+    _one_update(model, meter, x[:128], y[:128], micro=32)
+    before = meter.state_dict()
+    model.zero_grad()
+    for xb, yb in micro_batches(x[:128], y[:128], 32):
+        (F.cross_entropy(model(xb), yb) * math.inf).backward()
+        meter.after_backward(model, 32, 128)
+    meter.at_update(model, Point(0, 256, False))
+    assert meter.state_dict() == before
+    again = GradientNoiseMeter(micro_batch=32, decay=0.9)
+    again.load_state_dict(before)
+    assert again.estimate() == meter.estimate()
