@@ -172,15 +172,24 @@ def test_gns_doubles_after_two_agreeing_points_and_only_grows():
     assert controller.decision().lr_factor == pytest.approx(8 * (100 + 128) / (100 + 1024))
 
 
-def test_gns_counts_milestones_in_base_batch_progress():
-    controller = NoiseScaleBatch(100, 400, [1], 0.1, num_samples=1000, kappa=1.0)
+def test_gns_counts_milestones_in_samples_or_in_base_batch_progress():
+    controller = NoiseScaleBatch(
+        100, 400, [1], 0.1, num_samples=1000, kappa=1.0, milestones_by="progress"
+    )
     controller.batch_size, controller.noise_scale = 400, 100.0  # r = 4 * 200 / 500 = 1.6
     for i in range(4):  # one epoch of samples at batch 400: progress 1.6 / 4 = 0.4 epochs
         controller.step({"gns": 100.0, "epoch_end": False, "samples": 250 * (i + 1)})
     assert controller.progress == pytest.approx(0.4)
     assert controller.decision().lr_factor == pytest.approx(1.6)  # milestone 1 not reached
+    # by default the milestones count samples: one epoch of them reaches milestone 1
+    by_samples = NoiseScaleBatch(100, 400, [1], 0.1, num_samples=1000)
+    by_samples.batch_size, by_samples.noise_scale = 400, 100.0
+    by_samples.step({"gns": 100.0, "epoch_end": False, "samples": 999})
+    assert by_samples.decision().lr_factor == pytest.approx(1.6)
+    by_samples.step({"gns": 100.0, "samples": 1000})
+    assert by_samples.decision().lr_factor == pytest.approx(0.16)
     linear = NoiseScaleBatch(100, 400, [1], 0.1, num_samples=1000, lr_rule="linear")
-    linear.step({"gns": 10.0, "samples": 1000})  # an epoch end: epochs count for linear
+    linear.step({"gns": 10.0, "samples": 1000})
     assert linear.decision().lr_factor == pytest.approx(0.1)
 
 

@@ -49,7 +49,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
         "mlp|c1|c2|resnet20|resnet18|resnet50|squeezenext|squeezenext-2x, or "
         "package.module:callable returning an nn.Module",
     ),
-    ("--method", "method", str, "bl|fb|gg|abs|absa"),
+    ("--method", "method", str, "bl|fb|gg|abs|absa|gns"),
     ("--epochs", "epochs", int, "number of epochs"),
     ("--batch-size", "batch_size", int, "base (global) batch size B0"),
     ("--max-batch-size", "max_batch_size", int, "largest global batch Bmax"),

@@ -79,9 +79,12 @@ class TrainConfig:
     gns_every: float = 0.25  # epochs between decision points
     gns_kappa: float = 1.0  # double when batch <= kappa * noise scale ...
     gns_confirmations: int = 2  # ... on this many decision points in a row
-    gns_micro_batch: int = 32  # measurement micro-batch of the gradient-noise meter
+    gns_micro_batch: int | None = (
+        None  # noise meter's micro-batch; None: the run's, halved if needed
+    )
     gns_decay: float = 0.95  # per-update decay of the meter's moving averages
-    lr_scaling: str = "adascale"  # gns LR rule: adascale | linear | sqrt
+    lr_scaling: str = "linear"  # gns LR rule: linear | sqrt | adascale
+    gns_milestones: str = "samples"  # gns: lr_decay_epochs count samples, or progress
     # curvature guard (any method): lr <= guard_fraction * 2 (1 + momentum) / eigenvalue
     curvature_guard: bool = False
     guard_fraction: float = 0.5
@@ -140,6 +143,7 @@ class TrainConfig:
         _choice("hessian_mode", self.hessian_mode, ("tracker", "reference"))
         _choice("on_divergence", self.on_divergence, ("stop", "rollback"))
         _choice("lr_scaling", self.lr_scaling, ("adascale", "linear", "sqrt"))
+        _choice("gns_milestones", self.gns_milestones, ("samples", "progress"))
         for key in ("gns_every", "guard_every"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key)}")
@@ -149,8 +153,10 @@ class TrainConfig:
             raise ConfigError(f"gns_decay must be in [0, 1), got {self.gns_decay}")
         if not 0 < self.guard_fraction <= 1:
             raise ConfigError(f"guard_fraction must be in (0, 1], got {self.guard_fraction}")
-        for key in ("gns_confirmations", "gns_micro_batch", "guard_samples"):
+        for key in ("gns_confirmations", "guard_samples"):
             _at_least(key, getattr(self, key), 1)
+        if self.gns_micro_batch is not None:
+            _at_least("gns_micro_batch", self.gns_micro_batch, 1)
         _at_least("max_rollbacks", self.max_rollbacks, 0)
         if not 0 < self.divergence_lr_factor < 1:
             raise ConfigError(

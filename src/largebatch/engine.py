@@ -860,9 +860,9 @@ class _Loop:
         global_batch = decision.batch_size
         micro = min(config.micro_batch_size or config.batch_size, global_batch)
         meters = self.wanted()
-        for meter in meters:  # a meter may need smaller micro-batches (measurement size)
-            wanted = getattr(meter, "micro_batch", None)
-            if wanted:  # ... and at least two in the global batch
+        for meter in meters:  # a meter may need smaller micro-batches ...
+            if hasattr(meter, "micro_batch"):  # ... at least two per update
+                wanted = meter.micro_batch or micro
                 micro = max(1, min(micro, wanted, global_batch // 2))
         num_batches = sampler.num_batches(global_batch)
         first_step = num_batches - sampler.num_batches(global_batch, state.position)

@@ -169,16 +169,21 @@ class GradientNoiseMeter(Meter):
     rank's micro-batches count: one extra all-reduce of three numbers per update.
 
     ``micro_batch`` is the measurement micro-batch the loop should use: it runs updates
-    the meter is wanted for in micro-batches of at most that many samples, and at most
-    half the batch, so that there are at least two. Under fp16
+    the meter is wanted for in micro-batches of at most that many samples (None: the
+    run's own micro-batch), and at most half the batch, so that there are at least two.
+    The estimates do not depend on the micro-batch size, so it may change as the batch
+    grows; smaller micro-batches give more of them per update (less noise) at a higher
+    cost per sample. Under fp16
     loss scaling the gradients it sees are scaled: both parts are then in scaled units,
     and their ratio, the noise scale, is unaffected.
     """
 
     record_keys = ("gns", "gns_grad_sq", "gns_trace", "gns_updates", "gns_s")
 
-    def __init__(self, micro_batch: int = 32, decay: float = 0.95, world: Any = None) -> None:
-        if micro_batch < 1:
+    def __init__(
+        self, micro_batch: int | None = None, decay: float = 0.95, world: Any = None
+    ) -> None:
+        if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         if not 0 <= decay < 1:
             raise ValueError(f"decay must be in [0, 1), got {decay}")

@@ -206,7 +206,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-_METHOD_ORDER = {"bl": 0, "fb": 1, "gg": 2, "abs": 3, "absa": 4}
+_METHOD_ORDER = {"bl": 0, "fb": 1, "gg": 2, "abs": 3, "absa": 4, "gns": 5}
 
 
 def _add_update_ratios(rows: list[dict[str, Any]]) -> None:
