@@ -96,6 +96,19 @@ def test_a_user_model_trains_with_each_method(tmp_path, method):
         assert records[0]["adv_ratio"] > 0
 
 
+def test_abs_estimates_at_most_once_per_so_many_samples(tmp_path):
+    # 384-sample epochs, an estimate at most every 700 samples: epochs 1 and 3, not 2
+    train, test = _data()
+    largebatch.fit(
+        _model(), train, eval_data=test, out=tmp_path / "run", method="abs", epochs=3,
+        hessian_every_samples=700, hessian_samples=64, batch_size=32, max_batch_size=128,
+        device="cpu",
+    )  # fmt: skip
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["eigenvalue"] is not None for r in records] == [True, False, True]
+    assert records[1]["eig_matvecs"] == 0
+
+
 def test_regression_with_mse_reports_loss_only(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 4, generator=g)
@@ -323,6 +336,17 @@ def test_gns_grows_the_batch_from_the_measured_noise_scale(tmp_path):
     for change in changes:
         point = next(p for p in points if p["samples"] == change["samples"])
         assert change["batch_size"] // 2 <= point["gns"]
+
+
+def test_gns_trains_adversarially_when_asked(tmp_path):
+    x, y = _blobs(256, 0, spread=0.5)
+    summary = largebatch.fit(
+        _model(), (x, y), out=tmp_path / "run", method="gns", adversarial=True, adv_eps=0.1,
+        epochs=2, batch_size=32, max_batch_size=128, device="cpu",
+    )  # fmt: skip
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["adv_ratio"] for r in records] == [0.2, 0.0]  # stops at half the epochs
+    assert summary["method"] == "gns" and records[0]["gns"] is not None
 
 
 def test_a_gns_run_with_the_guard_resumes_exactly_mid_epoch(tmp_path):

@@ -101,6 +101,7 @@ class TrainConfig:
     # curvature probe (abs, absa)
     hessian_samples: int = 128  # probe set drawn once from the training data
     hessian_every: int = 1  # epochs between estimates
+    hessian_every_samples: int | None = None  # and at least this many samples between them
     hessian_mode: str = "tracker"  # tracker: warm-started Lanczos; reference: cold power, 10 its
     hessian_tol: float = 1e-2  # relative residual target of the tracker
     hessian_max_matvecs: int = 20  # product budget per estimate
@@ -188,7 +189,13 @@ class TrainConfig:
             _at_least(key, getattr(self, key), 1)
         if self.loader_workers is not None:
             _at_least("loader_workers", self.loader_workers, 0)
-        for key in ("micro_batch_size", "limit_train", "limit_test", "image_size"):
+        for key in (
+            "micro_batch_size",
+            "limit_train",
+            "limit_test",
+            "image_size",
+            "hessian_every_samples",
+        ):
             if getattr(self, key) is not None:
                 _at_least(key, getattr(self, key), 1)
         check_seed(self.seed)

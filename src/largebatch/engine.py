@@ -720,7 +720,10 @@ def _make_meters(
             samples = config.guard_samples if config.curvature_guard else config.hessian_samples
             tracker = make_tracker(config, parts.data, device, world, parts.loss_fn, samples)
             meters[name] = CurvatureMeter(
-                tracker, config.hessian_every, strict=config.hessian_mode != "reference"
+                tracker,
+                config.hessian_every,
+                strict=config.hessian_mode != "reference",
+                every_samples=config.hessian_every_samples,
             )
         elif name == NOISE_SCALE:
             meters[name] = GradientNoiseMeter(config.gns_micro_batch, config.gns_decay, world)

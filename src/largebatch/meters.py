@@ -78,8 +78,10 @@ class Meter:
 
 class CurvatureMeter(Meter):
     """The top Hessian eigenvalue, from an :class:`~largebatch.hessian.EigenTracker` on a
-    fixed probe set: at every ``every_epochs``-th epoch end, and at any decision point
-    inside an epoch where a controller wants it.
+    fixed probe set: at every ``every_epochs``-th epoch end (and, with ``every_samples``,
+    only once that many samples have passed since the last estimate, so short epochs do
+    not pay for an estimate each), and at any decision point inside an epoch where a
+    controller wants it.
 
     ``eigenvalue`` in the returned numbers is what a controller may act on: None when the
     estimate failed, is not finite, or (``strict``) did not reach its tolerance within the
@@ -97,10 +99,18 @@ class CurvatureMeter(Meter):
         "eig_error",
     )
 
-    def __init__(self, tracker: EigenTracker, every_epochs: int = 1, strict: bool = True) -> None:
+    def __init__(
+        self,
+        tracker: EigenTracker,
+        every_epochs: int = 1,
+        strict: bool = True,
+        every_samples: int | None = None,
+    ) -> None:
         self.tracker = tracker
         self.every_epochs = every_epochs
+        self.every_samples = every_samples
         self.strict = strict
+        self.last_samples: int | None = None  # samples seen at the last estimate
 
     @classmethod
     def empty(cls) -> dict[str, Any]:
@@ -117,9 +127,15 @@ class CurvatureMeter(Meter):
 
     def at_decision(self, model: nn.Module, point: Point) -> dict[str, Any]:
         record = self.empty()
-        # at epoch ends every `every_epochs`; at a point inside an epoch whenever wanted
+        # at epoch ends every `every_epochs`, and at least `every_samples` apart; at a
+        # point inside an epoch whenever wanted
         if point.epoch_end and (point.epoch + 1) % self.every_epochs:
             return record
+        since = None if self.last_samples is None else point.samples - self.last_samples
+        if point.epoch_end and self.every_samples and since is not None:
+            if since < self.every_samples:
+                return record
+        self.last_samples = point.samples
         started = time.perf_counter()
         try:
             result = self.tracker.estimate(model)
@@ -140,10 +156,15 @@ class CurvatureMeter(Meter):
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        return self.tracker.state_dict()
+        return {"tracker": self.tracker.state_dict(), "last_samples": self.last_samples}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.tracker.load_state_dict(state)
+        if "tracker" not in state:  # a checkpoint from before: the tracker's state alone
+            self.tracker.load_state_dict(state)
+            return
+        self.tracker.load_state_dict(state["tracker"])
+        last = state["last_samples"]
+        self.last_samples = None if last is None else int(last)
 
 
 def time_of(record: Mapping[str, Any]) -> float:
