@@ -110,11 +110,16 @@ class BatchController:
             self.epoch += 1
         return self.decision()
 
+    #: the attributes that make up the state, with the type each is loaded as
+    state_fields: tuple[tuple[str, Any], ...] = (("epoch", int),)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch}
+        return {name: getattr(self, name) for name, _ in self.state_fields}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
+        for name, kind in self.state_fields:
+            value = state[name]
+            setattr(self, name, None if value is None else kind(value))
 
 
 def is_epoch_end(measurements: Mapping[str, Any] | None) -> bool:
@@ -223,6 +228,14 @@ class AdaptiveBatch(BatchController):
 
     name = "abs"
     measures = frozenset({"eigenvalue"})
+    state_fields = (
+        *BatchController.state_fields,
+        ("batch_size", int),
+        ("reference", float),  # None until the first estimate
+        ("epochs_since_growth", int),
+        ("adv_ratio", float),
+        ("growths", int),
+    )
 
     def __init__(
         self,
@@ -285,24 +298,6 @@ class AdaptiveBatch(BatchController):
         self.growths += 1
         self.last_reason = reason
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "batch_size": self.batch_size,
-            "reference": self.reference,
-            "epochs_since_growth": self.epochs_since_growth,
-            "adv_ratio": self.adv_ratio,
-            "growths": self.growths,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.batch_size = int(state["batch_size"])
-        self.reference = None if state["reference"] is None else float(state["reference"])
-        self.epochs_since_growth = int(state["epochs_since_growth"])
-        self.adv_ratio = float(state["adv_ratio"])
-        self.growths = int(state["growths"])
-
 
 class NoiseScaleBatch(BatchController):
     """``gns``: the batch doubles while it is below the measured gradient noise scale.
@@ -327,6 +322,15 @@ class NoiseScaleBatch(BatchController):
 
     name = "gns"
     measures = frozenset({"gns"})
+    state_fields = (
+        *BatchController.state_fields,
+        ("batch_size", int),
+        ("noise_scale", float),  # None until the first measurement
+        ("agreeing", int),
+        ("progress", float),
+        ("samples", int),
+        ("growths", int),
+    )
 
     def __init__(
         self,
@@ -401,26 +405,6 @@ class NoiseScaleBatch(BatchController):
             else:
                 self.agreeing = 0
         return super().step(measurements)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "batch_size": self.batch_size,
-            "noise_scale": self.noise_scale,
-            "agreeing": self.agreeing,
-            "progress": self.progress,
-            "samples": self.samples,
-            "growths": self.growths,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.batch_size = int(state["batch_size"])
-        self.noise_scale = None if state["noise_scale"] is None else float(state["noise_scale"])
-        self.agreeing = int(state["agreeing"])
-        self.progress = float(state["progress"])
-        self.samples = int(state["samples"])
-        self.growths = int(state["growths"])
 
 
 class CurvatureGuard(BatchController):
