@@ -26,16 +26,10 @@ from largebatch.errors import UsageError
 __all__ = [
     "as_source",
     "as_tensors",
-    "is_import_path",
     "load_callable",
     "call_with_accepted",
     "is_classification",
 ]
-
-
-def is_import_path(name: str) -> bool:
-    """True for ``package.module:callable`` names (user code), False for built-in names."""
-    return ":" in str(name)
 
 
 def load_callable(path: str, what: str) -> Callable[..., Any]:
