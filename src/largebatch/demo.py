@@ -1,7 +1,7 @@
-"""The main job of ``make demo``: a compact comparison of BL, FB, GG, ABS and ABSA.
+"""The main job of ``make demo``: a compact comparison of BL, FB, GG, ABS, ABSA and gns.
 
 Fashion-MNIST (Debian's ``dataset-fashion-mnist``) with the paper's C1 network on a subset
-(``configs/demo.yaml``, about 10 minutes on 2 CPU cores) when the files are there;
+(``configs/demo.yaml``, 5 to 8 minutes on 2 CPU cores) when the files are there;
 otherwise MNIST-1D, generated locally, with an MLP (``configs/demo-mnist1d.yaml``).
 Re-running skips the finished runs and reprints the table.
 """
