@@ -157,7 +157,9 @@ def test_lr_scaling_rules_have_their_closed_forms():
 
 
 def test_gns_doubles_after_two_agreeing_points_and_only_grows():
-    controller = NoiseScaleBatch(128, 1024, [], 1.0, num_samples=1000, every_fraction=0.25)
+    controller = NoiseScaleBatch(
+        128, 1024, [], 1.0, num_samples=1000, every_fraction=0.25, lr_rule="adascale"
+    )
     assert controller.decide_every == 250 and controller.wants == {"gns"}
     seen = []
     for i, phi in enumerate([200, 50, 200, 300, 300, 300, 900, 4000, 4000, 4000, 4000, 100]):
@@ -174,7 +176,7 @@ def test_gns_doubles_after_two_agreeing_points_and_only_grows():
 
 def test_gns_counts_milestones_in_samples_or_in_base_batch_progress():
     controller = NoiseScaleBatch(
-        100, 400, [1], 0.1, num_samples=1000, kappa=1.0, milestones_by="progress"
+        100, 400, [1], 0.1, num_samples=1000, milestones_by="progress", lr_rule="adascale"
     )
     controller.batch_size, controller.noise_scale = 400, 100.0  # r = 4 * 200 / 500 = 1.6
     for i in range(4):  # one epoch of samples at batch 400: progress 1.6 / 4 = 0.4 epochs
@@ -182,7 +184,7 @@ def test_gns_counts_milestones_in_samples_or_in_base_batch_progress():
     assert controller.progress == pytest.approx(0.4)
     assert controller.decision().lr_factor == pytest.approx(1.6)  # milestone 1 not reached
     # by default the milestones count samples: one epoch of them reaches milestone 1
-    by_samples = NoiseScaleBatch(100, 400, [1], 0.1, num_samples=1000)
+    by_samples = NoiseScaleBatch(100, 400, [1], 0.1, num_samples=1000, lr_rule="adascale")
     by_samples.batch_size, by_samples.noise_scale = 400, 100.0
     by_samples.step({"gns": 100.0, "epoch_end": False, "samples": 999})
     assert by_samples.decision().lr_factor == pytest.approx(1.6)

@@ -308,8 +308,9 @@ class NoiseScaleBatch(BatchController):
     well above wastes samples. When ``B <= kappa * phi`` on ``confirmations`` consecutive
     decision points the batch doubles, up to the cap; it never shrinks.
 
-    The LR factor is ``scaling_factor(lr_rule, B / B0, phi, B0)`` (``adascale`` by
-    default: the gain ``r``, which needs no warm-up and no tuning) times the step decay.
+    The LR factor is ``scaling_factor(lr_rule, B / B0, phi, B0)`` (``linear`` by default;
+    ``adascale``'s gain ``r`` trained less within a fixed epoch budget) times the step
+    decay.
     The milestones count epochs of samples (``milestones_by="samples"``, the default),
     or, with ``milestones_by="progress"`` and ``adascale``, epochs of base-batch
     progress: each sample at batch ``B`` advances it by ``r / S`` (``S = B / B0``), as
@@ -342,7 +343,7 @@ class NoiseScaleBatch(BatchController):
         every_fraction: float = 0.25,
         kappa: float = 1.0,
         confirmations: int = 2,
-        lr_rule: str = "adascale",
+        lr_rule: str = "linear",
         milestones_by: str = "samples",
         **adversarial: Any,
     ) -> None:
