@@ -104,3 +104,38 @@ def test_full_model_top_eigenvalue_bounds_the_dense_head_block(checkpoint):
         checkpoint, samples=64, top_k=1, device="cpu", seed=3, say=lambda _: None
     )
     assert result["eigenvalues"]["values"][0] >= block[-1].item() * (1 - 1e-4)
+
+
+def test_samples_all_streams_the_whole_training_set(checkpoint, capsys):
+    train_size = len(load_dataset("digits").train_y)
+    quiet = dict(top_k=2, device="cpu", seed=0, say=lambda _: None, batch_size=200)
+    streamed = analyze_checkpoint(
+        checkpoint, samples="all", trace=True, trace_probes=6, trace_tol=0,
+        show_progress=True, **quiet,
+    )  # fmt: skip
+    # A probe set of every sample, in shuffled order and kept in memory: the same Hessian.
+    kept = analyze_checkpoint(checkpoint, samples=10 * train_size, **quiet)
+    assert streamed["samples"] == kept["samples"] == train_size
+    torch.testing.assert_close(
+        torch.tensor(streamed["eigenvalues"]["values"]),
+        torch.tensor(kept["eigenvalues"]["values"]),
+        rtol=1e-5,
+        atol=0,
+    )
+    trace = streamed["trace"]
+    assert trace["matvecs"] == 6 and trace["method"] == "hutch++"
+    assert trace["relative_stderr"] == pytest.approx(trace["stderr"] / abs(trace["estimate"]))
+    err = capsys.readouterr().err
+    products = streamed["eigenvalues"]["matvecs"]
+    final = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("top-2")][-1]
+    assert f"{products} products" in final and f"{products * train_size / 1000:.1f}k" in final
+
+
+def test_hessian_command_refuses_bad_sample_counts(checkpoint, capsys):
+    for bad in ("some", "0", "-5"):
+        try:
+            code = main(["hessian", "--checkpoint", str(checkpoint), "--samples", bad])
+        except SystemExit as exc:  # argparse's own refusal
+            code = exc.code
+        assert code == 2
+        assert "samples" in capsys.readouterr().err

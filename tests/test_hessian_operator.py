@@ -284,3 +284,64 @@ def test_fast_graph_leaves_train_mode_batch_norm_alone():
     with fast_double_backward(model) as count:
         assert count == 9 and "forward" in model[2].__dict__
     assert "forward" not in model[2].__dict__
+
+
+# ------------------------------------------------------------------ streaming
+def _c1_like_problem():
+    """A small float32 convolution + batch-norm net with trained-looking statistics."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 5),
+    )  # fmt: skip
+    x, y = torch.randn(150, 1, 8, 8), torch.randint(0, 5, (150,))
+    model.train()
+    with torch.no_grad():
+        model(x)  # running statistics from the data
+    return model, x, y
+
+
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_streaming_a_dataloader_gives_the_in_memory_hessian(method):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x, y = _c1_like_problem()
+    # Shuffled, with a short last batch: the mean loss does not depend on either.
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    counted = []
+    options = {"method": method, "on_batch": counted.append}
+    streamed = top_eigenvalues(
+        model, F.cross_entropy, loader, k=2, tol=1e-5, seed=0, operator_options=options
+    )
+    whole = top_eigenvalues(
+        model, F.cross_entropy, (x, y), k=2, tol=1e-5, seed=0, operator_options={"method": method}
+    )
+    torch.testing.assert_close(streamed.values, whole.values, rtol=1e-5, atol=0)
+    assert sum(counted) == 150 * streamed.matvecs and counted.count(150 % 32) == streamed.matvecs
+    with HessianOperator(model, F.cross_entropy, loader) as op:
+        assert op.stream and not op.batches  # nothing kept between products
+        vector = torch.randn(op.dim)
+        first, second = op.matvec(vector), op.matvec(vector)
+    torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-6)
+
+
+def test_streaming_refuses_one_pass_data_and_catches_changing_data():
+    model, x, y = _c1_like_problem()
+    pairs = [(x[:75], y[:75]), (x[75:], y[75:])]
+    with pytest.raises(ValueError, match="iterated over again"):
+        HessianOperator(model, F.cross_entropy, iter(pairs), stream=True)
+
+    class Augmented:
+        """A re-iterable source whose inputs get fresh noise on every pass."""
+
+        def __iter__(self):
+            for xb, yb in pairs:
+                yield xb + 0.1 * torch.randn_like(xb), yb
+
+    with HessianOperator(model, F.cross_entropy, Augmented(), stream=True) as op:
+        vector = torch.randn(op.dim)
+        op.matvec(vector)
+        with pytest.raises(NondeterministicHessianError, match="same samples on every pass"):
+            op.matvec(vector)
+    with pytest.raises(ValueError, match="element 0 is not an"):
+        top_eigenvalues(model, F.cross_entropy, [x[:5]], operator_options={"stream": True})

@@ -155,6 +155,55 @@ def test_hutch_plus_plus():
     assert errors["hutch++"] * 10 <= errors["hutchinson"]
 
 
+@pytest.mark.parametrize("method, probes", [("hutchinson", 10), ("hutch++", 30)])
+def test_trace_standard_error_covers_the_dense_trace(method, probes):
+    # Each run stops on its own standard error (5% of the estimate); estimate +- 2 stderr
+    # must hold the exact trace in at least 90% of 50 seeded runs. (On 300 seeds the
+    # coverage measured 0.93 for Hutchinson and 0.95 for Hutch++.)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    x, y = torch.randn(60, 4, dtype=torch.float64), torch.randint(0, 3, (60,))
+    truth = dense_hessian(model, F.cross_entropy, (x, y))
+    exact = truth.trace().item()
+    runs = [
+        hessian_trace(truth, probes=probes, tol=0.05, max_probes=5000, method=method, seed=seed)
+        for seed in range(50)
+    ]
+    assert all(r.relative_stderr <= 0.05 and r.probes >= 10 for r in runs)
+    covered = sum(abs(r.estimate - exact) <= 2 * r.stderr for r in runs)
+    assert covered >= 45
+
+
+def wasserstein_1(nodes_a, weights_a, nodes_b, weights_b):
+    """W1 distance of two discrete measures on the line: the integral of |F_a - F_b|."""
+    points = torch.cat([nodes_a, nodes_b]).double()
+    mass = torch.cat([weights_a, -weights_b]).double()
+    order = torch.argsort(points)
+    points, difference = points[order], torch.cumsum(mass[order], 0)
+    return (difference[:-1].abs() * points.diff()).sum().item()
+
+
+def test_density_is_close_to_the_dense_spectrum():
+    # SLQ's quadrature measure against the exact eigenvalue distribution of a small model,
+    # in Wasserstein-1 distance (eigenvalue units): the benchmark reports the same measure.
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    x, y = torch.randn(200, 8, dtype=torch.float64), torch.randint(0, 4, (200,))
+    truth = dense_hessian(model, F.cross_entropy, (x, y))
+    eigenvalues = torch.linalg.eigvalsh(truth)
+    uniform = torch.full_like(eigenvalues, 1 / len(eigenvalues))
+    result = spectral_density(truth, num_probes=10, lanczos_steps=30, seed=0)
+    distance = wasserstein_1(result.nodes, result.weights, eigenvalues, uniform)
+    # A single node at the mean (the trace / dim) is what SLQ would give with one step.
+    mean = torch.tensor([eigenvalues.mean().item()])
+    baseline = wasserstein_1(mean, torch.ones(1), eigenvalues, uniform)
+    # Measured over seeds 0-4: 0.003-0.006 against a baseline of 0.059 (span 0.53).
+    assert distance <= baseline / 8
+    # More probes and steps, closer (0.0011-0.0022 over seeds 0-4).
+    finer = spectral_density(truth, num_probes=40, lanczos_steps=80, seed=0)
+    assert wasserstein_1(finer.nodes, finer.weights, eigenvalues, uniform) <= distance / 2
+
+
 def test_density_integrates_to_one_and_has_the_right_mean(model_hessian):
     model, data, truth = model_hessian
     dim, probes = truth.shape[0], 40
@@ -222,6 +271,19 @@ def test_cold_lanczos_does_not_stop_on_the_second_of_a_close_pair(seed):
     warm = top_eigenvalues(matrix, tol=1e-3, init=nearby, seed=seed)
     assert warm.converged and warm.matvecs <= 5 and warm.matvecs * 4 <= cold.matvecs
     assert warm.values[0].item() == pytest.approx(10.0, rel=1e-6)
+
+
+def test_cold_lanczos_stops_early_on_a_well_separated_spectrum():
+    # Top two 10 and 6 over a bulk in [-1, 3]: the second does not hide the first, and the
+    # spectrum seen so far says so long before a full 20-vector basis.
+    matrix = symmetric_matrix(torch.cat([torch.tensor([10.0, 6.0]), torch.linspace(-1, 3, 198)]))
+    lanczos = [top_eigenvalues(matrix, tol=1e-3, seed=seed) for seed in range(10)]
+    power = [top_eigenvalues(matrix, tol=1e-3, seed=seed, method="power") for seed in range(10)]
+    assert all(r.converged and r.values[0].item() == pytest.approx(10.0, rel=1e-6) for r in lanczos)
+    assert all(r.converged for r in power)
+    most = max(r.matvecs for r in lanczos)
+    assert most <= sorted(r.matvecs for r in power)[len(power) // 2]
+    assert most < 20  # the full first basis alone costs 20 products and 1 check
 
 
 def test_residuals_from_the_lanczos_relation_match_true_products():

@@ -1,23 +1,28 @@
 """Hessian analysis of a trained checkpoint: top eigenvalues, trace, spectral density.
 
 Backs ``largebatch hessian``. The loss is the mean cross-entropy over ``samples`` training
-samples drawn with a fixed seed, in batches of ``batch_size``; batch-norm runs in eval mode.
+samples drawn with a fixed seed, in batches of ``batch_size``, or over the whole training
+set (``samples="all"``, streamed one batch at a time so memory does not grow with it);
+batch-norm runs in eval mode.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from largebatch.config import check_number, check_seed
 from largebatch.errors import UsageError
 from largebatch.evaluate import load_trained_with_data
-from largebatch.hessian import hessian_trace, spectral_density, top_eigenvalues
+from largebatch.hessian import TRACE_METHODS, hessian_trace, spectral_density, top_eigenvalues
 from largebatch.io import atomic_write, atomic_write_json
 from largebatch.outputs import check_output_file
 from largebatch.pipeline import materialize
@@ -27,40 +32,83 @@ from largebatch.train import resolve_device
 __all__ = ["analyze_checkpoint", "plot_density"]
 
 
-def _timed(label: str, say: Callable[[str], None], work: Callable[[], Any]) -> tuple[Any, float]:
-    say(f"hessian: {label} ...")
-    started = time.perf_counter()
-    result = work()
-    seconds = time.perf_counter() - started
-    say(f"hessian: {label} done in {seconds:.1f} s")
-    return result, seconds
+class _Progress:
+    """A bar over the samples that products go through, counting products, per task."""
+
+    def __init__(self, samples: int, show: bool) -> None:
+        self.samples = samples
+        self.show = show
+        self.bar: Any = None
+        self.seen = 0
+
+    def on_batch(self, count: int) -> None:
+        if self.bar is None:
+            return
+        self.seen += count
+        self.bar.update(count)
+        self.bar.set_postfix_str(f"{self.seen // self.samples} products", refresh=False)
+
+    @contextmanager
+    def task(self, label: str) -> Iterator[None]:
+        self.seen = 0
+        self.bar = tqdm(
+            desc=label, unit="sample", unit_scale=True, file=sys.stderr, disable=not self.show
+        )
+        try:
+            yield
+        finally:
+            self.bar.close()
+            self.bar = None
+
+
+class _WholeSet:
+    """The training set in order, in batches, built afresh on every pass (streamed)."""
+
+    def __init__(self, x: Any, y: torch.Tensor, batch_size: int, device: torch.device) -> None:
+        self.x, self.y, self.batch_size, self.device = x, y, batch_size, device
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.y), self.batch_size):
+            rows = slice(i, i + self.batch_size)
+            yield materialize(self.x[rows]).to(self.device), self.y[rows].to(self.device)
 
 
 def analyze_checkpoint(
     checkpoint: str | Path,
-    samples: int = 256,
+    samples: int | Literal["all"] = 256,
     top_k: int = 1,
     trace: bool = False,
     density: bool = False,
     out: str | Path | None = None,
     batch_size: int = 128,
     tol: float = 1e-3,
-    trace_probes: int = 100,
+    trace_probes: int = 30,
+    trace_tol: float | None = 0.01,
+    trace_method: str = "hutch++",
     density_probes: int = 2,
     lanczos_steps: int = 80,
     seed: int = 0,
     device: str = "auto",
     data_dir: str | None = None,
     say: Callable[[str], None] | None = None,
+    show_progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Curvature of the loss of ``checkpoint`` on ``samples`` training samples.
+    """Curvature of the loss of ``checkpoint`` on ``samples`` training samples (``"all"``:
+    the whole training set, streamed).
 
     Returns (and writes to ``out`` as JSON, with a PNG of the density beside it when
     ``density``) the top ``top_k`` eigenvalues with residuals and cost, and optionally the
-    Hutchinson trace and the spectral density.
+    trace (``trace_method``; with ``trace_tol``, probes are added from ``trace_probes`` on
+    until the relative standard error is at most ``trace_tol``, up to 10x as many) and the
+    spectral density. ``show_progress``: a bar of samples and products on stderr (default:
+    when stderr is a terminal).
     """
+    if samples != "all":
+        check_number("samples", samples, low=1, integer=True)
     for key, value in (
-        ("samples", samples),
         ("top_k", top_k),
         ("batch_size", batch_size),
         ("trace_probes", trace_probes),
@@ -69,6 +117,13 @@ def analyze_checkpoint(
         check_number(key, value, low=1, integer=True)
     check_number("lanczos_steps", lanczos_steps, low=2, integer=True)
     check_number("tol", tol, low=0, high=1, open_low=True)
+    if trace_tol is not None:
+        check_number("trace_tol", trace_tol, low=0, high=1)
+        trace_tol = trace_tol or None  # 0: a fixed number of probes
+    if trace_method not in TRACE_METHODS:
+        raise UsageError(f"trace_method must be one of {', '.join(TRACE_METHODS)}")
+    if trace_method == "hutch++" and trace_probes < 3:
+        raise UsageError("trace_method hutch++ needs trace_probes >= 3")
     check_seed(seed)
     check_output_file(out)
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -77,12 +132,28 @@ def analyze_checkpoint(
     parameters = sum(p.numel() for p in model.parameters())
     if top_k > parameters:
         raise UsageError(f"top_k ({top_k}) exceeds the model's {parameters} parameters")
-    batches = [
-        (materialize(xb).to(dev), yb.to(dev))
-        for xb, yb in probe_batches(data.train_x, data.train_y, samples, batch_size, seed)
-    ]
-    used = sum(len(yb) for _, yb in batches)
+    batches: Any
+    if samples == "all":
+        batches, used = _WholeSet(data.train_x, data.train_y, batch_size, dev), len(data.train_y)
+    else:
+        batches = [
+            (materialize(xb).to(dev), yb.to(dev))
+            for xb, yb in probe_batches(data.train_x, data.train_y, samples, batch_size, seed)
+        ]
+        used = sum(len(yb) for _, yb in batches)
+    progress = _Progress(used, sys.stderr.isatty() if show_progress is None else show_progress)
+    options = {"stream": samples == "all", "on_batch": progress.on_batch}
     loss = F.cross_entropy
+
+    def timed(label: str, work: Callable[[], Any]) -> tuple[Any, float]:
+        say(f"hessian: {label} ...")
+        started = time.perf_counter()
+        with progress.task(label):
+            result = work()
+        seconds = time.perf_counter() - started
+        say(f"hessian: {label} done in {seconds:.1f} s")
+        return result, seconds
+
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "dataset": config["dataset"],
@@ -91,32 +162,32 @@ def analyze_checkpoint(
         "samples": used,
         "parameters": parameters,
     }
-    eig, seconds = _timed(
+    eig, seconds = timed(
         f"top-{top_k} eigenvalues",
-        say,
-        lambda: top_eigenvalues(model, loss, batches, k=top_k, tol=tol, max_iter=300, seed=seed),
-    )
+        lambda: top_eigenvalues(
+            model, loss, batches, k=top_k, tol=tol, max_iter=300, seed=seed,
+            operator_options=options,
+        ),
+    )  # fmt: skip
     result["eigenvalues"] = {**eig.as_dict(), "seconds": seconds}
     if trace:
-        tr, seconds = _timed(
+        tr, seconds = timed(
             "trace",
-            say,
-            lambda: hessian_trace(model, loss, batches, probes=trace_probes, seed=seed),
-        )
+            lambda: hessian_trace(
+                model, loss, batches, probes=trace_probes, tol=trace_tol,
+                max_probes=10 * trace_probes, method=trace_method, seed=seed,
+                operator_options=options,
+            ),
+        )  # fmt: skip
         result["trace"] = {**tr.as_dict(), "seconds": seconds}
     if density:
-        sd, seconds = _timed(
+        sd, seconds = timed(
             "spectral density",
-            say,
             lambda: spectral_density(
-                model,
-                loss,
-                batches,
-                num_probes=density_probes,
-                lanczos_steps=lanczos_steps,
-                seed=seed,
+                model, loss, batches, num_probes=density_probes, lanczos_steps=lanczos_steps,
+                seed=seed, operator_options=options,
             ),
-        )
+        )  # fmt: skip
         result["density"] = {
             "grid": sd.grid.tolist(),
             "density": sd.density.tolist(),

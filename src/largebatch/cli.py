@@ -137,11 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Curvature of the training loss of a checkpoint (batch-norm in eval mode).",
     )
     hs.add_argument("--checkpoint", required=True)
-    hs.add_argument("--samples", type=int, default=256, help="training samples in the loss")
+    hs.add_argument(
+        "--samples",
+        type=_samples_arg,
+        default=256,
+        help="training samples in the loss, or 'all' (the whole training set, streamed)",
+    )
     hs.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues")
     hs.add_argument("--tol", type=float, default=1e-3, help="relative residual target")
     hs.add_argument("--trace", action="store_true", help="also estimate the trace")
-    hs.add_argument("--trace-probes", type=int, default=100)
+    hs.add_argument(
+        "--trace-probes", type=int, default=30, help="probes (the least with --trace-tol)"
+    )
+    hs.add_argument(
+        "--trace-tol",
+        type=float,
+        default=0.01,
+        help="add probes until the trace's relative standard error is this (0: fixed count)",
+    )
+    hs.add_argument("--trace-method", default="hutch++", choices=("hutch++", "hutchinson"))
     hs.add_argument("--density", action="store_true", help="also the spectral density (+ PNG)")
     hs.add_argument("--density-probes", type=int, default=2)
     hs.add_argument("--lanczos-steps", type=int, default=80)
@@ -204,6 +218,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _samples_arg(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text!r}") from None
+
+
 def _call_with_args(func: Callable[..., Any], args: argparse.Namespace) -> Any:
     """Call ``func`` with the parsed flags whose names match its parameters."""
     names = inspect.signature(func).parameters
@@ -232,7 +255,11 @@ def _cmd_hessian(args: argparse.Namespace) -> int:
         f"{eig['matvecs']} Hessian-vector products, {result['samples']} samples)"
     )
     if "trace" in result:
-        _say(f"trace: {result['trace']['estimate']:.6g} +- {result['trace']['stderr']:.2g}")
+        tr = result["trace"]
+        _say(
+            f"trace: {tr['estimate']:.6g} +- {tr['stderr']:.2g} (standard error, "
+            f"{tr['matvecs']} products, {tr['method']})"
+        )
     if "density_png" in result:
         _say(f"spectral density: {result['density_png']}")
     if args.out:

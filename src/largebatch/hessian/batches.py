@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Batch", "Data", "as_batches", "sample_count"]
+__all__ = ["Batch", "Data", "as_batches", "check_pair", "sample_count"]
 
 Batch = tuple[Any, Any]
 #: One ``(inputs, targets)`` pair, or an iterable of pairs (a list, a DataLoader, ...).
@@ -33,6 +33,14 @@ def as_batches(data: Data, device: torch.device | None = None) -> list[Batch]:
     if not pairs:
         raise ValueError("data holds no batches")
     return [(_to(x, device), _to(y, device)) for x, y in pairs]
+
+
+def check_pair(obj: object, index: int, device: torch.device | None = None) -> Batch:
+    """One element of streamed data as a pair on ``device``, or a ValueError."""
+    if not _is_pair(obj):
+        raise ValueError(f"data element {index} is not an (inputs, targets) pair")
+    inputs, targets = obj  # type: ignore[misc]
+    return _to(inputs, device), _to(targets, device)
 
 
 def sample_count(batch: Batch) -> int:

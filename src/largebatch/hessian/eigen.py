@@ -3,6 +3,7 @@ reference code's power iteration."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 from largebatch.hessian.batches import Data
 from largebatch.hessian.krylov import (
     LanczosProcess,
+    RitzPairs,
     orthogonalize,
     rayleigh_ritz,
     relative_residual,
@@ -33,6 +35,11 @@ EIGEN_METHODS = ("lanczos", "power", "reference")
 
 #: Smallest Lanczos basis; the default is ``max(MIN_KRYLOV_DIM, 2 k + 8)`` vectors.
 MIN_KRYLOV_DIM = 20
+
+#: A cold start may miss an eigenvector whose component in the random start vector is
+#: below this fraction of a typical component (for Gaussian-like components, a chance of
+#: about 0.8 times this fraction); see :func:`_hidden_ruled_out`.
+HIDDEN_FRACTION = 1e-3
 
 InitVectors = torch.Tensor | Sequence[torch.Tensor]
 
@@ -81,13 +88,17 @@ def top_eigenvalues(
         operator_options: keyword arguments of :class:`HessianOperator` (``params``,
             ``method``, ...) when a model is given.
         min_steps: Lanczos only: steps before convergence may be declared (capped by
-            ``max_iter`` and the dimension). Default: the basis size (``krylov_dim``) on a
-            cold start, 1 with ``init``. A residual test cannot see an eigenvalue whose
-            eigenvector the Krylov space does not hold yet: from a random start with a
-            small component along the top eigenvector, a close second eigenvalue can
-            converge first and pass the test. A full first basis, as ARPACK's initial
-            factorization, gives the top one room to emerge. A warm start from a good
-            vector needs no such margin.
+            ``max_iter`` and the dimension). Default: 1 with ``init``; on a cold start,
+            adaptive. A residual test cannot see an eigenvalue whose eigenvector the
+            Krylov space does not hold yet: from a random start with a small component
+            along the top eigenvector, a lower eigenvalue can converge first and pass the
+            test. A cold start therefore also waits until the Krylov space would have
+            amplified any eigenvalue hidden above the converged ones (by more than
+            ``tol``) out of the noise, judged from the spectrum seen so far (Chebyshev
+            bound, :data:`HIDDEN_FRACTION`), or until it has filled its first basis
+            (``krylov_dim`` steps, as ARPACK's initial factorization), whichever comes
+            first. On a well-separated spectrum that is well under the basis size; on a
+            close pair it is the basis size. Pass an integer to fix the minimum instead.
         verify: Lanczos only: spend ``k`` products to measure the final residuals
             (default). ``False`` takes the products of the Ritz vectors from the Lanczos
             relation ``H V = V T + beta v e^T`` instead, exact up to rounding, and saves
@@ -113,8 +124,8 @@ def top_eigenvalues(
         starts = _init_rows(init, op)
         if method == "lanczos":
             size = krylov_dim or max(MIN_KRYLOV_DIM, 2 * k + 8)
-            if min_steps is None:
-                min_steps = 1 if starts is not None else size
+            if min_steps is None and starts is not None:
+                min_steps = 1
             vectors, products = _lanczos(
                 op, k, tol, max_iter, starts, generator, size, min_steps, verify
             )
@@ -146,11 +157,11 @@ def _lanczos(
     starts: torch.Tensor | None,
     generator: torch.Generator,
     krylov_dim: int,
-    min_steps: int,
+    min_steps: int | None,
     verify: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k Ritz vectors to ``tol`` (estimated residual) and their products (true ones if
-    ``verify``, else from the Lanczos relation)."""
+    ``verify``, else from the Lanczos relation). ``min_steps=None``: adaptive cold rule."""
     start = _warm_start(starts, op, generator)
     process = LanczosProcess(op, start, max(krylov_dim, k + 2), generator)
     keep = min(max(k + 1, process.max_size // 2), process.max_size - 1)
@@ -161,7 +172,11 @@ def _lanczos(
         if process.size >= k:
             pairs = process.ritz()
             small = relative_residual(pairs.estimates[-k:], pairs.theta[-k:]) <= tol
-            settled = bool(small.all()) and steps >= min_steps
+            if min_steps is None:
+                safe = steps >= krylov_dim or _hidden_ruled_out(pairs, steps, k, tol, op.dim)
+            else:
+                safe = steps >= min_steps
+            settled = bool(small.all()) and safe
             if process.exhausted or settled or steps >= max_steps:
                 break
         if process.full:
@@ -171,6 +186,38 @@ def _lanczos(
     if verify:
         return vectors, torch.stack([op.matvec(v) for v in vectors])
     return vectors, process.ritz_products(pairs.theta[-k:], coords)
+
+
+def _hidden_ruled_out(pairs: RitzPairs, steps: int, k: int, tol: float, dim: int) -> bool:
+    """Whether ``steps`` Lanczos steps would have brought out an eigenvalue hidden above
+    the top Ritz value ``theta_1`` by more than ``tol`` relative.
+
+    The Krylov space holds ``p(H) b`` for every polynomial of degree ``steps - 1``. Give
+    one root to each converged Ritz value (relative residual at most ``sqrt(tol)``) and
+    use the rest for a Chebyshev polynomial on ``[theta_min, theta_u]``, ``theta_u`` the
+    first unconverged Ritz value: the unconverged part stays at most 1 in size while a
+    hidden eigenvalue ``l > theta_1 (1 + tol)`` grows by at least ``T_m(x)``,
+    ``x = 1 + 2 (theta_1 - theta_u) / (theta_u - theta_min)``, and loses at most a
+    factor ``tol |theta_1| / (theta_1 - theta_min)`` to the root at ``theta_1``. Its
+    start component is about ``1 / sqrt(dim)`` of the start vector; one below
+    :data:`HIDDEN_FRACTION` of that may stay hidden. Ritz values lie inside the spectrum,
+    so ``x`` is an estimate, not a bound; the dense test of a close pair hiding from the
+    start vector checks the margin.
+    """
+    theta = pairs.theta
+    if len(theta) < k + 2:
+        return False
+    converged = relative_residual(pairs.estimates, theta) <= math.sqrt(tol)
+    count = k
+    while count < len(theta) - 1 and bool(converged[-count - 1]):
+        count += 1
+    top, unconverged, bottom = float(theta[-1]), float(theta[-count - 1]), float(theta[0])
+    degree = steps - count - 1
+    if degree < 1 or top <= unconverged or unconverged <= bottom or top == 0:
+        return False
+    x = 1 + 2 * (top - unconverged) / (unconverged - bottom)
+    needed = math.sqrt(dim) / HIDDEN_FRACTION * (top - bottom) / (tol * abs(top))
+    return math.cosh(degree * math.acosh(x)) >= needed
 
 
 def _warm_start(

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-from largebatch.hessian.batches import Batch, Data, as_batches, sample_count
+from largebatch.hessian.batches import Batch, Data, as_batches, check_pair, sample_count
 from largebatch.hessian.distributed import all_reduce_sum, broadcast_seed, distributed_enabled
 from largebatch.hessian.fast_graph import fast_double_backward
 from largebatch.hessian.model_state import preserved_model_state
@@ -55,7 +56,8 @@ class HessianOperator:
     Args:
         model: the network; a DistributedDataParallel wrapper is unwrapped.
         loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch.
-        data: one ``(inputs, targets)`` pair or an iterable of pairs, read once and kept.
+        data: one ``(inputs, targets)`` pair or an iterable of pairs: read once and kept
+            in memory, or streamed (see ``stream``).
         params: which parameters (see :func:`select_parameters`); default all trainable.
         eval_mode: run the model in eval mode during products (default True).
         method: ``"double_backward"`` (default; builds each batch's gradient graph once
@@ -76,6 +78,17 @@ class HessianOperator:
             their all-zero second derivative (see
             :func:`~largebatch.hessian.fast_graph.fast_double_backward`). The products
             are the same up to rounding.
+        stream: iterate over ``data`` afresh in every product, one batch in memory at a
+            time, so memory does not grow with the number of samples (whole-dataset
+            curvature). ``None`` (default): stream a ``DataLoader``, keep anything else.
+            ``data`` must then be re-iterable (a DataLoader, a list; not a generator) and
+            give the same samples on every pass, in any order and batching: with
+            batch-norm in eval mode the mean loss does not depend on either, so a
+            shuffling DataLoader is fine, random augmentation is not. Each product
+            rebuilds every batch's gradient graph (double backward: one more forward and
+            backward per batch than the cached graphs of the in-memory mode).
+        on_batch: called with the sample count of each batch as a product goes through it
+            (progress reporting).
 
     Attributes:
         dim: number of selected scalars. dtype, device: those of the parameters.
@@ -94,6 +107,8 @@ class HessianOperator:
         distributed: bool | None = None,
         cache_graph: bool = True,
         fast_graph: bool = True,
+        stream: bool | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {HVP_METHODS}")
@@ -118,10 +133,21 @@ class HessianOperator:
         self.device: torch.device = self.params[0].device
         self.dim = sum(p.numel() for p in self.params)
         self.distributed = distributed_enabled(distributed)
-        self.batches: list[Batch] = [
-            b for b in as_batches(data, self.device) if sample_count(b) > 0
-        ]
+        self.stream = isinstance(data, DataLoader) if stream is None else bool(stream)
+        self.on_batch = on_batch
+        self.source: Iterable[Batch] | None = None
+        self.batches: list[Batch] = []
+        if self.stream:
+            if _is_one_pass(data):
+                raise ValueError(
+                    "stream=True needs data that can be iterated over again in every "
+                    "product (a DataLoader, a list), not a one-pass iterator or generator"
+                )
+            self.source = data  # type: ignore[assignment]
+        else:
+            self.batches = [b for b in as_batches(data, self.device) if sample_count(b) > 0]
         self.matvecs = 0
+        self._pass_totals: tuple[float, float] | None = None
         self._stack: ExitStack | None = None
         self._weights: list[float] = []
         self._graphs: list[tuple[torch.Tensor, ...] | None] = []
@@ -143,6 +169,10 @@ class HessianOperator:
         self._stack = stack
         try:
             self._check_functional_compatible()
+            if self.stream:
+                self._pass_totals = None
+                self._versions = self._param_versions()
+                return self
             counts = [sample_count(b) for b in self.batches]
             total = torch.tensor(float(sum(counts)), dtype=torch.float64, device=self.device)
             if self.distributed:
@@ -178,9 +208,13 @@ class HessianOperator:
         vector = vector.to(dtype=self.dtype, device=self.device)
         if vector.shape != (self.dim,):
             raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(vector.shape)}")
+        pieces = unflatten(vector.detach(), self.params)
+        if self.stream:
+            product = self._streamed_product(pieces)
+            self.matvecs += 1
+            return product
         if self.check_determinism:
             self._check_losses()
-        pieces = unflatten(vector.detach(), self.params)
         batch_product = (
             self._double_backward_product
             if self.method == "double_backward"
@@ -191,6 +225,8 @@ class HessianOperator:
         for index in range(len(self.batches)):
             part = batch_product(index, pieces)
             product = part if index == 0 else product.add_(part)
+            if self.on_batch is not None:
+                self.on_batch(sample_count(self.batches[index]))
         if self.distributed:
             all_reduce_sum(product)
         self.matvecs += 1
@@ -297,6 +333,81 @@ class HessianOperator:
         _, product = torch.func.jvp(torch.func.grad(weighted_loss), (primals,), (tuple(pieces),))
         return flatten([t.detach() for t in product])
 
+    def _streamed_product(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """One pass over the data: ``sum_b n_b H_b v / N``, each batch's graph freed as soon
+        as its product is taken. Also checks the pass saw the samples of the first one."""
+        product = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        # float64 totals: [samples, loss sum], all-reduced with the product under torchrun
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        assert self.source is not None
+        for index, raw in enumerate(self.source):
+            batch = check_pair(raw, index, self.device)
+            count = sample_count(batch)
+            if count == 0:
+                continue
+            part, loss = self._batch_product_and_loss(batch, float(count), pieces)
+            product.add_(part)
+            totals += torch.tensor([count, loss * count], dtype=torch.float64, device=self.device)
+            if self.on_batch is not None:
+                self.on_batch(count)
+        if self.distributed:
+            all_reduce_sum(product)
+            all_reduce_sum(totals)
+        samples, loss_sum = float(totals[0]), float(totals[1])
+        if samples <= 0:
+            raise ValueError("the probe data holds no samples")
+        self._check_pass(samples, loss_sum)
+        return product.div_(samples)
+
+    def _batch_product_and_loss(
+        self, batch: Batch, weight: float, pieces: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, float]:
+        """``weight * H_batch v`` and the batch's mean loss, through a graph built here."""
+        if self.method == "forward_over_reverse":
+            self.batches, self._weights = [batch], [weight]
+            try:
+                with torch.no_grad():
+                    loss = float(self._loss(batch))
+                return self._forward_over_reverse_product(0, pieces), loss
+            finally:
+                self.batches, self._weights = [], []
+        rewrite = fast_double_backward(self.model) if self.fast_graph else nullcontext()
+        with torch.enable_grad(), rewrite:
+            loss = self._loss(batch)
+            grads = torch.autograd.grad(
+                loss * weight, self.params, create_graph=True, allow_unused=True
+            )
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not live:
+            return torch.zeros(self.dim, dtype=self.dtype, device=self.device), float(loss)
+        with torch.enable_grad():
+            second = torch.autograd.grad(
+                [grads[i] for i in live],
+                self.params,
+                grad_outputs=[pieces[i] for i in live],
+                allow_unused=True,
+            )
+        parts = [_zeros_if_none(s, p) for s, p in zip(second, self.params, strict=True)]
+        return flatten(parts), float(loss.detach())
+
+    def _check_pass(self, samples: float, loss_sum: float) -> None:
+        """A streamed pass must see the samples of the first (same count, same loss)."""
+        if self._pass_totals is None:
+            self._pass_totals = (samples, loss_sum)
+            return
+        then_samples, then_loss = self._pass_totals
+        # Summation order may differ between passes (shuffling): allow float32 rounding.
+        slack = 1e-4 if self.dtype != torch.float64 else 1e-10
+        if samples != then_samples or not abs(loss_sum - then_loss) <= slack * max(
+            1.0, abs(then_loss)
+        ):
+            raise NondeterministicHessianError(
+                f"a pass over the streamed data saw {samples:.0f} samples with total loss "
+                f"{loss_sum!r}, the first saw {then_samples:.0f} with {then_loss!r}: the "
+                "data must give the same samples on every pass (no random augmentation, "
+                "no dropout with eval_mode=False)"
+            )
+
     def _check_losses(self) -> None:
         with torch.no_grad():
             losses = [float(self._loss(batch)) for batch in self.batches]
@@ -314,10 +425,19 @@ class HessianOperator:
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed"
+        batches = "streamed" if self.stream else len(self.batches)
         return (
             f"HessianOperator(dim={self.dim}, method={self.method!r}, "
-            f"batches={len(self.batches)}, {state}, matvecs={self.matvecs})"
+            f"batches={batches}, {state}, matvecs={self.matvecs})"
         )
+
+
+def _is_one_pass(data: object) -> bool:
+    """An iterator (or generator): iterating over it again gives nothing."""
+    try:
+        return iter(data) is data  # type: ignore[call-overload]
+    except TypeError:
+        return False
 
 
 def _zeros_if_none(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

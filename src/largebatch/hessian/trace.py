@@ -24,6 +24,10 @@ __all__ = ["TRACE_METHODS", "hessian_trace"]
 
 TRACE_METHODS = ("hutchinson", "hutch++")
 
+#: Stochastic probes before the ``tol`` rule may stop: the spread of fewer is too noisy an
+#: estimate of the standard error (a stopping rule on it would stop on lucky draws).
+MIN_PROBES_FOR_TOL = 10
+
 
 def hessian_trace(
     target: OperatorLike | nn.Module,
@@ -43,7 +47,8 @@ def hessian_trace(
         probes: products to spend when ``tol`` is None, the least to spend otherwise.
             Hutch++ spends a third on a sketch ``H S``, a third on the exact trace of the
             sketched subspace and a third on Hutchinson probes of the rest.
-        tol: keep adding probes until ``stderr <= tol * |estimate|`` (or ``max_probes``).
+        tol: keep adding probes until ``stderr <= tol * |estimate|`` (or ``max_probes``),
+            judged from :data:`MIN_PROBES_FOR_TOL` stochastic probes on.
         max_probes: most products in all.
         method: ``"hutchinson"`` (``mean z^T H z``) or ``"hutch++"`` (Meyer et al. 2021:
             removes the top of the spectrum exactly, which pays when a few eigenvalues
@@ -99,7 +104,7 @@ def _hutchinson(
         if subspace is not None:
             probe = probe - (subspace @ probe) @ subspace
         values.append(float(probe.double() @ op.matvec(probe).double()))
-        if len(values) >= max(least, 2 if tol is not None else 1):
+        if len(values) >= max(least, MIN_PROBES_FOR_TOL if tol is not None else 1):
             if tol is None:
                 break
             spread = torch.tensor(values, dtype=torch.float64)
