@@ -1,0 +1,552 @@
+"""Hessian analysis side by side with PyHessian: top-1, top-5, trace and density.
+
+Part of the Hessian benchmark (``bench_hessian.py`` holds the product-cost and tracker
+figures and the PyHessian recorder used here). Four cases, each a model and a fixed probe
+batch (batch-norm in eval mode):
+
+- ``mlp``: a 64-32-10 tanh MLP (2,410 parameters) after 200 SGD steps on scikit-learn's
+  digits, the 1,437 training samples as the probe; the dense Hessian is the truth.
+- ``c1-early``: the papers' C1 after 60 SGD steps (lr 0.02, momentum 0.9, batch 128) on
+  2,048 Fashion-MNIST samples: a close top pair.
+- ``c1-trained``: C1 after ``--train-steps`` SGD steps on the whole training set: a
+  well-separated top.
+- ``resnet20``: ResNet-20 at initialization on CIFAR-shaped random inputs and labels.
+
+For the last three the truth is a tight Lanczos run (top 5, relative residual 1e-5,
+40-vector basis). Every measurement is repeated ``--repeats`` times with seeds 0, 1, ...,
+ours and PyHessian's interleaved within each repeat so that both share the machine's
+load; medians are reported.
+
+- **top-1 / top-5**: seconds until the eigenvalue(s) are within 1e-3 relative of the
+  truth. Ours: ``top_eigenvalues(k, tol=1e-3)``, a cold start that stops by itself.
+  PyHessian 0.1, top-1: its power iteration is recorded product by product, which gives
+  both where its own rule stops and the first product from which it stays within 1e-3
+  (an oracle stop, generous to it). Top-5: its own rule (``eigenvalues(top_n=5)``, the
+  defaults ``tol=1e-3``, ``maxIter=--pyhessian-iters``); "not reached" when a value is
+  still off by more than 1e-3 there.
+- **trace**: seconds until the relative standard error is at most 1%. Ours:
+  ``hessian_trace(method="hutch++", tol=0.01)`` (the CLI's default). PyHessian: its
+  Hutchinson probes are recorded and the same standard error is computed on them from 10
+  probes on; where it does not get there within ``--trace-budget`` probes, the time is
+  extrapolated (probes needed = n (rse / 0.01)^2) and marked so. Also each tool's answer
+  at its default setting (PyHessian: ``trace()``, stop when the running mean changes by
+  less than 1e-3; ours: the CLI default) and, for the MLP, its error.
+- **density**: PyHessian's defaults (``density(iter=100, n_v=1)``) against ours at the
+  same settings (``spectral_density(num_probes=1, lanczos_steps=100)``): seconds, and for
+  the MLP the Wasserstein-1 distance of each quadrature measure to the dense spectrum
+  (eigenvalue units; the mean of the Ritz values is the trivial baseline). PyHessian's
+  ``density`` calls ``torch.eig``, removed from torch 2; the benchmark supplies it from
+  ``torch.linalg.eigh`` (the tridiagonal matrix is symmetric), nothing else is changed.
+
+Run (after ``.venv/bin/pip install --no-deps pyhessian==0.1``):
+
+    python benchmarks/bench_hessian_suite.py --out docs/results/hessian-suite
+
+writes ``suite.json`` (every run) and ``README.md`` (the tables) there, case by case.
+``--quick`` runs tiny budgets to check that it works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_hessian import pyhessian_run, pyhessian_summary  # noqa: E402
+from largebatch.data import load_dataset  # noqa: E402
+from largebatch.hessian import (  # noqa: E402
+    dense_hessian,
+    hessian_trace,
+    preserved_model_state,
+    spectral_density,
+    top_eigenvalues,
+)
+from largebatch.io import atomic_write_json, atomic_write_text  # noqa: E402
+from largebatch.models import build_model  # noqa: E402
+
+ACCURACY = 1e-3
+TRACE_RSE = 0.01
+MIN_TRACE_PROBES = 10
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cases", nargs="+", default=["mlp", "c1-early", "c1-trained", "resnet20"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--c1-samples", type=int, default=64, help="C1 probe samples")
+    parser.add_argument("--resnet-samples", type=int, default=32, help="ResNet-20 probe samples")
+    parser.add_argument("--train-steps", type=int, default=300, help="SGD steps of c1-trained")
+    parser.add_argument("--pyhessian-iters", type=int, default=100, help="its maxIter")
+    parser.add_argument("--trace-budget", type=int, default=100, help="PyHessian trace probes")
+    parser.add_argument("--skip", nargs="*", default=[], help="measures to leave out")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite README.md from OUT/suite.json"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.c1_samples, args.resnet_samples, args.train_steps = 1, 8, 4, 5
+        args.pyhessian_iters, args.trace_budget = 15, 12
+    return args
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------- cases
+def _sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        index = torch.randint(0, len(y), (128,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[index]), y[index]).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def make_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    if name == "mlp":
+        data = load_dataset("digits")
+        x, y = data.train_x.reshape(len(data.train_y), -1).float(), data.train_y
+        model = nn.Sequential(nn.Linear(x.shape[1], 32), nn.Tanh(), nn.Linear(32, 10))
+        _sgd(model, x, y, 200, 0.05)
+        return {"model": model, "probe": (x, y)}
+    if name.startswith("c1"):
+        data = load_dataset("fashion-mnist")
+        model = build_model("c1", data.input_shape, data.num_classes, mean=data.mean, std=data.std)
+        probe = (data.train_x[: args.c1_samples], data.train_y[: args.c1_samples])
+        if name == "c1-early":
+            subset = slice(args.c1_samples, args.c1_samples + 2048)
+            _sgd(model, data.train_x[subset], data.train_y[subset], 60, 0.02)
+        else:
+            _sgd(model, data.train_x, data.train_y, args.train_steps, 0.02)
+        return {"model": model, "probe": probe}
+    if name == "resnet20":
+        model = build_model("resnet20", (3, 32, 32), 10).eval()
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(args.resnet_samples, 3, 32, 32, generator=generator)
+        y = torch.randint(0, 10, (args.resnet_samples,), generator=generator)
+        return {"model": model, "probe": (x, y)}
+    raise SystemExit(f"error: unknown case {name!r}")
+
+
+def truth_of(case: dict[str, Any], name: str) -> dict[str, Any]:
+    model, probe = case["model"], case["probe"]
+    loss = F.cross_entropy
+    if name == "mlp":
+        dense = dense_hessian(_float64(model), loss, (probe[0].double(), probe[1]))
+        eigenvalues = torch.linalg.eigvalsh(dense)
+        return {
+            "source": "dense Hessian (float64)",
+            "top5": eigenvalues.flip(0)[:5].tolist(),
+            "trace": dense.trace().item(),
+            "spectrum": eigenvalues,
+        }
+    tight = top_eigenvalues(
+        model, loss, probe, k=5, tol=1e-5, krylov_dim=40, max_iter=600, seed=123
+    )
+    return {
+        "source": f"Lanczos top 5 to residual {tight.residuals.max().item():.1e} "
+        f"({tight.matvecs} products)",
+        "top5": tight.values.tolist(),
+        "trace": None,
+        "spectrum": None,
+    }
+
+
+def _float64(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+# ---------------------------------------------------------------------------- measures
+def _pyhessian() -> Any:
+    return importlib.import_module("pyhessian.hessian")
+
+
+def _fresh(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def _errors(values: list[float], truth: list[float]) -> list[float]:
+    return [abs(v - t) / abs(t) for v, t in zip(values, truth, strict=False)]
+
+
+def ours_top(case: dict[str, Any], k: int, seed: int, truth: list[float]) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = top_eigenvalues(case["model"], F.cross_entropy, case["probe"], k=k, seed=seed)
+    seconds = time.perf_counter() - started
+    errors = _errors(result.values.tolist(), truth[:k])
+    return {
+        "seconds": seconds,
+        "matvecs": result.matvecs,
+        "max_error": max(errors),
+        "to_accuracy_seconds": seconds if max(errors) <= ACCURACY else None,
+    }
+
+
+def theirs_top1(case: dict[str, Any], seed: int, truth: list[float], iters: int) -> dict[str, Any]:
+    run = pyhessian_run(case["model"], case["probe"], iters, seed, truth[0])
+    summary = pyhessian_summary(run, truth[0])
+    return {
+        "seconds": summary["own_rule_seconds"],
+        "matvecs": summary["own_rule_matvecs"],
+        "max_error": summary["own_rule_relative_error"],
+        "to_accuracy_seconds": summary["to_accuracy_seconds"],
+        "to_accuracy_matvecs": summary["to_accuracy_matvecs"],
+        "recorded_matvecs": summary["matvecs"],
+    }
+
+
+def theirs_top5(case: dict[str, Any], seed: int, truth: list[float], iters: int) -> dict[str, Any]:
+    module = _pyhessian()
+    model = case["model"]
+    with preserved_model_state(model):
+        _fresh(model)
+        torch.manual_seed(seed)
+        started = time.perf_counter()
+        engine = module.hessian(model, nn.CrossEntropyLoss(), data=case["probe"], cuda=False)
+        values, _ = engine.eigenvalues(maxIter=iters, tol=ACCURACY, top_n=5)
+        seconds = time.perf_counter() - started
+        _fresh(model)
+        del engine
+    errors = _errors(sorted(values, reverse=True), truth[:5])
+    return {
+        "seconds": seconds,
+        "max_error": max(errors),
+        "to_accuracy_seconds": seconds if max(errors) <= ACCURACY else None,
+    }
+
+
+def ours_trace(case: dict[str, Any], seed: int, truth: float | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = hessian_trace(
+        case["model"], F.cross_entropy, case["probe"], probes=30, tol=TRACE_RSE,
+        max_probes=3000, method="hutch++", seed=seed,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "to_rse_seconds": seconds if result.relative_stderr <= TRACE_RSE else None,
+        "matvecs": result.matvecs,
+        "estimate": result.estimate,
+        "relative_stderr": result.relative_stderr,
+        "error": None if truth is None else abs(result.estimate - truth) / abs(truth),
+    }
+
+
+def theirs_trace(
+    case: dict[str, Any], seed: int, truth: float | None, budget: int
+) -> dict[str, Any]:
+    """PyHessian's Hutchinson, every probe recorded (``tol=0``: it runs ``budget``)."""
+    module = _pyhessian()
+    original = module.hessian_vector_product
+    record: list[tuple[float, float]] = []
+
+    def recording(grads: Any, params: Any, vector: Any) -> Any:
+        product = original(grads, params, vector)
+        record.append((time.perf_counter(), float(module.group_product(product, vector))))
+        return product
+
+    model = case["model"]
+    module.hessian_vector_product = recording
+    try:
+        with preserved_model_state(model):
+            _fresh(model)
+            torch.manual_seed(seed)
+            started = time.perf_counter()
+            engine = module.hessian(model, nn.CrossEntropyLoss(), data=case["probe"], cuda=False)
+            engine.trace(maxIter=budget, tol=0.0)
+            _fresh(model)
+            del engine
+    finally:
+        module.hessian_vector_product = original
+    seconds = [t - started for t, _ in record]
+    values = [v for _, v in record]
+    default = _pyhessian_trace_stop(values)
+    reached, rse = None, math.inf
+    for n in range(MIN_TRACE_PROBES, len(values) + 1):
+        rse = _rse(values[:n])
+        if rse <= TRACE_RSE:
+            reached = n
+            break
+    if reached is not None:
+        to_rse, extrapolated = seconds[reached - 1], False
+    else:
+        needed = len(values) * (rse / TRACE_RSE) ** 2
+        per_probe = (seconds[-1] - seconds[0]) / max(1, len(values) - 1)
+        to_rse, extrapolated = seconds[0] + per_probe * (needed - 1), True
+    default_estimate = statistics.fmean(values[: default + 1])
+    return {
+        "to_rse_seconds": to_rse,
+        "to_rse_extrapolated": extrapolated,
+        "to_rse_matvecs": reached,
+        "recorded_matvecs": len(values),
+        "rse_at_budget": _rse(values),
+        "default_matvecs": default + 1,
+        "default_seconds": seconds[default],
+        "default_estimate": default_estimate,
+        "default_error": None if truth is None else abs(default_estimate - truth) / abs(truth),
+    }
+
+
+def _rse(values: list[float]) -> float:
+    mean = statistics.fmean(values)
+    return statistics.stdev(values) / math.sqrt(len(values)) / abs(mean) if mean else math.inf
+
+
+def _pyhessian_trace_stop(values: list[float]) -> int:
+    """Where ``trace(tol=1e-3)`` returns: the running mean moved by less than 1e-3."""
+    previous = 0.0
+    for i in range(len(values)):
+        mean = statistics.fmean(values[: i + 1])
+        if abs(mean - previous) / (previous + 1e-6) < ACCURACY:
+            return i
+        previous = mean
+    return len(values) - 1
+
+
+def ours_density(case: dict[str, Any], seed: int, spectrum: Any) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = spectral_density(
+        case["model"], F.cross_entropy, case["probe"], num_probes=1, lanczos_steps=100, seed=seed
+    )
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "matvecs": result.matvecs,
+        "w1": _w1_to(result.nodes, result.weights, spectrum),
+    }
+
+
+def theirs_density(case: dict[str, Any], seed: int, spectrum: Any) -> dict[str, Any]:
+    module = _pyhessian()
+    model = case["model"]
+    removed = getattr(torch, "eig", None)  # torch 2 keeps a stub that raises
+    torch.eig = _eig_for_pyhessian  # type: ignore[attr-defined]
+    try:
+        with preserved_model_state(model):
+            _fresh(model)
+            torch.manual_seed(seed)
+            started = time.perf_counter()
+            engine = module.hessian(model, nn.CrossEntropyLoss(), data=case["probe"], cuda=False)
+            nodes, weights = engine.density(iter=100, n_v=1)
+            seconds = time.perf_counter() - started
+            _fresh(model)
+            del engine
+    finally:
+        torch.eig = removed  # type: ignore[attr-defined]
+    node_tensor = torch.tensor(nodes[0], dtype=torch.float64)
+    weight_tensor = torch.tensor(weights[0], dtype=torch.float64)
+    return {"seconds": seconds, "w1": _w1_to(node_tensor, weight_tensor, spectrum)}
+
+
+def _eig_for_pyhessian(matrix: torch.Tensor, eigenvectors: bool = True) -> Any:
+    """torch 1's ``torch.eig`` for a symmetric matrix: (values as (n, 2) real/imag, vectors)."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return torch.stack([values, torch.zeros_like(values)], dim=1), vectors
+
+
+def _w1_to(nodes: torch.Tensor, weights: torch.Tensor, spectrum: Any) -> float | None:
+    if spectrum is None:
+        return None
+    uniform = torch.full_like(spectrum, 1 / len(spectrum))
+    return wasserstein_1(nodes.double(), weights.double() / weights.sum(), spectrum, uniform)
+
+
+def wasserstein_1(
+    nodes_a: torch.Tensor, weights_a: torch.Tensor, nodes_b: torch.Tensor, weights_b: torch.Tensor
+) -> float:
+    """W1 distance of two discrete measures on the line: the integral of |F_a - F_b|."""
+    points = torch.cat([nodes_a, nodes_b])
+    mass = torch.cat([weights_a, -weights_b])
+    order = torch.argsort(points)
+    points, difference = points[order], torch.cumsum(mass[order], 0)
+    return (difference[:-1].abs() * points.diff()).sum().item()
+
+
+# ---------------------------------------------------------------------------- the suite
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs]
+    if any(v is None for v in values):
+        return None
+    return statistics.median(values)
+
+
+def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    say(f"{name}: building")
+    case = make_case(name, args)
+    truth = truth_of(case, name)
+    say(f"{name}: truth {truth['top5']} ({truth['source']})")
+    spectrum = truth.pop("spectrum")
+    measures: dict[str, Callable[[int], dict[str, Any]]] = {
+        "top1/ours": lambda s: ours_top(case, 1, s, truth["top5"]),
+        "top1/pyhessian": lambda s: theirs_top1(case, s, truth["top5"], args.pyhessian_iters),
+        "top5/ours": lambda s: ours_top(case, 5, s, truth["top5"]),
+        "top5/pyhessian": lambda s: theirs_top5(case, s, truth["top5"], args.pyhessian_iters),
+        "trace/ours": lambda s: ours_trace(case, s, truth["trace"]),
+        "trace/pyhessian": lambda s: theirs_trace(case, s, truth["trace"], args.trace_budget),
+        "density/ours": lambda s: ours_density(case, s, spectrum),
+        "density/pyhessian": lambda s: theirs_density(case, s, spectrum),
+    }
+    measures = {k: v for k, v in measures.items() if k.split("/")[0] not in args.skip}
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in measures}
+    for seed in range(args.repeats):
+        for key, measure in measures.items():
+            runs[key].append(measure(seed))
+            say(f"{name} {key} seed {seed}: {json.dumps(runs[key][-1])}")
+    if spectrum is not None:
+        mean = torch.tensor([float(spectrum.mean())], dtype=torch.float64)
+        truth["w1_of_the_mean"] = _w1_to(mean, torch.ones(1, dtype=torch.float64), spectrum)
+    return {"truth": truth, "probe_samples": len(case["probe"][1]), "runs": runs}
+
+
+def speedups(result: dict[str, Any]) -> dict[str, Any]:
+    runs = result["runs"]
+    table: dict[str, Any] = {}
+    for measure, key in (("top1", "to_accuracy_seconds"), ("top5", "to_accuracy_seconds"),
+                         ("trace", "to_rse_seconds"), ("density", "seconds")):  # fmt: skip
+        if f"{measure}/ours" not in runs:
+            continue
+        ours = _median(runs[f"{measure}/ours"], key)
+        theirs = _median(runs[f"{measure}/pyhessian"], key)
+        table[measure] = {
+            "ours_s": ours,
+            "pyhessian_s": theirs,
+            "speedup": theirs / ours if ours and theirs else None,
+        }
+    return table
+
+
+def render(report: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        "# Hessian analysis side by side with PyHessian 0.1",
+        "",
+        f"Regenerate: `{report['command']}`. torch {report['torch']}, {report['threads']} "
+        f"threads. Medians of {args.repeats} runs, ours and PyHessian's interleaved. See the "
+        "script's docstring for what each figure measures.",
+        "",
+        "## Seconds to the target and speed-up (PyHessian / ours)",
+        "",
+        "| case | probe | top-1 to 1e-3 | top-5 to 1e-3 | trace to 1% rse | density (100 steps) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, result in report["results"].items():
+        cells = []
+        for measure in ("top1", "top5", "trace", "density"):
+            entry = result["speedups"].get(measure)
+            cells.append(_speed_cell(entry, result, measure))
+        lines.append(f"| {name} | {result['probe_samples']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Cells: ours s / PyHessian s (speed-up). PyHessian's top-1 time is its oracle stop; "
+        "'not reached' means a run ended (own rule or budget) with a value off by more than "
+        "1e-3; trace times marked ~ are extrapolated from its spread at the budget.",
+        "",
+        "## Accuracy at each tool's default tolerance (median relative error)",
+        "",
+        "| case | truth | top-1 ours | top-1 PyHessian | top-5 ours | top-5 PyHessian "
+        "| trace ours | trace PyHessian | density W1 ours | density W1 PyHessian |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, result in report["results"].items():
+        runs = result["runs"]
+
+        def med(key: str, field: str, runs: dict = runs) -> str:
+            if key not in runs:
+                return "-"
+            value = _median(runs[key], field)
+            return "-" if value is None else f"{value:.1e}"
+
+        lines.append(
+            f"| {name} | {result['truth']['source']} | {med('top1/ours', 'max_error')} "
+            f"| {med('top1/pyhessian', 'max_error')} | {med('top5/ours', 'max_error')} "
+            f"| {med('top5/pyhessian', 'max_error')} | {med('trace/ours', 'error')} "
+            f"| {med('trace/pyhessian', 'default_error')} | {med('density/ours', 'w1')} "
+            f"| {med('density/pyhessian', 'w1')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _speed_cell(entry: dict[str, Any] | None, result: dict[str, Any], measure: str) -> str:
+    if entry is None:
+        return "-"
+    ours, theirs = entry["ours_s"], entry["pyhessian_s"]
+    if ours is None:
+        return "ours not reached"
+    approx = ""
+    if measure == "trace" and any(
+        r["to_rse_extrapolated"] for r in result["runs"]["trace/pyhessian"]
+    ):
+        approx = "~"
+    if theirs is None:
+        return f"{ours:.1f} / not reached"
+    return f"{ours:.1f} / {approx}{theirs:.1f} ({approx}{theirs / ours:.1f}x)"
+
+
+def main() -> int:
+    args = parse_args()
+    if args.render:
+        report = json.loads((args.out / "suite.json").read_text())
+        report.setdefault(
+            "command",
+            "python benchmarks/bench_hessian_suite.py "
+            + " ".join(
+                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in report["args"].items()
+                if k in ("out", "cases", "repeats", "c1_samples", "resnet_samples")
+            ),
+        )
+        report.setdefault("torch", torch.__version__)
+        report.setdefault("threads", torch.get_num_threads())
+        for key in ("repeats",):
+            setattr(args, key, report["args"][key])
+        atomic_write_text(args.out / "README.md", render(report, args))
+        return 0
+    try:
+        _pyhessian()
+    except ImportError:
+        sys.exit("error: PyHessian is missing: .venv/bin/pip install --no-deps pyhessian==0.1")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "cases": args.cases,
+        "results": {},
+        "args": vars(args) | {"out": str(args.out)},
+        "command": "python " + " ".join(sys.argv),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    for name in args.cases:
+        result = run_case(name, args)
+        result["speedups"] = speedups(result)
+        report["results"][name] = result
+        atomic_write_json(args.out / "suite.json", report)
+        atomic_write_text(args.out / "README.md", render(report, args))
+        say(f"{name}: {json.dumps(result['speedups'])}")
+    print(render(report, args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
