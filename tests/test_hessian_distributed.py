@@ -34,13 +34,18 @@ def problem():
 def measure(model, data, vector):
     # No seeds: each solver must agree on rank 0's random probes.
     with HessianOperator(model, F.cross_entropy, data) as op:
-        return {
+        result = {
             "distributed": op.distributed,
             "product": op.matvec(vector),
             "eigen": top_eigenvalues(op, k=2, tol=1e-8).values,
             "trace": hessian_trace(op, probes=5).estimate,
             "tracker": EigenTracker(F.cross_entropy, data, tol=1e-8).estimate(model).values,
         }
+    # Streamed: each rank goes through its own batches in every product.
+    with HessianOperator(model, F.cross_entropy, data, stream=True) as op:
+        result["streamed_product"] = op.matvec(vector)
+        result["streamed_eigen"] = top_eigenvalues(op, k=2, tol=1e-8).values
+    return result
 
 
 def worker(rank, init_file, out_dir):
@@ -75,7 +80,10 @@ def test_two_gloo_ranks_reproduce_the_single_process_answer(tmp_path):
     for result in ranks:
         assert result["distributed"]
         torch.testing.assert_close(result["product"], single["product"], rtol=1e-5, atol=1e-12)
-        for key in ("eigen", "tracker"):
+        torch.testing.assert_close(
+            result["streamed_product"], single["product"], rtol=1e-5, atol=1e-12
+        )
+        for key in ("eigen", "tracker", "streamed_eigen"):
             torch.testing.assert_close(result[key], single[key], rtol=1e-5, atol=0)
     assert ranks[0]["trace"] == ranks[1]["trace"]
     torch.testing.assert_close(ranks[0]["eigen"], ranks[1]["eigen"], rtol=0, atol=0)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Batch", "Data", "as_batches", "check_pair", "sample_count"]
+__all__ = ["Batch", "Data", "as_batches", "check_pair", "is_pair", "sample_count"]
 
 Batch = tuple[Any, Any]
 #: One ``(inputs, targets)`` pair, or an iterable of pairs (a list, a DataLoader, ...).
@@ -23,12 +23,12 @@ def as_batches(data: Data, device: torch.device | None = None) -> list[Batch]:
     Raises:
         ValueError: an element that is not a pair, or no data at all.
     """
-    if _is_pair(data):
+    if is_pair(data):
         pairs = [data]
     else:
         pairs = list(data)
         for index, pair in enumerate(pairs):
-            if not _is_pair(pair):
+            if not is_pair(pair):
                 raise ValueError(f"data element {index} is not an (inputs, targets) pair")
     if not pairs:
         raise ValueError("data holds no batches")
@@ -37,7 +37,7 @@ def as_batches(data: Data, device: torch.device | None = None) -> list[Batch]:
 
 def check_pair(obj: object, index: int, device: torch.device | None = None) -> Batch:
     """One element of streamed data as a pair on ``device``, or a ValueError."""
-    if not _is_pair(obj):
+    if not is_pair(obj):
         raise ValueError(f"data element {index} is not an (inputs, targets) pair")
     inputs, targets = obj  # type: ignore[misc]
     return _to(inputs, device), _to(targets, device)
@@ -52,7 +52,8 @@ def sample_count(batch: Batch) -> int:
     return len(targets)
 
 
-def _is_pair(obj: object) -> bool:
+def is_pair(obj: object) -> bool:
+    """One ``(inputs, targets)`` pair (a tuple or list of two, the first a tensor)."""
     return isinstance(obj, tuple | list) and len(obj) == 2 and isinstance(obj[0], torch.Tensor)
 
 

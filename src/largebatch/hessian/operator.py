@@ -11,7 +11,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from largebatch.hessian.batches import Batch, Data, as_batches, check_pair, sample_count
+from largebatch.hessian.batches import (
+    Batch,
+    Data,
+    as_batches,
+    check_pair,
+    is_pair,
+    sample_count,
+)
 from largebatch.hessian.distributed import all_reduce_sum, broadcast_seed, distributed_enabled
 from largebatch.hessian.fast_graph import fast_double_backward
 from largebatch.hessian.model_state import preserved_model_state
@@ -143,7 +150,7 @@ class HessianOperator:
                     "stream=True needs data that can be iterated over again in every "
                     "product (a DataLoader, a list), not a one-pass iterator or generator"
                 )
-            self.source = data  # type: ignore[assignment]
+            self.source = [data] if is_pair(data) else data  # type: ignore[assignment,list-item]
         else:
             self.batches = [b for b in as_batches(data, self.device) if sample_count(b) > 0]
         self.matvecs = 0
