@@ -92,9 +92,10 @@ class EigenTracker:
         verify: ``"lanczos"``: spend ``k`` more products to measure the final residuals
             with true products. The default takes them from the Lanczos relation (exact up
             to rounding, see :func:`top_eigenvalues`), which saves those products.
-        min_steps: ``"lanczos"``: steps before convergence may be declared; default the
-            basis size on a cold start (the first estimate, or after :meth:`reset`) and 1
-            on a warm one (see :func:`top_eigenvalues`).
+        min_steps: ``"lanczos"``: steps before convergence may be declared; default
+            adaptive on a cold start (the first estimate, or after :meth:`reset`: until
+            the spectrum seen rules out a hidden larger eigenvalue, at most the basis
+            size) and 1 on a warm one (see :func:`top_eigenvalues`).
     """
 
     def __init__(
