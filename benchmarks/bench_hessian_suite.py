@@ -26,7 +26,7 @@ load; medians are reported.
   still off by more than 1e-3 there.
 - **trace**: seconds until the relative standard error is at most 1%. Ours:
   ``hessian_trace(method="hutch++", tol=0.01)`` (the CLI's default). PyHessian: its
-  Hutchinson probes are recorded and the same standard error is computed on them from 10
+  Hutchinson probes are recorded (its rule switched off) and the same standard error is computed on them from 10
   probes on; where it does not get there within ``--trace-budget`` probes, the time is
   extrapolated (probes needed = n (rse / 0.01)^2) and marked so. Also each tool's answer
   at its default setting (PyHessian: ``trace()``, stop when the running mean changes by
@@ -90,9 +90,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resnet-samples", type=int, default=32, help="ResNet-20 probe samples")
     parser.add_argument("--train-steps", type=int, default=300, help="SGD steps of c1-trained")
     parser.add_argument("--pyhessian-iters", type=int, default=100, help="its maxIter")
-    parser.add_argument("--trace-budget", type=int, default=100, help="PyHessian trace probes")
+    parser.add_argument(
+        "--trace-budget", type=int, default=100, help="trace products of each tool, at most"
+    )
     parser.add_argument("--skip", nargs="*", default=[], help="measures to leave out")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep OUT/suite.json's other cases (run in parts)"
+    )
     parser.add_argument(
         "--render", action="store_true", help="only rewrite README.md from OUT/suite.json"
     )
@@ -238,16 +243,24 @@ def theirs_top5(case: dict[str, Any], seed: int, truth: list[float], iters: int)
     }
 
 
-def ours_trace(case: dict[str, Any], seed: int, truth: float | None) -> dict[str, Any]:
+def ours_trace(case: dict[str, Any], seed: int, truth: float | None, budget: int) -> dict[str, Any]:
+    """Hutch++ to 1% relative standard error, at most ``budget`` products; past that the
+    time is extrapolated as for PyHessian (stochastic probes needed = n (rse / 0.01)^2)."""
     started = time.perf_counter()
     result = hessian_trace(
         case["model"], F.cross_entropy, case["probe"], probes=30, tol=TRACE_RSE,
-        max_probes=3000, method="hutch++", seed=seed,
+        max_probes=budget, method="hutch++", seed=seed,
     )  # fmt: skip
     seconds = time.perf_counter() - started
+    reached = result.relative_stderr <= TRACE_RSE
+    to_rse = seconds
+    if not reached:
+        needed = result.probes * (result.relative_stderr / TRACE_RSE) ** 2
+        to_rse = seconds + seconds / result.matvecs * (needed - result.probes)
     return {
         "seconds": seconds,
-        "to_rse_seconds": seconds if result.relative_stderr <= TRACE_RSE else None,
+        "to_rse_seconds": to_rse,
+        "to_rse_extrapolated": not reached,
         "matvecs": result.matvecs,
         "estimate": result.estimate,
         "relative_stderr": result.relative_stderr,
@@ -276,7 +289,7 @@ def theirs_trace(
             torch.manual_seed(seed)
             started = time.perf_counter()
             engine = module.hessian(model, nn.CrossEntropyLoss(), data=case["probe"], cuda=False)
-            engine.trace(maxIter=budget, tol=0.0)
+            engine.trace(maxIter=budget, tol=-math.inf)  # its rule never fires
             _fresh(model)
             del engine
     finally:
@@ -404,7 +417,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "top1/pyhessian": lambda s: theirs_top1(case, s, truth["top5"], args.pyhessian_iters),
         "top5/ours": lambda s: ours_top(case, 5, s, truth["top5"]),
         "top5/pyhessian": lambda s: theirs_top5(case, s, truth["top5"], args.pyhessian_iters),
-        "trace/ours": lambda s: ours_trace(case, s, truth["trace"]),
+        "trace/ours": lambda s: ours_trace(case, s, truth["trace"], args.trace_budget),
         "trace/pyhessian": lambda s: theirs_trace(case, s, truth["trace"], args.trace_budget),
         "density/ours": lambda s: ours_density(case, s, spectrum),
         "density/pyhessian": lambda s: theirs_density(case, s, spectrum),
@@ -494,14 +507,17 @@ def _speed_cell(entry: dict[str, Any] | None, result: dict[str, Any], measure: s
     ours, theirs = entry["ours_s"], entry["pyhessian_s"]
     if ours is None:
         return "ours not reached"
-    approx = ""
-    if measure == "trace" and any(
-        r["to_rse_extrapolated"] for r in result["runs"]["trace/pyhessian"]
-    ):
-        approx = "~"
+    mark = {"ours": "", "pyhessian": ""}
+    if measure == "trace":
+        for tool in mark:
+            if any(r.get("to_rse_extrapolated") for r in result["runs"][f"trace/{tool}"]):
+                mark[tool] = "~"
     if theirs is None:
-        return f"{ours:.1f} / not reached"
-    return f"{ours:.1f} / {approx}{theirs:.1f} ({approx}{theirs / ours:.1f}x)"
+        return f"{mark['ours']}{ours:.1f} / not reached"
+    either = "~" if any(mark.values()) else ""
+    return (
+        f"{mark['ours']}{ours:.1f} / {mark['pyhessian']}{theirs:.1f} ({either}{theirs / ours:.1f}x)"
+    )
 
 
 def main() -> int:
@@ -537,6 +553,13 @@ def main() -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    previous = args.out / "suite.json"
+    if args.keep and previous.exists():  # cases measured by an earlier command stay
+        kept = json.loads(previous.read_text())
+        earlier = [c for c in kept["results"] if c not in args.cases]
+        report["results"] = {c: kept["results"][c] for c in earlier}
+        report["cases"] = earlier + args.cases
+        report["command"] = f"{kept.get('command', '(earlier cases)')}; then {report['command']}"
     for name in args.cases:
         result = run_case(name, args)
         result["speedups"] = speedups(result)
