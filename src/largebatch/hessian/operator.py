@@ -302,17 +302,28 @@ class HessianOperator:
         cached = self._graphs[index]
         if cached is not None:
             return cached
-        rewrite = fast_double_backward(self.model) if self.fast_graph else nullcontext()
-        with torch.enable_grad(), rewrite:
-            loss = self._loss(self.batches[index]) * self._weights[index]
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        graph = tuple(_zeros_if_none(g, p) for g, p in zip(grads, self.params, strict=True))
+        graph, _ = self._build_graph(self.batches[index], self._weights[index])
         if self.cache_graph:
             self._graphs[index] = graph
         return graph
 
+    def _build_graph(self, batch: Batch, weight: float) -> tuple[tuple[torch.Tensor, ...], float]:
+        """The gradient of ``weight * loss(batch)`` with its graph, and the batch's loss."""
+        rewrite = fast_double_backward(self.model) if self.fast_graph else nullcontext()
+        with torch.enable_grad(), rewrite:
+            loss = self._loss(batch)
+            grads = torch.autograd.grad(
+                loss * weight, self.params, create_graph=True, allow_unused=True
+            )
+        graph = tuple(_zeros_if_none(g, p) for g, p in zip(grads, self.params, strict=True))
+        return graph, float(loss.detach())
+
     def _double_backward_product(self, index: int, pieces: list[torch.Tensor]) -> torch.Tensor:
-        grads = self._gradient_graph(index)
+        return self._second_derivative(self._gradient_graph(index), pieces, self.cache_graph)
+
+    def _second_derivative(
+        self, grads: tuple[torch.Tensor, ...], pieces: list[torch.Tensor], retain: bool
+    ) -> torch.Tensor:
         # A gradient entry that does not depend on any parameter has a zero Hessian row.
         live = [i for i, g in enumerate(grads) if g.requires_grad]
         if not live:
@@ -322,14 +333,18 @@ class HessianOperator:
                 [grads[i] for i in live],
                 self.params,
                 grad_outputs=[pieces[i] for i in live],
-                retain_graph=self.cache_graph,
+                retain_graph=retain,
                 allow_unused=True,
             )
         return flatten([_zeros_if_none(s, p) for s, p in zip(second, self.params, strict=True)])
 
     def _forward_over_reverse_product(self, index: int, pieces: list[torch.Tensor]) -> torch.Tensor:
-        inputs, targets = self.batches[index]
-        weight = self._weights[index]
+        return self._forward_over_reverse(self.batches[index], self._weights[index], pieces)
+
+    def _forward_over_reverse(
+        self, batch: Batch, weight: float, pieces: list[torch.Tensor]
+    ) -> torch.Tensor:
+        inputs, targets = batch
 
         def weighted_loss(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
             replaced = dict(zip(self.param_names, values, strict=True))
@@ -371,31 +386,11 @@ class HessianOperator:
     ) -> tuple[torch.Tensor, float]:
         """``weight * H_batch v`` and the batch's mean loss, through a graph built here."""
         if self.method == "forward_over_reverse":
-            self.batches, self._weights = [batch], [weight]
-            try:
-                with torch.no_grad():
-                    loss = float(self._loss(batch))
-                return self._forward_over_reverse_product(0, pieces), loss
-            finally:
-                self.batches, self._weights = [], []
-        rewrite = fast_double_backward(self.model) if self.fast_graph else nullcontext()
-        with torch.enable_grad(), rewrite:
-            loss = self._loss(batch)
-            grads = torch.autograd.grad(
-                loss * weight, self.params, create_graph=True, allow_unused=True
-            )
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        if not live:
-            return torch.zeros(self.dim, dtype=self.dtype, device=self.device), float(loss)
-        with torch.enable_grad():
-            second = torch.autograd.grad(
-                [grads[i] for i in live],
-                self.params,
-                grad_outputs=[pieces[i] for i in live],
-                allow_unused=True,
-            )
-        parts = [_zeros_if_none(s, p) for s, p in zip(second, self.params, strict=True)]
-        return flatten(parts), float(loss.detach())
+            with torch.no_grad():
+                loss = float(self._loss(batch))
+            return self._forward_over_reverse(batch, weight, pieces), loss
+        graph, loss = self._build_graph(batch, weight)
+        return self._second_derivative(graph, pieces, retain=False), loss
 
     def _check_pass(self, samples: float, loss_sum: float) -> None:
         """A streamed pass must see the samples of the first (same count, same loss)."""
