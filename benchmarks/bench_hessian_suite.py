@@ -26,9 +26,10 @@ load; medians are reported.
   still off by more than 1e-3 there.
 - **trace**: seconds until the relative standard error is at most 1%. Ours:
   ``hessian_trace(method="hutch++", tol=0.01)`` (the CLI's default). PyHessian: its
-  Hutchinson probes are recorded (its rule switched off) and the same standard error is computed on them from 10
-  probes on; where it does not get there within ``--trace-budget`` probes, the time is
-  extrapolated (probes needed = n (rse / 0.01)^2) and marked so. Also each tool's answer
+  Hutchinson probes are recorded (its rule switched off) and the same standard error is
+  computed on them from 10 probes on. Each tool spends at most ``--trace-budget``
+  products; where one does not get there, its time is extrapolated (stochastic probes
+  needed = n (rse / 0.01)^2 at its cost per product) and marked so. Also each tool's answer
   at its default setting (PyHessian: ``trace()``, stop when the running mean changes by
   less than 1e-3; ours: the CLI default) and, for the MLP, its error.
 - **density**: PyHessian's defaults (``density(iter=100, n_v=1)``) against ours at the
@@ -193,6 +194,24 @@ def _fresh(model: nn.Module) -> None:
         p.grad = None
 
 
+def _run_pyhessian(
+    case: dict[str, Any], seed: int, call: Callable[[Any], Any]
+) -> tuple[Any, float, float]:
+    """``call(engine)`` on a fresh PyHessian engine (seeded, the model's state kept);
+    returns its result, the start time and the seconds from building the engine."""
+    model = case["model"]
+    with preserved_model_state(model):  # PyHessian leaves eval mode and .grad behind
+        _fresh(model)
+        torch.manual_seed(seed)  # it draws its random vectors from torch's RNG
+        started = time.perf_counter()
+        engine = _pyhessian().hessian(model, nn.CrossEntropyLoss(), data=case["probe"], cuda=False)
+        result = call(engine)
+        seconds = time.perf_counter() - started
+        _fresh(model)  # its graph hangs on .grad
+        del engine
+    return result, started, seconds
+
+
 def _errors(values: list[float], truth: list[float]) -> list[float]:
     return [abs(v - t) / abs(t) for v, t in zip(values, truth, strict=False)]
 
@@ -224,17 +243,9 @@ def theirs_top1(case: dict[str, Any], seed: int, truth: list[float], iters: int)
 
 
 def theirs_top5(case: dict[str, Any], seed: int, truth: list[float], iters: int) -> dict[str, Any]:
-    module = _pyhessian()
-    model = case["model"]
-    with preserved_model_state(model):
-        _fresh(model)
-        torch.manual_seed(seed)
-        started = time.perf_counter()
-        engine = module.hessian(model, nn.CrossEntropyLoss(), data=case["probe"], cuda=False)
-        values, _ = engine.eigenvalues(maxIter=iters, tol=ACCURACY, top_n=5)
-        seconds = time.perf_counter() - started
-        _fresh(model)
-        del engine
+    (values, _), _, seconds = _run_pyhessian(
+        case, seed, lambda engine: engine.eigenvalues(maxIter=iters, tol=ACCURACY, top_n=5)
+    )
     errors = _errors(sorted(values, reverse=True), truth[:5])
     return {
         "seconds": seconds,
@@ -248,7 +259,7 @@ def ours_trace(case: dict[str, Any], seed: int, truth: float | None, budget: int
     time is extrapolated as for PyHessian (stochastic probes needed = n (rse / 0.01)^2)."""
     started = time.perf_counter()
     result = hessian_trace(
-        case["model"], F.cross_entropy, case["probe"], probes=30, tol=TRACE_RSE,
+        case["model"], F.cross_entropy, case["probe"], probes=min(30, budget), tol=TRACE_RSE,
         max_probes=budget, method="hutch++", seed=seed,
     )  # fmt: skip
     seconds = time.perf_counter() - started
@@ -271,7 +282,7 @@ def ours_trace(case: dict[str, Any], seed: int, truth: float | None, budget: int
 def theirs_trace(
     case: dict[str, Any], seed: int, truth: float | None, budget: int
 ) -> dict[str, Any]:
-    """PyHessian's Hutchinson, every probe recorded (``tol=0``: it runs ``budget``)."""
+    """PyHessian's Hutchinson, every probe recorded (``budget`` probes)."""
     module = _pyhessian()
     original = module.hessian_vector_product
     record: list[tuple[float, float]] = []
@@ -281,17 +292,11 @@ def theirs_trace(
         record.append((time.perf_counter(), float(module.group_product(product, vector))))
         return product
 
-    model = case["model"]
     module.hessian_vector_product = recording
-    try:
-        with preserved_model_state(model):
-            _fresh(model)
-            torch.manual_seed(seed)
-            started = time.perf_counter()
-            engine = module.hessian(model, nn.CrossEntropyLoss(), data=case["probe"], cuda=False)
-            engine.trace(maxIter=budget, tol=-math.inf)  # its rule never fires
-            _fresh(model)
-            del engine
+    try:  # its rule never fires with tol -inf: it runs ``budget`` probes
+        _, started, _ = _run_pyhessian(
+            case, seed, lambda engine: engine.trace(maxIter=budget, tol=-math.inf)
+        )
     finally:
         module.hessian_vector_product = original
     seconds = [t - started for t, _ in record]
@@ -353,20 +358,12 @@ def ours_density(case: dict[str, Any], seed: int, spectrum: Any) -> dict[str, An
 
 
 def theirs_density(case: dict[str, Any], seed: int, spectrum: Any) -> dict[str, Any]:
-    module = _pyhessian()
-    model = case["model"]
     removed = getattr(torch, "eig", None)  # torch 2 keeps a stub that raises
     torch.eig = _eig_for_pyhessian  # type: ignore[attr-defined]
     try:
-        with preserved_model_state(model):
-            _fresh(model)
-            torch.manual_seed(seed)
-            started = time.perf_counter()
-            engine = module.hessian(model, nn.CrossEntropyLoss(), data=case["probe"], cuda=False)
-            nodes, weights = engine.density(iter=100, n_v=1)
-            seconds = time.perf_counter() - started
-            _fresh(model)
-            del engine
+        (nodes, weights), _, seconds = _run_pyhessian(
+            case, seed, lambda engine: engine.density(iter=100, n_v=1)
+        )
     finally:
         torch.eig = removed  # type: ignore[attr-defined]
     node_tensor = torch.tensor(nodes[0], dtype=torch.float64)
