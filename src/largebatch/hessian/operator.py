@@ -307,8 +307,11 @@ class HessianOperator:
             self._graphs[index] = graph
         return graph
 
-    def _build_graph(self, batch: Batch, weight: float) -> tuple[tuple[torch.Tensor, ...], float]:
-        """The gradient of ``weight * loss(batch)`` with its graph, and the batch's loss."""
+    def _build_graph(
+        self, batch: Batch, weight: float
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The gradient of ``weight * loss(batch)`` with its graph, and the batch's loss
+        (detached, on the device: no synchronization here)."""
         rewrite = fast_double_backward(self.model) if self.fast_graph else nullcontext()
         with torch.enable_grad(), rewrite:
             loss = self._loss(batch)
@@ -316,7 +319,7 @@ class HessianOperator:
                 loss * weight, self.params, create_graph=True, allow_unused=True
             )
         graph = tuple(_zeros_if_none(g, p) for g, p in zip(grads, self.params, strict=True))
-        return graph, float(loss.detach())
+        return graph, loss.detach()
 
     def _double_backward_product(self, index: int, pieces: list[torch.Tensor]) -> torch.Tensor:
         return self._second_derivative(self._gradient_graph(index), pieces, self.cache_graph)
@@ -369,7 +372,8 @@ class HessianOperator:
                 continue
             part, loss = self._batch_product_and_loss(batch, float(count), pieces)
             product.add_(part)
-            totals += torch.tensor([count, loss * count], dtype=torch.float64, device=self.device)
+            totals[0] += count
+            totals[1] += loss.to(torch.float64) * count
             if self.on_batch is not None:
                 self.on_batch(count)
         if self.distributed:
@@ -383,11 +387,11 @@ class HessianOperator:
 
     def _batch_product_and_loss(
         self, batch: Batch, weight: float, pieces: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``weight * H_batch v`` and the batch's mean loss, through a graph built here."""
         if self.method == "forward_over_reverse":
             with torch.no_grad():
-                loss = float(self._loss(batch))
+                loss = self._loss(batch).detach()
             return self._forward_over_reverse(batch, weight, pieces), loss
         graph, loss = self._build_graph(batch, weight)
         return self._second_derivative(graph, pieces, retain=False), loss
