@@ -349,10 +349,25 @@ def test_gns_trains_adversarially_when_asked(tmp_path):
     assert summary["method"] == "gns" and records[0]["gns"] is not None
 
 
+def test_the_noise_meter_measures_about_four_updates_per_decision_window(tmp_path):
+    # 512 samples at batch 8, one decision point per epoch: 64 updates in the window, so
+    # every 16th is measured (updates 0, 16, 32, 48), each cut into two micro-batches
+    train, _ = _data(n_train=512)
+    largebatch.fit(
+        _model(), train, out=tmp_path / "run", method="gns", gns_every=1.0, gns_kappa=1e-9,
+        epochs=2, batch_size=8, max_batch_size=64, device="cpu",
+    )  # fmt: skip
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["gns_updates"] for r in records] == [4, 8]
+    assert records[0]["gns"] is not None and records[1]["batch_size"] == 8
+
+
 def test_a_gns_run_with_the_guard_resumes_exactly_mid_epoch(tmp_path):
+    # batch 16 measures every 2nd update (8 updates per window), so the resumed run must
+    # pick up the same updates to measure
     train, test = _data(n_train=512)
     values = dict(method="gns", gns_micro_batch=16, curvature_guard=True, guard_samples=128)
-    values.update(epochs=2, batch_size=32, max_batch_size=256, lr=0.05, device="cpu", seed=3)
+    values.update(epochs=2, batch_size=16, max_batch_size=256, lr=0.05, device="cpu", seed=3)
     largebatch.fit(_model(), train, eval_data=test, out=tmp_path / "whole", **values)
     arm = at_training_forward(lambda: _model(), 45, lambda: signal.raise_signal(signal.SIGTERM))
     with pytest.raises(TrainingInterrupted):

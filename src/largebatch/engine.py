@@ -862,11 +862,10 @@ class _Loop:
         decision = self.controller.decision()
         global_batch = decision.batch_size
         micro = min(config.micro_batch_size or config.batch_size, global_batch)
-        meters = self.wanted()
-        for meter in meters:  # a meter may need smaller micro-batches ...
-            if hasattr(meter, "micro_batch"):  # ... at least two per update
-                wanted = meter.micro_batch or micro
-                micro = max(1, min(micro, wanted, global_batch // 2))
+        # each meter says which updates it measures (every stride-th of the run) and the
+        # micro-batches those run in
+        window = self.controller.decide_every or sampler.num_samples
+        plans = [(meter, *meter.plan(global_batch, micro, window)) for meter in self.wanted()]
         num_batches = sampler.num_batches(global_batch)
         first_step = num_batches - sampler.num_batches(global_batch, state.position)
         end = _next_decision_point(state, global_batch, sampler.num_samples, self.controller)
@@ -882,6 +881,11 @@ class _Loop:
         for step, (indices, micro_batches) in enumerate(batches, start=first_step):
             warmup = self.controller.warmup_factor(step / num_batches)
             self.lr.apply(decision.lr_factor * state.lr_scale * warmup)
+            due = [(meter, size) for meter, size, stride in plans if state.updates % stride == 0]
+            meters = [meter for meter, _ in due]
+            size = min((size for _, size in due), default=micro)
+            if size < micro:
+                micro_batches = _split(micro_batches, size)
             self._update(indices, micro_batches, decision, state, stop, sums, meters)
             state.updates += 1
             state.samples += len(indices)
@@ -990,6 +994,18 @@ class _Loop:
         else:
             attacked = fgsm(self.model, head_x, head_y, config.adv_eps, self.loss_fn, clamp=clamp)
         return torch.cat([attacked, x[count:]])
+
+
+def _split(
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]], size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same samples, in order, in micro-batches of ``size`` (the last may be short)."""
+    if len(micro_batches) == 1:
+        x, y = micro_batches[0]
+    else:
+        x = torch.cat([x for x, _ in micro_batches])
+        y = torch.cat([y for _, y in micro_batches])
+    return [(x[b : b + size], y[b : b + size]) for b in range(0, len(y), size)]
 
 
 def _next_decision_point(

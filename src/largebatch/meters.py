@@ -59,6 +59,15 @@ class Meter:
     #: keys :meth:`at_decision` always returns (None when not measured), for the records
     record_keys: tuple[str, ...] = ()
 
+    def plan(self, batch: int, micro: int, window: int | None) -> tuple[int, int]:
+        """How the loop should run updates of ``batch`` samples for this meter:
+        ``(micro-batch, stride)``. The per-update hooks are called on every ``stride``-th
+        update of the run (counted from its first), and those updates run in micro-batches
+        of at most the returned size. ``micro`` is the run's own micro-batch, ``window``
+        the samples between decision points (None: an epoch). The base class takes every
+        update as the loop runs it."""
+        return micro, 1
+
     def after_backward(self, model: nn.Module, samples: int, batch_samples: int) -> None:
         """A micro-batch of ``samples`` of the update's ``batch_samples`` is in ``.grad``."""
 
@@ -176,25 +185,39 @@ class GradientNoiseMeter(Meter):
     """The gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018),
     from the micro-batch gradients that accumulation computes anyway.
 
-    With ``K >= 2`` micro-batches of ``b`` samples in an update, ``g_k`` their mean
-    gradients and ``g`` the update's mean gradient, two unbiased estimates follow:
+    Let an update's mean gradient ``g`` come from ``B`` samples, and ``g_k`` be the mean
+    gradients of some of its micro-batches of ``b`` samples each (at least two in all).
+    Since ``E|g_k|^2 = |G|^2 + tr(Sigma) / b`` and ``E|g|^2 = |G|^2 + tr(Sigma) / B``, two
+    unbiased estimates follow, with ``m`` the mean of the measured ``|g_k|^2``:
 
-    - ``|G|^2 ~ (K |g|^2 - mean_k |g_k|^2) / (K - 1)``;
-    - ``tr(Sigma) ~ b K (mean_k |g_k|^2 - |g|^2) / (K - 1)`` (per-sample covariance).
+    - ``|G|^2 ~ (B |g|^2 - b m) / (B - b)``;
+    - ``tr(Sigma) ~ b B (m - |g|^2) / (B - b)`` (per-sample covariance).
 
-    Each is smoothed by a bias-corrected exponential moving average (``decay`` per update)
-    and the noise scale is the ratio of the two averages, which is far less noisy than
-    the average of ratios. Only micro-batches of the update's full size count (the short
-    last micro-batch is skipped), and updates with a non-finite gradient (an fp16
-    overflow that the loss scaler will skip) are ignored. Under torch.distributed every
-    rank's micro-batches count: one extra all-reduce of three numbers per update.
+    With ``K`` micro-batches making up the whole update (``B = K b``) these are
+    ``(K |g|^2 - m) / (K - 1)`` and ``b K (m - |g|^2) / (K - 1)``.
+    Each is smoothed by a bias-corrected exponential moving average (``decay`` per
+    measured update) and the noise scale is the ratio of the two averages, which is far
+    less noisy than the average of ratios. Only micro-batches of the update's full size
+    count (a short last micro-batch is skipped), and updates with a non-finite gradient
+    (an fp16 overflow that the loss scaler will skip) are ignored. Under
+    torch.distributed every rank's micro-batches count: one extra all-reduce of three
+    numbers per measured update.
 
-    ``micro_batch`` is the measurement micro-batch the loop should use: it runs updates
-    the meter is wanted for in micro-batches of at most that many samples (None: the
-    run's own micro-batch), and at most half the batch, so that there are at least two.
-    The estimates do not depend on the micro-batch size, so it may change as the batch
-    grows; smaller micro-batches give more of them per update (less noise) at a higher
-    cost per sample. Under fp16
+    What it costs is set by :meth:`plan` and ``per_update``:
+
+    - A measured update runs in at least ``splits`` micro-batches: the loop cuts it
+      further when the run's own micro-batches are fewer. With ``micro_batch`` set, its
+      micro-batches are at most that many samples instead. Each extra micro-batch is a
+      forward and backward call of its own.
+    - Only the first ``per_update`` micro-batches of each rank are measured (a copy and
+      a norm of the gradient each); the rest of an update only accumulates.
+    - When a decision window holds more than ``2 * per_window`` updates, only every
+      ``stride``-th update is measured, so that about ``per_window`` are
+      (``per_window=None``: every update).
+
+    Which updates are measured depends only on the update count, the batch and the
+    window, so ranks agree and a resumed run measures the same updates. The estimates do
+    not depend on the micro-batch size, so it may change as the batch grows. Under fp16
     loss scaling the gradients it sees are scaled: both parts are then in scaled units,
     and their ratio, the noise scale, is unaffected.
     """
@@ -202,14 +225,29 @@ class GradientNoiseMeter(Meter):
     record_keys = ("gns", "gns_grad_sq", "gns_trace", "gns_updates", "gns_s")
 
     def __init__(
-        self, micro_batch: int | None = None, decay: float = 0.95, world: Any = None
+        self,
+        micro_batch: int | None = None,
+        decay: float = 0.95,
+        world: Any = None,
+        splits: int = 2,
+        per_update: int = 2,
+        per_window: int | None = 4,
     ) -> None:
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         if not 0 <= decay < 1:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if splits < 2:
+            raise ValueError(f"splits must be >= 2, got {splits}")
+        if per_update < 1:
+            raise ValueError(f"per_update must be >= 1, got {per_update}")
+        if per_window is not None and per_window < 1:
+            raise ValueError(f"per_window must be >= 1, got {per_window}")
         self.micro_batch = micro_batch
         self.decay = decay
+        self.splits = splits
+        self.per_update = per_update
+        self.per_window = per_window
         self.world = world
         self._reset_update()
         # state: bias-corrected EMAs of |G|^2 and tr(Sigma), and their weight
@@ -224,19 +262,31 @@ class GradientNoiseMeter(Meter):
         self._sum_sq: torch.Tensor | float = 0.0  # this rank's sum of |g_k|^2 (full ones)
         self._count = 0
         self._size: int | None = None
+        self._batch = 0  # the update's global batch
+
+    def plan(self, batch: int, micro: int, window: int | None) -> tuple[int, int]:
+        size = self.micro_batch or -(-batch // self.splits)
+        size = max(1, min(micro, size, batch // 2))  # at least two micro-batches
+        stride = 1
+        if self.per_window is not None and window is not None:
+            stride = max(1, (window // batch) // self.per_window)
+        return size, stride
 
     def after_backward(self, model: nn.Module, samples: int, batch_samples: int) -> None:
+        if self._count >= self.per_update:
+            return  # enough of this update's micro-batches measured
         started = time.perf_counter()
         flat = _flat_grad(model)
         if flat is None:
             return
         if self._size is None:
             self._size = samples  # the update's full micro-batch size (the first is full)
+            self._batch = batch_samples
         if samples == self._size:
             # the micro-batch's backward added (samples / batch_samples) * g_k to .grad;
             # kept on the device, summed without a sync until the update
             step = flat if self._previous is None else self._previous.sub_(flat)
-            norm = torch.linalg.vector_norm(step, dtype=torch.float64).square()
+            norm = _norm(step).double().square()
             self._sum_sq = self._sum_sq + norm * (batch_samples / samples) ** 2
             self._count += 1
         self._previous = flat
@@ -244,16 +294,17 @@ class GradientNoiseMeter(Meter):
 
     def at_update(self, model: nn.Module, point: Point) -> None:
         started = time.perf_counter()
-        flat = _flat_grad(model, copy=False)
-        size = self._size or 0
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        device = _device_of(model)
+        size, batch = self._size or 0, self._batch
         parts = torch.stack(
             [
-                torch.as_tensor(self._sum_sq, dtype=torch.float64, device=_device_of(model)),
-                torch.tensor(float(self._count), dtype=torch.float64, device=_device_of(model)),
-                torch.tensor(float(size), dtype=torch.float64, device=_device_of(model)),
-                torch.linalg.vector_norm(flat, dtype=torch.float64).square()
-                if flat is not None
-                else torch.zeros((), dtype=torch.float64, device=_device_of(model)),
+                torch.as_tensor(self._sum_sq, dtype=torch.float64, device=device),
+                torch.tensor(float(self._count), dtype=torch.float64, device=device),
+                torch.tensor(float(size), dtype=torch.float64, device=device),
+                _total_norm(grads).double().square()
+                if grads
+                else torch.zeros((), dtype=torch.float64, device=device),
             ]
         )
         self._reset_update()
@@ -264,13 +315,13 @@ class GradientNoiseMeter(Meter):
             dist.all_reduce(parts[:3])
         sum_sq, count, sizes, full_sq = parts.tolist()
         world = self.world.size if getattr(self.world, "enabled", False) else 1
-        if flat is None or count < 2 or sizes != size * world:  # ranks cut unevenly: skip
+        # skip an update with fewer than two measured micro-batches, or cut unevenly
+        if not grads or count < 2 or sizes != size * world or not 0 < size < batch:
             self.seconds += time.perf_counter() - started
             return
-        mean_sq = sum_sq / count
-        k, b = count, size
-        grad_sq = (k * full_sq - mean_sq) / (k - 1)
-        trace = b * k * (mean_sq - full_sq) / (k - 1)
+        mean_sq, b = sum_sq / count, size
+        grad_sq = (batch * full_sq - b * mean_sq) / (batch - b)
+        trace = b * batch * (mean_sq - full_sq) / (batch - b)
         if math.isfinite(grad_sq) and math.isfinite(trace):
             self.grad_sq = self.decay * self.grad_sq + (1 - self.decay) * grad_sq
             self.trace = self.decay * self.trace + (1 - self.decay) * trace
@@ -317,15 +368,23 @@ class GradientNoiseMeter(Meter):
         self.updates = int(state["updates"])
 
 
-def _flat_grad(model: nn.Module, copy: bool = True) -> torch.Tensor | None:
-    """All gradients as one flat tensor (a copy; a view when there is one and ``copy`` is
-    False)."""
+def _flat_grad(model: nn.Module) -> torch.Tensor | None:
+    """All gradients as one flat tensor (a copy)."""
     grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    if len(grads) == 1 and not copy:
-        return grads[0]
-    return torch.cat(grads)
+    return torch.cat(grads) if grads else None
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together, without concatenating them."""
+    if any(g.dtype not in (torch.float32, torch.float64) for g in grads):
+        grads = [g.float() for g in grads]
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def _norm(flat: torch.Tensor) -> torch.Tensor:
+    """The 2-norm, summed in at least float32 (a float64 sum of a float32 vector converts
+    every element first, which on a small model costs more than the backward pass)."""
+    return torch.linalg.vector_norm(flat, dtype=torch.promote_types(flat.dtype, torch.float32))
 
 
 def _device_of(model: nn.Module) -> torch.device:
