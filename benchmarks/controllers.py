@@ -24,15 +24,23 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import torch.nn.functional as F
+
 from largebatch.config import TrainConfig
+from largebatch.controllers import BatchController, Decision
+from largebatch.data import load_dataset
+from largebatch.distributed import setup
+from largebatch.engine import Parts, run, seed_everything
 from largebatch.errors import DivergedError
 from largebatch.evaluate import evaluate_checkpoint
 from largebatch.io import atomic_write_json, atomic_write_text, read_jsonl
-from largebatch.train import train
+from largebatch.models import build_model
+from largebatch.train import model_spec, train
 
 #: method label -> config changes (controller defaults otherwise)
 METHODS: dict[str, dict[str, Any]] = {
@@ -101,7 +109,108 @@ def _run(dataset: str, method: str, seed: int, root: Path, device: str) -> dict[
             out=fgsm_file,
         )
     fgsm = json.loads(fgsm_file.read_text())
-    return {"summary": summary, "records": records, "fgsm": fgsm}
+    return {"summary": summary, "records": records, "fgsm": fgsm, "seed": seed}
+
+
+class Replay(BatchController):
+    """The batch and LR a finished run had at each of its decision points, with nothing
+    measured: timed against that run, it gives the whole cost of measuring (the meters'
+    hooks and the extra micro-batches they asked for)."""
+
+    def __init__(
+        self, name: str, records: list[dict[str, Any]], base: int, base_lr: float, every: int
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.decide_every = every
+        self.base_lr = base_lr
+        self.at = {p["samples"]: p for r in records for p in r["points"]}
+        self.adv = [r["adv_ratio"] for r in records]  # per epoch
+        self.batch, self.lr_factor = base, 1.0
+
+    def decision(self) -> Decision:
+        adv = self.adv[min(self.epoch, len(self.adv) - 1)]
+        return Decision(self.batch, self.lr_factor, adv)
+
+    def step(self, measurements: dict[str, Any] | None = None) -> Decision:
+        point = self.at.get(int((measurements or {})["samples"]))
+        if point is not None:
+            self.batch, self.lr_factor = point["batch_size"], point["lr"] / self.base_lr
+        return super().step(measurements)
+
+
+def _train_timed(config: TrainConfig, controller: BatchController | None) -> float:
+    """Wall seconds of one run of ``config`` (with ``controller`` in place of its method's)."""
+    world, device_name = setup(config.device)
+    seed_everything(config.seed)
+    data = load_dataset(
+        config.dataset, config.data_dir, seed=config.seed,
+        limit_train=config.limit_train, limit_test=config.limit_test,
+    )  # fmt: skip
+    spec = model_spec(config, data)
+    parts = Parts(
+        model=build_model(**spec), data=data, loss_fn=F.cross_entropy, spec=spec,
+        controller=controller,
+    )  # fmt: skip
+    started = time.perf_counter()
+    run(config, parts, world, device_name, show_progress=False)
+    return time.perf_counter() - started
+
+
+def _whole_cost(dataset: str, method: str, root: Path, device: str, repeats: int) -> dict[str, Any]:
+    """Seed 0 of ``method`` against a replay of its own schedule without meters, run
+    alternately ``repeats`` times each: the measurements' share of the wall time."""
+    cached = root / "runs" / dataset / f"{method}-s0" / "whole-cost.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    records = read_jsonl(root / "runs" / dataset / f"{method}-s0" / "metrics.jsonl")
+    ratios, measured, replayed = [], [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for i in range(repeats):
+            config = _config(dataset, method, 0, Path(scratch) / f"m{i}", device)
+            config.resume = False
+            measured.append(_train_timed(config, None))
+            every = round(_num_samples(config) * config.gns_every)
+            replay = Replay(method, records, config.batch_size, config.lr, every)
+            # the same run with nothing measured (adversarial training kept, the guard not)
+            config = _config(dataset, "bl", 0, Path(scratch) / f"r{i}", device)
+            config.resume, config.adversarial = False, METHODS[method].get("adversarial")
+            replayed.append(_train_timed(config, replay))
+            ratios.append(1 - replayed[-1] / measured[-1])
+    result = {
+        "share": statistics.median(ratios),
+        "shares": ratios,
+        "measured_s": measured,
+        "replayed_s": replayed,
+    }
+    atomic_write_json(cached, result)
+    return result
+
+
+def _num_samples(config: TrainConfig) -> int:
+    data = load_dataset(
+        config.dataset, config.data_dir, seed=config.seed,
+        limit_train=config.limit_train, limit_test=config.limit_test,
+    )  # fmt: skip
+    return len(data.train_y)
+
+
+def _noise_bound(records: list[dict[str, Any]], base: int) -> dict[str, Any] | None:
+    """What the measured noise scale allows (McCandlish et al.): the updates for a given
+    progress at batch B are ``S_min (1 + phi / B)``, so over a stretch where the noise
+    scale is ``phi`` no schedule needs fewer than ``1 / (1 + phi / B0)`` of the base
+    batch's updates, even with an unlimited batch and unlimited samples. Averaged over
+    the decision points (evenly spaced in samples), that is a floor on updates / BL."""
+    phis = [p["gns"] for r in records for p in r["points"] if p.get("gns")]
+    if not phis:
+        return None
+    floor = statistics.mean(1 / (1 + phi / base) for phi in phis)
+    return {
+        "phi_first": phis[0],
+        "phi_median": statistics.median(phis),
+        "phi_last": phis[-1],
+        "floor_updates_vs_bl": floor,
+    }
 
 
 def _updates_to(records: list[dict[str, Any]], target: float) -> int | None:
@@ -115,7 +224,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _table(dataset: str, runs: dict[str, list[dict[str, Any]]]) -> tuple[list[dict], str]:
+def _table(
+    dataset: str, runs: dict[str, list[dict[str, Any]]], costs: dict[str, dict[str, Any]]
+) -> tuple[list[dict], str]:
     bl = [r for r in runs["bl"] if "summary" in r]
     bl_acc = statistics.mean(r["summary"]["final_test_acc"] for r in bl)
     bl_updates = statistics.mean(r["summary"]["updates"] for r in bl)
@@ -148,6 +259,7 @@ def _table(dataset: str, runs: dict[str, list[dict[str, Any]]]) -> tuple[list[di
                     else None
                 ),
                 "measure_share": statistics.mean(share),
+                "whole_cost": costs.get(method),
                 "fgsm_acc_mean": statistics.mean(fgsm),
                 "final_batch_mean": statistics.mean(r["summary"]["final_batch_size"] for r in done),
             }
@@ -158,23 +270,44 @@ def _table(dataset: str, runs: dict[str, list[dict[str, Any]]]) -> tuple[list[di
         f"Target: BL's mean final accuracy minus 0.5 points = {100 * target:.2f}%.",
         "",
         "| method | test acc (%) | updates | updates / BL | updates to target / BL | "
-        "measurement share | FGSM acc (%) | final batch |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "meters' share | whole cost (replay) | FGSM acc (%) | final batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         if "test_acc_mean" not in row:
-            lines.append(f"| {row['method']} | diverged ({row['diverged']} runs) | | | | | | |")
+            lines.append(f"| {row['method']} | diverged ({row['diverged']} runs) | | | | | | | |")
             continue
         reach = row["updates_to_target_vs_bl"]
         missed = sum(v is None for v in row["updates_to_target"])
         reach_text = f"{reach:.3f}" if reach is not None else f"- ({missed} of {row['runs']} miss)"
+        whole = row["whole_cost"]
+        cost = f"{100 * whole['share']:.1f}%" if whole else "-"
         lines.append(
             f"| {row['method']} | {100 * row['test_acc_mean']:.2f} "
             f"± {100 * row['test_acc_std']:.2f} "
             f"| {row['updates_mean']:.0f} | {row['updates_vs_bl']:.3f} | {reach_text} "
-            f"| {100 * row['measure_share']:.1f}% | {100 * row['fgsm_acc_mean']:.2f} "
+            f"| {100 * row['measure_share']:.1f}% | {cost} | {100 * row['fgsm_acc_mean']:.2f} "
             f"| {row['final_batch_mean']:.0f} |"
         )
+    gns = [r for r in runs.get("gns", []) if "records" in r]
+    if gns:
+        bounds = [_noise_bound(r["records"], DATASETS[dataset]["batch_size"]) for r in gns]
+        known = [b for b in bounds if b]
+        if known:
+            floor = statistics.mean(b["floor_updates_vs_bl"] for b in known)
+            first = statistics.mean(b["phi_first"] for b in known)
+            median = statistics.mean(b["phi_median"] for b in known)
+            last = statistics.mean(b["phi_last"] for b in known)
+            base = DATASETS[dataset]["batch_size"]
+            lines += [
+                "",
+                f"Noise scale φ̂ measured by `gns` (mean over seeds): {first:.0f} at the first "
+                f"decision point, median {median:.0f}, {last:.0f} at the last; B0 = {base}. "
+                f"The floor it implies on updates / BL, the mean of 1 / (1 + φ̂/B0) over the "
+                f"decision points (unlimited batch and samples): **{floor:.3f}** "
+                f"({1 / floor:.1f}x fewer at most).",
+            ]
+            rows.append({"method": "noise-bound", "bounds": bounds, "floor_mean": floor})
     return rows, "\n".join(lines)
 
 
@@ -184,7 +317,9 @@ def _figure(dataset: str, runs: dict[str, list[dict[str, Any]]], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    base = DATASETS[dataset]["batch_size"]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    colors = {method: f"C{i}" for i, method in enumerate(runs)}
     for method, results in runs.items():
         if not results or "records" not in results[0]:
             continue
@@ -201,11 +336,15 @@ def _figure(dataset: str, runs: dict[str, list[dict[str, Any]]], path: Path) -> 
                 xs.append(record["samples"])
                 batch.append(record["batch_size"])
                 lr.append(record["lr"])
-        axes[1].step(xs, batch, where="post", label=method)
-        axes[2].step(xs, lr, where="post", label=method)
+        color = colors[method]
+        axes[1].step(xs, batch, where="post", label=method, color=color)
+        axes[2].step(xs, lr, where="post", label=method, color=color)
         if gns:
-            axes[0].plot(*zip(*gns, strict=True), marker=".", label=method)
-    titles = ("gradient noise scale", "global batch", "learning rate")
+            axes[0].plot(*zip(*gns, strict=True), marker=".", label=method, color=color)
+            bound = [1 + phi / base for _, phi in gns]
+            axes[3].plot([x for x, _ in gns], bound, label=method, color=color)
+    axes[3].axhline(5, color="grey", linestyle="--", label="5x target")
+    titles = ("gradient noise scale", "global batch", "learning rate", "bound 1 + φ̂/B0")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(f"{dataset}: {title}")
         ax.set_xlabel("samples seen")
@@ -225,6 +364,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--cost-repeats", type=int, default=None,
+        help="times seed 0 of each gns method and its replay are run to time the whole cost "
+        "of measuring (0: skip; default 5, and 1 on Fashion-MNIST)",
+    )  # fmt: skip
     args = parser.parse_args()
     for name in args.datasets + args.methods:
         if name not in DATASETS and name not in METHODS:
@@ -244,7 +388,18 @@ def main() -> None:
             method: [_run(dataset, method, seed, args.out, args.device) for seed in args.seeds]
             for method in args.methods
         }
-        rows, table = _table(dataset, runs)
+        # a Fashion-MNIST run takes minutes: one pair there, five for the small ones
+        repeats = args.cost_repeats
+        if repeats is None:
+            repeats = 1 if dataset.startswith("fashion") else 5
+        costs = {
+            method: _whole_cost(dataset, method, args.out, args.device, repeats)
+            for method in args.methods
+            if method.startswith("gns")
+            and repeats
+            and any("summary" in r and r["seed"] == 0 for r in runs[method])
+        }
+        rows, table = _table(dataset, runs, costs)
         results[dataset] = {"setup": DATASETS[dataset], "rows": rows}
         _figure(dataset, runs, args.out / f"{dataset}.png")
         report += [table, "", f"![{dataset}]({dataset}.png)", ""]

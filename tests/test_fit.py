@@ -362,6 +362,25 @@ def test_the_noise_meter_measures_about_four_updates_per_decision_window(tmp_pat
     assert records[0]["gns"] is not None and records[1]["batch_size"] == 8
 
 
+def test_measured_updates_cut_into_smaller_micro_batches_are_the_same_updates(tmp_path):
+    # batch 32 in micro-batches of 16; measured updates are cut again into micro-batches
+    # of 8. gns with an unreachable growth test keeps batch 32 and LR factor 1, so its
+    # weights must be BL's up to summation order: no sample dropped, none counted twice
+    train, _ = _data(n_train=256)
+    values = dict(COMMON, epochs=1, micro_batch_size=16)
+    largebatch.fit(_model(), train, out=tmp_path / "bl", method="bl", **values)
+    largebatch.fit(
+        _model(), train, out=tmp_path / "gns", method="gns", gns_micro_batch=8,
+        gns_kappa=1e-9, **values,
+    )  # fmt: skip
+    measured = read_jsonl(tmp_path / "gns" / "metrics.jsonl")[0]
+    assert measured["gns_updates"] == 8 and measured["batch_size"] == 32
+    bl = load_checkpoint(tmp_path / "bl" / "checkpoint.pt")["model"]
+    gns = load_checkpoint(tmp_path / "gns" / "checkpoint.pt")["model"]
+    for name, value in bl.items():
+        torch.testing.assert_close(gns[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_a_gns_run_with_the_guard_resumes_exactly_mid_epoch(tmp_path):
     # batch 16 measures every 2nd update (8 updates per window), so the resumed run must
     # pick up the same updates to measure
