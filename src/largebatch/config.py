@@ -79,7 +79,7 @@ class TrainConfig:
     gns_every: float = 0.25  # epochs between decision points
     gns_kappa: float = 1.0  # double when batch <= kappa * noise scale ...
     gns_confirmations: int = 2  # ... on this many decision points in a row
-    gns_micro_batch: int | None = None  # noise meter's micro-batch (None: the run's)
+    gns_micro_batch: int | None = None  # noise meter's micro-batch (None: the run's, or half)
     gns_decay: float = 0.95  # per-update decay of the meter's moving averages
     lr_scaling: str = "linear"  # gns LR rule: linear | sqrt | adascale
     gns_milestones: str = "samples"  # gns: lr_decay_epochs count samples, or progress

@@ -195,9 +195,11 @@ class GradientNoiseMeter(Meter):
 
     With ``K`` micro-batches making up the whole update (``B = K b``) these are
     ``(K |g|^2 - m) / (K - 1)`` and ``b K (m - |g|^2) / (K - 1)``.
-    Each is smoothed by a bias-corrected exponential moving average (``decay`` per
-    measured update) and the noise scale is the ratio of the two averages, which is far
-    less noisy than the average of ratios. Only micro-batches of the update's full size
+    Each is smoothed by a bias-corrected exponential moving average and the noise scale
+    is the ratio of the two averages, which is far less noisy than the average of
+    ratios. ``decay`` is per update of the run: when every ``stride``-th update is
+    measured, each measurement decays the averages by ``decay ** stride``, so they span
+    the same stretch of training whatever the stride. Only micro-batches of the update's full size
     count (a short last micro-batch is skipped), and updates with a non-finite gradient
     (an fp16 overflow that the loss scaler will skip) are ignored. Under
     torch.distributed every rank's micro-batches count: one extra all-reduce of three
@@ -256,6 +258,7 @@ class GradientNoiseMeter(Meter):
         self.weight = 0.0
         self.updates = 0
         self.seconds = 0.0
+        self._stride = 1  # of the updates now being measured (set by plan)
 
     def _reset_update(self) -> None:
         self._previous: torch.Tensor | None = None
@@ -270,6 +273,7 @@ class GradientNoiseMeter(Meter):
         stride = 1
         if self.per_window is not None and window is not None:
             stride = max(1, (window // batch) // self.per_window)
+        self._stride = stride
         return size, stride
 
     def after_backward(self, model: nn.Module, samples: int, batch_samples: int) -> None:
@@ -323,9 +327,10 @@ class GradientNoiseMeter(Meter):
         grad_sq = (batch * full_sq - b * mean_sq) / (batch - b)
         trace = b * batch * (mean_sq - full_sq) / (batch - b)
         if math.isfinite(grad_sq) and math.isfinite(trace):
-            self.grad_sq = self.decay * self.grad_sq + (1 - self.decay) * grad_sq
-            self.trace = self.decay * self.trace + (1 - self.decay) * trace
-            self.weight = self.decay * self.weight + (1 - self.decay)
+            decay = self.decay**self._stride
+            self.grad_sq = decay * self.grad_sq + (1 - decay) * grad_sq
+            self.trace = decay * self.trace + (1 - decay) * trace
+            self.weight = decay * self.weight + (1 - decay)
             self.updates += 1
         self.seconds += time.perf_counter() - started
 
