@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -204,8 +205,12 @@ def _noise_bound(records: list[dict[str, Any]], base: int) -> dict[str, Any] | N
     phis = [p["gns"] for r in records for p in r["points"] if p.get("gns")]
     if not phis:
         return None
+    # an infinite noise scale (the |G|^2 estimate at or below zero: noise alone) adds 0,
+    # so the floor stays a floor
     floor = statistics.mean(1 / (1 + phi / base) for phi in phis)
     return {
+        "points": len(phis),
+        "infinite": sum(1 for phi in phis if not math.isfinite(phi)),
         "phi_first": phis[0],
         "phi_median": statistics.median(phis),
         "phi_last": phis[-1],
@@ -295,14 +300,18 @@ def _table(
         known = [b for b in bounds if b]
         if known:
             floor = statistics.mean(b["floor_updates_vs_bl"] for b in known)
-            first = statistics.mean(b["phi_first"] for b in known)
+            first = statistics.median(b["phi_first"] for b in known)
             median = statistics.mean(b["phi_median"] for b in known)
             last = statistics.mean(b["phi_last"] for b in known)
             base = DATASETS[dataset]["batch_size"]
+            infinite = sum(b["infinite"] for b in known)
+            points = sum(b["points"] for b in known)
             lines += [
                 "",
-                f"Noise scale φ̂ measured by `gns` (mean over seeds): {first:.0f} at the first "
-                f"decision point, median {median:.0f}, {last:.0f} at the last; B0 = {base}. "
+                f"Noise scale φ̂ measured by `gns` (over seeds: median of the first, means of "
+                f"the rest): {first:.0f} at the first decision point, median {median:.0f}, "
+                f"{last:.0f} at the last ({infinite} of {points} points infinite: the |G|² "
+                f"estimate at or below zero); B0 = {base}. "
                 f"The floor it implies on updates / BL, the mean of 1 / (1 + φ̂/B0) over the "
                 f"decision points (unlimited batch and samples): **{floor:.3f}** "
                 f"({1 / floor:.1f}x fewer at most).",
