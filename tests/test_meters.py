@@ -45,7 +45,7 @@ def _one_update(model, meter, x, y, micro):
 def test_one_update_gives_the_unbiased_estimates_of_its_micro_batch_gradients():
     model, x, y = _problem()
     x, y = x[:128], y[:128]
-    meter = GradientNoiseMeter(micro_batch=32, decay=0.0)
+    meter = GradientNoiseMeter(micro_batch=32, decay=0.0, per_update=4)  # all four
     _one_update(model, meter, x, y, micro=32)
     per_sample = _per_sample_grads(model, x, y)
     g_k = per_sample.reshape(4, 32, -1).mean(1)  # the four micro-batches' mean gradients
