@@ -171,7 +171,8 @@ def _whole_cost(dataset: str, method: str, root: Path, device: str, repeats: int
             config = _config(dataset, method, 0, Path(scratch) / f"m{i}", device)
             config.resume = False
             measured.append(_train_timed(config, None))
-            every = round(_num_samples(config) * config.gns_every)
+            # its first epoch's record counts the training samples
+            every = round(records[0]["samples"] * config.gns_every)
             replay = Replay(method, records, config.batch_size, config.lr, every)
             # the same run with nothing measured (adversarial training kept, the guard not)
             config = _config(dataset, "bl", 0, Path(scratch) / f"r{i}", device)
@@ -186,14 +187,6 @@ def _whole_cost(dataset: str, method: str, root: Path, device: str, repeats: int
     }
     atomic_write_json(cached, result)
     return result
-
-
-def _num_samples(config: TrainConfig) -> int:
-    data = load_dataset(
-        config.dataset, config.data_dir, seed=config.seed,
-        limit_train=config.limit_train, limit_test=config.limit_test,
-    )  # fmt: skip
-    return len(data.train_y)
 
 
 def _noise_bound(records: list[dict[str, Any]], base: int) -> dict[str, Any] | None:
