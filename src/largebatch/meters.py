@@ -213,7 +213,7 @@ class GradientNoiseMeter(Meter):
       forward and backward call of its own.
     - Only the first ``per_update`` micro-batches of each rank are measured (a copy and
       a norm of the gradient each); the rest of an update only accumulates.
-    - When a decision window holds more than ``2 * per_window`` updates, only every
+    - When a decision window holds ``2 * per_window`` updates or more, only every
       ``stride``-th update is measured, so that about ``per_window`` are
       (``per_window=None``: every update).
 
