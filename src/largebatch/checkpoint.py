@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 FORMAT = "largebatch-checkpoint"
+# terminal colour codes, which torch puts into some of its messages
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 VERSION = 1
 
 
@@ -48,7 +51,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # any failure to parse the file means it is not a usable checkpoint
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines()]
+        unsafe = [line for line in lines if "Unsupported global" in line]
+        if unsafe:  # torch refuses to unpickle an object that is not plain data
+            raise CheckpointError(
+                f"checkpoint {path} holds an object that is not plain data and cannot be "
+                f"loaded safely ({unsafe[0][:200]}); it was not written by this largebatch"
+            ) from None
+        reason = (lines or [type(exc).__name__])[0][:200]
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a largebatch checkpoint ({reason})"
         ) from None

@@ -380,8 +380,12 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def save_config(config: TrainConfig, path: str | Path) -> None:
-    """Write the resolved configuration as YAML, atomically."""
+def save_config(config: TrainConfig | Mapping[str, Any], path: str | Path) -> None:
+    """Write the resolved configuration (or its record as a dict) as YAML, atomically,
+    under the header that marks a run's own ``config.yaml``."""
     from largebatch.io import atomic_write_text
+    from largebatch.outputs import CONFIG_HEADER
 
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    record = config_to_dict(config) if isinstance(config, TrainConfig) else dict(config)
+    text = yaml.safe_dump(record, sort_keys=False)
+    atomic_write_text(path, f"{CONFIG_HEADER}\n{text}")

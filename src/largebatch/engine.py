@@ -11,8 +11,12 @@ to ``out``. Methods differ only in the controller.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import inspect
 import io
 import math
+import os
 import random
 import signal
 import sys
@@ -32,8 +36,9 @@ from tqdm import tqdm
 from largebatch.accumulate import backward_share
 from largebatch.adversarial import fgsm, pgd
 from largebatch.checkpoint import checked_part, load_checkpoint, load_part, save_checkpoint
+from largebatch.checks import integer, number, plain
 from largebatch.config import TrainConfig, config_to_dict, save_config
-from largebatch.controllers import BatchController, Decision, make_controller
+from largebatch.controllers import BatchController, Decision, checked_decision, make_controller
 from largebatch.data import DataSource
 from largebatch.distributed import (
     World,
@@ -43,11 +48,17 @@ from largebatch.distributed import (
     setup,
     shard,
 )
-from largebatch.errors import CheckpointError, ConfigError, DivergedError, UsageError
+from largebatch.errors import (
+    CheckpointError,
+    ConfigError,
+    DivergedError,
+    InvalidTypeError,
+    UsageError,
+)
 from largebatch.hessian import EigenTracker
 from largebatch.interrupts import raise_if_held
 from largebatch.io import append_jsonl, atomic_write_json, write_jsonl
-from largebatch.lr import LRScaler
+from largebatch.lr import BASE_LR_KEY, LRScaler
 from largebatch.meters import (
     EIGENVALUE,
     NOISE_SCALE,
@@ -57,7 +68,7 @@ from largebatch.meters import (
     Point,
     time_of,
 )
-from largebatch.outputs import RunFolder, remove_own_temporaries
+from largebatch.outputs import RUN_FILES, RunFolder, foreign_files, remove_own_temporaries
 from largebatch.pipeline import Feed, materialize
 from largebatch.precision import autocast, make_scaler
 from largebatch.sampler import EpochSampler, probe_batches
@@ -80,9 +91,6 @@ __all__ = [
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-#: the files a run writes into its folder
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt")
 
 # The probe set is drawn with its own seed, apart from the data order.
 _PROBE_SEED_OFFSET = 104_729
@@ -134,6 +142,9 @@ class RunState:
     partial_loss: float = 0.0
     partial_correct: int = 0
     augment_rng: torch.Tensor | None = None
+    # Samples of the epoch in progress left out: a last batch that would give a rank a
+    # single sample, with a batch norm that cannot train on one (see _Loop.needs_pairs).
+    dropped: int = 0
     # Divergence guard: LR multiplier after rollbacks, and what happened.
     lr_scale: float = 1.0
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
@@ -214,21 +225,44 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def run_folder(out: str | None, world: World) -> Iterator[None]:
+def run_folder(
+    out: str | None, world: World, resume: bool = False, what: str = "--out"
+) -> Iterator[None]:
     """Hold run folder ``out`` for the block (rank 0 takes its lock; every rank learns
-    whether that worked). A second process on the same folder is refused here, before
-    any data is read. ``out=None`` holds nothing."""
+    whether that worked). Refused here, before any data is read: a second process on the
+    same folder, a folder holding a run when ``resume`` is off, and a folder holding files
+    that no run of ours wrote (unless resuming the run in it). ``out=None`` holds nothing."""
     with contextlib.ExitStack() as held:
         problem = None
         if world.is_main and out is not None:
             try:
-                held.enter_context(RunFolder(out))
+                held.enter_context(RunFolder(out, what))
+                _check_claim(Path(out), resume, what)
             except UsageError as exc:
+                held.close()
                 problem = str(exc)
         problem = broadcast_object(problem, world)
         if problem is not None:
             raise UsageError(problem)
         yield
+
+
+def _check_claim(out: Path, resume: bool, what: str) -> None:
+    if resume and (out / "checkpoint.pt").exists():
+        return  # the run's own folder: only our files are rewritten
+    if (out / "checkpoint.pt").exists() or (out / "summary.json").exists():
+        raise UsageError(
+            f"{out} already holds a run; pass --resume to continue it or choose another {what}"
+        )
+    foreign = foreign_files(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise UsageError(
+            f"{what} {out} holds files that no largebatch run wrote ({shown}); nothing was "
+            "changed; choose an empty or new folder"
+        )
 
 
 # --------------------------------------------------------------------------- fit
@@ -248,6 +282,7 @@ def fit(
     show_progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
     stop_after: int | None = None,
+    verbose: bool = True,
     **config: Any,
 ) -> dict[str, Any]:
     """Train ``model`` on ``train_data`` with the loop the command line uses; return the
@@ -271,8 +306,9 @@ def fit(
             place of the one ``method`` names.
         meters: extra meters by measurement name, for your controller's ``measures``.
         show_progress: progress bar per epoch (default: when stderr is a terminal).
-        echo: receives the table of epochs, one line each; default silent.
+        echo: receives the table of epochs, one line each; default ``print``.
         stop_after: end the call after that many epochs, as an interruption would.
+        verbose: False silences the table and the progress bar (as Keras's ``fit``).
         **config: keys of :class:`~largebatch.config.TrainConfig` (``method``, ``epochs``,
             ``batch_size``, ``max_batch_size``, ``micro_batch_size``, ``seed``,
             ``device``, ``precision``, adversarial and Hessian settings, ``resume``, ...).
@@ -282,9 +318,14 @@ def fit(
         TrainingInterrupted: Ctrl-C or SIGTERM; with ``out``, the checkpoint was saved.
     """
     cfg = _fit_config(model, train_data, optimizer, out, config)
+    _check_fit_objects(loss_fn, controller, meters, input_range)
+    if not verbose:
+        echo, show_progress = (lambda _line: None), False
+    elif echo is None:
+        echo = print
     world, device_name = setup(cfg.device)
     seed_everything(cfg.seed)
-    with run_folder(None if out is None else cfg.out, world):
+    with run_folder(None if out is None else cfg.out, world, cfg.resume, what="out"):
         data = as_source(train_data, eval_data, name=cfg.dataset, input_range=input_range)
         parts = Parts(
             model=model,
@@ -306,11 +347,48 @@ def fit(
         )
 
 
+def _check_fit_objects(loss_fn: Any, controller: Any, meters: Any, input_range: Any) -> None:
+    """fit()'s objects are of the types it takes (before any work starts)."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise InvalidTypeError(
+            f"loss_fn is a {type(loss_fn).__name__}; pass a function (outputs, targets) -> loss"
+        )
+    if controller is not None and not isinstance(controller, BatchController):
+        hint = (
+            f" (for a built-in one, pass method={controller!r})"
+            if isinstance(controller, str)
+            else ""
+        )
+        raise InvalidTypeError(
+            f"controller is a {type(controller).__name__}; pass a "
+            f"largebatch.controllers.BatchController{hint}"
+        )
+    if meters is not None:
+        if not isinstance(meters, Mapping):
+            raise InvalidTypeError(
+                f"meters is a {type(meters).__name__}; pass a dict {{measurement name: Meter}}"
+            )
+        for name, meter in meters.items():
+            if not isinstance(name, str) or not isinstance(meter, Meter):
+                raise InvalidTypeError(
+                    f"meters[{name!r}] is a {type(meter).__name__}; each value must be a "
+                    "largebatch.meters.Meter, each key a measurement name"
+                )
+    if input_range is not None and (
+        not isinstance(input_range, (tuple, list)) or len(input_range) != 2
+    ):
+        raise InvalidTypeError(f"input_range must be a pair (low, high), got {input_range!r}")
+
+
 def _fit_config(
     model: Any, train_data: Any, optimizer: Any, out: Any, config: dict[str, Any]
 ) -> TrainConfig:
     if not isinstance(model, nn.Module):
-        raise UsageError(f"model is a {type(model).__name__}, not a torch.nn.Module")
+        raise InvalidTypeError(f"model is a {type(model).__name__}, not a torch.nn.Module")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise InvalidTypeError(
+            f"out must be a folder path (str or pathlib.Path), got {type(out).__name__} {out!r}"
+        )
     for key in _RECIPE_KEYS:
         if key in config:
             raise ConfigError(
@@ -331,6 +409,8 @@ def _fit_config(
     cfg = TrainConfig(**labels, **config, out=str(out) if out is not None else "(none)")
     if cfg.resume and out is None:
         raise ConfigError("resume needs out, the folder of the run to continue")
+    if cfg.tensorboard and out is None:
+        raise ConfigError("tensorboard needs out, the folder its event files go to")
     return cfg.validate(names=False)
 
 
@@ -366,23 +446,36 @@ def run(
         show_progress = sys.stderr.isatty()
     out = Path(config.out)
     store = _CheckpointStore(out / "checkpoint.pt" if write else None, world)
-    if write and not config.resume and broadcast_object(store.taken(), world):
-        raise UsageError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
     data = parts.data
     if len(data.train_y) < 1:
         raise UsageError("the training data is empty")
+    _check_parameters(parts.model)
     channels_last = _uses_channels_last(config, data, device)
     model = parts.model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    accuracy = _check_model(model, parts.loss_fn, data, device)
+    accuracy, needs_pairs = _check_model(model, parts.loss_fn, data, device)
+    if needs_pairs and config.batch_size < 2 * world.size:
+        raise UsageError(
+            f"the model's batch norm sees one value per channel and sample, so it needs at "
+            f"least 2 samples per process in every update; batch_size {config.batch_size} "
+            f"with {world.size} process(es) is too small"
+        )
     optimizer = _make_optimizer(parts.optimizer, model, config)
+    resuming = config.resume and store.exists()
+    if not resuming:  # a reused optimizer starts from the LRs its groups hold now
+        for group in optimizer.param_groups:
+            group[BASE_LR_KEY] = float(group["lr"])
     lr = LRScaler(optimizer)
     scaler = make_scaler(device, config.precision)
-    controller = parts.controller or make_controller(config, len(data.train_y))
+    controller = parts.controller or make_controller(
+        _guarded_by(config, optimizer) if parts.optimizer is not None else config,
+        len(data.train_y),
+    )
+    _check_controller(controller)
     meters = _make_meters(controller, parts, config, device, world)
+    recorded = _config_record(config, optimizer, parts.optimizer is not None)
+    fingerprint = _data_fingerprint(data)
     sampler = EpochSampler(len(data.train_y), config.seed)
     loop = _Loop(
         config,
@@ -399,15 +492,24 @@ def run(
         channels_last,
         accuracy,
         show_progress,
+        needs_pairs,
     )
     state = RunState()
 
     def restore() -> RunState:
         return _restore(
-            store.load(), store.where, config, model, optimizer, controller, meters, scaler
+            store.load(),
+            store.where,
+            recorded,
+            fingerprint,
+            model,
+            optimizer,
+            controller,
+            meters,
+            scaler,
         )
 
-    if config.resume and store.exists():
+    if resuming:
         state = restore()
         if state.epoch > config.epochs:
             raise UsageError(
@@ -423,13 +525,14 @@ def run(
         contextlib.ExitStack() as closing,
     ):
         loop.feed = feed
+        _states(controller, meters)  # a state that could never be loaded: refused before writing
         # every rank has read the checkpoint before rank 0 writes anything
         broadcast_object(None, world)
         scalars = None
         if write and world.is_main:
             out.mkdir(parents=True, exist_ok=True)
             remove_own_temporaries(out, RUN_FILES)  # left by a save that a crash cut short
-            save_config(config, out / "config.yaml")
+            save_config(recorded, out / "config.yaml")
             # The checkpoint's history is the truth: it drops epochs logged after the last save.
             write_jsonl(out / "metrics.jsonl", state.history)
             if config.tensorboard:
@@ -457,12 +560,12 @@ def run(
                 )
             store.save(
                 {
-                    "config": config_to_dict(config),
+                    "config": recorded,
+                    "data": fingerprint,
                     "model_spec": parts.spec,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "controller": controller.state_dict(),
-                    "meters": {name: m.state_dict() for name, m in meters.items()},
+                    **_states(controller, meters),
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "run": vars(state),
                     "rng": _rng_state(),
@@ -571,11 +674,6 @@ class _CheckpointStore:
         self._memory: bytes | None = None
         self.where = str(path) if path is not None else "the in-memory checkpoint"
 
-    def taken(self) -> bool:
-        if self.path is None:
-            return False
-        return self.path.exists() or (self.path.parent / "summary.json").exists()
-
     def exists(self) -> bool:
         return self.path.exists() if self.path is not None else self._memory is not None
 
@@ -598,28 +696,125 @@ class _CheckpointStore:
         return torch.load(io.BytesIO(self._memory), map_location="cpu", weights_only=True)
 
 
-def _check_model(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torch.device) -> bool:
-    """Run the model and the loss on two training samples (eval mode, no gradient), so a
-    model or loss that does not fit the data fails here with one line. Returns whether
-    accuracy applies: integer labels and ``(batch, classes)`` outputs."""
-    x = materialize(data.train_x[:2]).to(device)
-    y = data.train_y[:2].to(device)
+def _check_parameters(model: nn.Module) -> None:
+    """Something to train, and not on the meta device (before any work)."""
+    params = list(model.parameters())
+    if not params:
+        raise UsageError(f"the model ({type(model).__name__}) has no parameters: nothing to train")
+    if not any(p.requires_grad for p in params):
+        raise UsageError(
+            "every parameter of the model is frozen (requires_grad=False): nothing to train"
+        )
+    if any(t.is_meta for t in (*params, *model.buffers())):
+        raise UsageError(
+            "the model is on the meta device (no values yet); materialize it first, e.g. "
+            "model.to_empty(device='cpu') and initialise its weights"
+        )
+
+
+def _check_model(
+    model: nn.Module, loss_fn: LossFn, data: DataSource, device: torch.device
+) -> tuple[bool, bool]:
+    """Run the model and the loss on a few training samples (eval mode): the first two and
+    those with the extreme labels, then one test sample. What would crash or go wrong
+    later fails here with one line: a model or loss that does not fit the data, labels
+    beyond the output width, outputs that are not one tensor, non-finite outputs or loss,
+    a loss that no parameter's gradient reaches.
+
+    Returns whether accuracy applies (integer labels and ``(batch, classes)`` logits with
+    an output for every label), and whether a batch-norm layer sees one value per channel
+    and sample (``BatchNorm1d`` on ``(batch, features)``): in training mode that layer
+    fails on a batch of one sample."""
+    rows = _check_rows(data.train_y)
+    x = materialize(data.train_x[rows]).to(device)
+    y = data.train_y[rows].to(device)
+    classes = is_classification(data.train_y)
     was_training = model.training
     model.eval()
+    single_values: list[bool] = []
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda _m, inputs: single_values.append(inputs[0].shape[2:].numel() == 1)
+        )
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     try:
-        with torch.no_grad():
+        outputs, loss = _run_user_model(model, loss_fn, x, y, grad=True)
+        for hook in hooks:
+            hook.remove()
+        _check_outputs(outputs, loss)
+        if classes and outputs.ndim == 2 and loss_fn is F.cross_entropy:
+            top = max(int(data.train_y.max()), int(data.test_y.max()) if len(data.test_y) else 0)
+            if top >= outputs.shape[1]:
+                raise UsageError(
+                    f"the labels go up to {top}, but the model gives {outputs.shape[1]} outputs "
+                    f"per sample; it needs at least {top + 1} (one per class)"
+                )
+        if not loss.requires_grad:
+            raise UsageError(
+                "the loss does not depend on the model's parameters (detached, or computed "
+                "under torch.no_grad?); nothing would be trained"
+            )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+        if all(g is None for g in grads):
+            raise UsageError("no parameter of the model gets a gradient from the loss")
+        if len(data.test_y):
+            test_rows = _check_rows(data.test_y)[-1:]
+            x_test = materialize(data.test_x[test_rows]).to(device)
+            y_test = data.test_y[test_rows].to(device)
+            _check_outputs(*_run_user_model(model, loss_fn, x_test, y_test, False, "test"), "test")
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    accuracy = (
+        classes
+        and outputs.ndim == 2
+        and len(outputs) == len(y)
+        and data.num_classes <= outputs.shape[1]
+    )
+    return accuracy, any(single_values)
+
+
+def _check_rows(labels: torch.Tensor) -> torch.Tensor:
+    """The first two samples, and for class labels those with the smallest and largest."""
+    rows = list(range(min(2, len(labels))))
+    if is_classification(labels) and len(labels) > 2:
+        rows += [int(labels.argmin()), int(labels.argmax())]
+    return torch.tensor(rows)
+
+
+def _run_user_model(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad: bool,
+    split: str = "training",
+) -> tuple[torch.Tensor, Any]:
+    try:
+        with torch.set_grad_enabled(grad):
             outputs = model(x)
-            loss = loss_fn(outputs, y)
+            if not isinstance(outputs, torch.Tensor):
+                raise UsageError(
+                    f"the model returns a {type(outputs).__name__}, not one tensor; wrap it so "
+                    "that forward returns what the loss takes (e.g. the logits: a forward "
+                    "that returns model(x)[0])"
+                )
+            return outputs, loss_fn(outputs, y)
     except UsageError:
         raise
     except Exception as exc:
         raise UsageError(
-            f"the model or loss_fn fails on training samples of shape {tuple(x.shape[1:])} "
+            f"the model or loss_fn fails on {split} samples of shape {tuple(x.shape[1:])} "
             f"with targets {tuple(y.shape[1:])} {y.dtype}: {type(exc).__name__}: "
             + " ".join(str(exc).split())[:300]
         ) from None
-    finally:
-        model.train(was_training)
+
+
+def _check_outputs(outputs: torch.Tensor, loss: Any, split: str = "training") -> None:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise UsageError(
             "loss_fn(outputs, targets) must return the batch's mean loss, one number; got "
@@ -629,12 +824,93 @@ def _check_model(model: nn.Module, loss_fn: LossFn, data: DataSource, device: to
                 else type(loss).__name__
             )
         )
-    return (
-        is_classification(data.train_y)
-        and isinstance(outputs, torch.Tensor)
-        and outputs.ndim == 2
-        and len(outputs) == len(y)
-    )
+    if not bool(torch.isfinite(outputs.detach()).all()):
+        raise UsageError(
+            f"the model's outputs on the first {split} samples are not finite (NaN or "
+            "infinity); check its initialisation and the inputs"
+        )
+    if not bool(torch.isfinite(loss.detach())):
+        raise UsageError(f"the loss on the first {split} samples is {float(loss):g}, not finite")
+
+
+def _check_controller(controller: BatchController) -> None:
+    """A controller's cadence and first decision are valid before any work."""
+    if controller.decide_every is not None:
+        integer(controller.decide_every, type(controller).__name__, "decide_every", minimum=1)
+    checked_decision(controller, controller.decision())
+
+
+def _guarded_by(config: TrainConfig, optimizer: torch.optim.Optimizer) -> TrainConfig:
+    """``config`` with the LR and momentum of the optimizer that runs (the curvature
+    guard's cap is computed from them)."""
+    group = optimizer.param_groups[0]
+    momentum = float(group.get("momentum", 0.0) or 0.0)
+    return dataclasses.replace(config, lr=float(group["lr"]), momentum=momentum)
+
+
+def _config_record(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, given: bool
+) -> dict[str, Any]:
+    """What ``config.yaml`` and the checkpoint record: the config, and with an optimizer
+    of the user's, its class and param groups' hyper-parameters in place of the default
+    SGD's keys."""
+    record = config_to_dict(config)
+    if given:
+        for key in _SGD_KEYS:
+            record.pop(key)
+        record["optimizer"] = optimizer_record(optimizer)
+    return record
+
+
+def optimizer_record(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's class and each param group's hyper-parameters (plain values)."""
+
+    def simple(value: Any) -> Any:
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            return value
+        if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
+            return list(value)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return value.item()
+        return repr(value)
+
+    groups = [
+        {key: simple(value) for key, value in group.items() if key not in ("params", BASE_LR_KEY)}
+        for group in optimizer.param_groups
+    ]
+    return {"class": type(optimizer).__name__, "param_groups": groups}
+
+
+def _data_fingerprint(data: DataSource) -> dict[str, Any]:
+    """Enough of the data to tell, on resume, that it is the same: sizes, shapes, and a
+    digest of up to 64 evenly spread training samples (in-memory data only)."""
+    count = len(data.train_y)
+    digest = None
+    if isinstance(data.train_x, torch.Tensor):
+        rows = torch.linspace(0, count - 1, min(64, count)).long()
+        hasher = hashlib.sha256()
+        for part in (data.train_x[rows], data.train_y[rows]):
+            hasher.update(part.detach().cpu().contiguous().numpy().tobytes())
+        digest = hasher.hexdigest()[:16]
+    return {
+        "train samples": count,
+        "test samples": len(data.test_y),
+        "input shape": list(data.input_shape),
+        "sample digest": digest,
+    }
+
+
+def _states(controller: BatchController, meters: Mapping[str, Meter]) -> dict[str, Any]:
+    """The controller's and meters' states as plain data (so that the checkpoint loads
+    with ``weights_only``); a state holding anything else is refused, naming it."""
+    name = type(controller).__name__
+    return {
+        "controller": plain(controller.state_dict(), f"the state of controller {name}"),
+        "meters": {
+            key: plain(meter.state_dict(), f"the state of meter {key!r}")
+            for key, meter in meters.items()
+        },
+    }
 
 
 def _make_optimizer(given: Any, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -663,6 +939,15 @@ def _make_optimizer(given: Any, model: nn.Module, config: TrainConfig) -> torch.
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for g in optimizer.param_groups for p in g["params"]):
         raise UsageError("the optimizer holds parameters that are not the model's")
+    step = inspect.signature(optimizer.step).parameters.get("closure")
+    if step is not None and step.default is inspect.Parameter.empty:
+        raise UsageError(
+            f"{type(optimizer).__name__} needs a closure in step() (it evaluates the loss "
+            "several times per update), which a batch-size controller's loop cannot give; "
+            "use a first-order optimizer such as SGD, Adam or AdamW"
+        )
+    for i, group in enumerate(optimizer.param_groups):
+        number(group["lr"], type(optimizer).__name__, f"param_groups[{i}]['lr']", low=0.0)
     return optimizer
 
 
@@ -746,12 +1031,13 @@ class _Loop:
                  scaler: torch.amp.GradScaler | None, controller: BatchController,
                  meters: dict[str, Meter], sampler: EpochSampler, device: torch.device,
                  world: World, channels_last: bool, accuracy: bool,
-                 show_progress: bool) -> None:  # fmt: skip
+                 show_progress: bool, needs_pairs: bool) -> None:  # fmt: skip
         self.config, self.model, self.loss_fn = config, model, loss_fn
         self.optimizer, self.lr, self.scaler = optimizer, lr, scaler
         self.controller, self.meters, self.sampler = controller, meters, sampler
         self.device, self.world, self.channels_last = device, world, channels_last
         self.accuracy, self.show_progress = accuracy, show_progress
+        self.needs_pairs = needs_pairs  # no piece of one sample (batch norm would fail)
         self.feed: Feed | None = None
         self.bn_stats = _StatsPerUpdate(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -781,7 +1067,7 @@ class _Loop:
         controller.step(told)
         # every rank measured the same numbers; rank 0's decision is the one kept
         controller.load_state_dict(broadcast_object(controller.state_dict(), self.world))
-        after = controller.decision()
+        after = checked_decision(controller, controller.decision())
         state.points.append(
             {
                 "samples": point.samples,
@@ -844,10 +1130,14 @@ class _Loop:
         finally:
             bar.close()
         loss, correct = sums.totals()
-        seen = sampler.num_samples
+        dropped, seen = state.dropped, sampler.num_samples - state.dropped
         state.position, state.partial_loss, state.partial_correct = 0, 0.0, 0
-        state.augment_rng = None
-        return {"train_loss": loss / seen, "train_acc": correct / seen if self.accuracy else None}
+        state.augment_rng, state.dropped = None, 0
+        return {
+            "train_loss": loss / seen,
+            "train_acc": correct / seen if self.accuracy else None,
+            "dropped_samples": dropped,
+        }
 
     def _segment(
         self,
@@ -859,7 +1149,7 @@ class _Loop:
     ) -> bool:
         """Updates from ``state.position`` to the next decision point; True when stopped."""
         config, sampler = self.config, self.sampler
-        decision = self.controller.decision()
+        decision = checked_decision(self.controller, self.controller.decision())
         global_batch = decision.batch_size
         micro = min(config.micro_batch_size or config.batch_size, global_batch)
         # each meter says which updates it measures (every stride-th of the run) and the
@@ -886,6 +1176,13 @@ class _Loop:
             size = min((size for _, size in due), default=micro)
             if size < micro:
                 micro_batches = _split(micro_batches, size)
+            if self.needs_pairs:
+                micro_batches = _without_single_samples(micro_batches)
+                if len(indices) < 2 * self.world.size:  # a rank would get a single sample
+                    state.dropped += len(indices)
+                    state.position += len(indices)
+                    bar.update(len(indices))
+                    continue
             self._update(indices, micro_batches, decision, state, stop, sums, meters)
             state.updates += 1
             state.samples += len(indices)
@@ -1006,6 +1303,17 @@ def _split(
         x = torch.cat([x for x, _ in micro_batches])
         y = torch.cat([y for _, y in micro_batches])
     return [(x[b : b + size], y[b : b + size]) for b in range(0, len(y), size)]
+
+
+def _without_single_samples(
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A last micro-batch of one sample joins the one before it (batch norm in training
+    mode cannot normalise a single value per channel)."""
+    if len(micro_batches) < 2 or len(micro_batches[-1][1]) != 1:
+        return micro_batches
+    (x1, y1), (x2, y2) = micro_batches[-2:]
+    return [*micro_batches[:-2], (torch.cat([x1, x2]), torch.cat([y1, y2]))]
 
 
 def _next_decision_point(
@@ -1136,7 +1444,8 @@ def _uses_channels_last(config: TrainConfig, data: DataSource, device: torch.dev
 def _restore(
     saved: dict[str, Any],
     path: str,
-    config: TrainConfig,
+    recorded: dict[str, Any],
+    fingerprint: dict[str, Any],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     controller: BatchController,
@@ -1145,7 +1454,8 @@ def _restore(
 ) -> RunState:
     """Load checkpoint ``saved`` (read from ``path``) into the run's objects; return its
     counters."""
-    _check_resumable(checked_part(saved, "config", dict, path), config, path)
+    _check_resumable(checked_part(saved, "config", dict, path), recorded, path)
+    _check_same_data(saved.get("data"), fingerprint, path)
     load_part(model, checked_part(saved, "model", dict, path), path, "model weights")
     load_part(optimizer, checked_part(saved, "optimizer", dict, path), path, "optimizer state")
     load_part(controller, checked_part(saved, "controller", dict, path), path, "controller state")
@@ -1197,14 +1507,30 @@ def _all_finite(model: nn.Module) -> bool:
     )
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: str | Path) -> None:
-    for key, value in config_to_dict(config).items():
+def _check_resumable(saved: dict[str, Any], recorded: dict[str, Any], path: str | Path) -> None:
+    for key, value in recorded.items():
         if key in _RESUMABLE_CHANGES or key not in saved:
             continue
-        if saved[key] != value:
+        before = saved[key]
+        if key == "optimizer":  # the checkpoint restores the hyper-parameters, not the class
+            key, before, value = "optimizer class", before.get("class"), value["class"]
+        if before != value:
             raise CheckpointError(
-                f"cannot resume {path}: it was trained with {key}={saved[key]!r}, "
+                f"cannot resume {path}: it was trained with {key}={before!r}, "
                 f"not {value!r}; use another --out for a new run"
+            )
+
+
+def _check_same_data(saved: Any, fingerprint: dict[str, Any], path: str | Path) -> None:
+    """A resumed run must see the data it was trained on (checkpoints without a
+    fingerprint, from before it was recorded, are not checked)."""
+    if not isinstance(saved, dict):
+        return
+    for key, value in fingerprint.items():
+        if key in saved and saved[key] != value:
+            raise CheckpointError(
+                f"cannot resume {path}: its training data had {key} {saved[key]!r}, this "
+                f"data has {value!r}; resume with the same data or use another --out"
             )
 
 

@@ -22,7 +22,23 @@ from types import TracebackType
 
 from largebatch.errors import UsageError
 
-__all__ = ["RunFolder", "check_output_file", "describe_os_error", "remove_own_temporaries"]
+__all__ = [
+    "RunFolder",
+    "RUN_FILES",
+    "RUN_EXTRAS",
+    "CONFIG_HEADER",
+    "check_output_file",
+    "describe_os_error",
+    "foreign_files",
+    "remove_own_temporaries",
+]
+
+#: the files a run writes into its folder
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt")
+#: what else may be in a run folder: TensorBoard's events, and the files ``compare`` adds
+RUN_EXTRAS = ("tensorboard", "robust.json", "hessian.json", "error.txt")
+#: the first line of every ``config.yaml`` a run writes: how a later run knows it is ours
+CONFIG_HEADER = "# largebatch run configuration: rewritten by each run in this folder"
 
 # What io.atomic_write leaves behind when a crash cuts a save short: ".NAME.<random>.tmp".
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")
@@ -33,9 +49,18 @@ class RunFolder:
 
     Entering creates the folder (with its parents), checks that files can be written
     there, and takes the lock; a second process on the same folder gets a UsageError at
-    once. Leaving releases the lock, and removes the folder if this run created it and
-    left it empty (a run that failed before writing anything leaves no trace).
+    once and touches nothing. Leaving releases the lock, and removes the folder if this
+    process created it, still holds it and left it empty (a run that failed before
+    writing anything leaves no trace).
+
+    Races: each missing folder is made by one ``mkdir`` (atomic: of several processes,
+    exactly one creates it), so a process knows what it created itself. A process that
+    fails to take the lock removes nothing. After taking the lock, a process checks that
+    the folder it locked is still the one at ``path`` (a holder that left may have removed
+    an empty one in between) and starts over if not.
     """
+
+    _ATTEMPTS = 20
 
     def __init__(self, path: str | Path, what: str = "--out") -> None:
         self.empty = str(path).strip() == ""
@@ -48,26 +73,32 @@ class RunFolder:
         path = self.path
         if self.empty:
             raise UsageError(f"{self.what} must name a folder, got an empty string")
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"{self.what} {path} is a file, not a folder; choose a folder")
-        missing = [p for p in (path, *path.parents) if not p.exists()]
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            self._created = missing  # innermost first
-            self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            self._remove_created()
-            raise UsageError(describe_os_error(exc, f"{self.what} {path}")) from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            self.__exit__(None, None, None)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise UsageError(
-                    f"{self.what} {path} is in use by another largebatch process; wait for "
-                    "it to finish or choose another folder"
-                ) from None
-            raise UsageError(describe_os_error(exc, f"{self.what} {path}")) from None
+        for _ in range(self._ATTEMPTS):
+            if path.exists() and not path.is_dir():
+                raise UsageError(f"{self.what} {path} is a file, not a folder; choose a folder")
+            try:
+                created = _make_folders(path)
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue  # a parent was removed by another process as we made it: again
+            except OSError as exc:
+                raise UsageError(describe_os_error(exc, f"{self.what} {path}")) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)  # another process holds it: leave everything as it is
+                if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise UsageError(
+                        f"{self.what} {path} is in use by another largebatch process; wait "
+                        "for it to finish or choose another folder"
+                    ) from None
+                raise UsageError(describe_os_error(exc, f"{self.what} {path}")) from None
+            if _same_folder(fd, path):
+                break
+            os.close(fd)  # we locked a folder that its holder removed on leaving: again
+        else:
+            raise UsageError(f"{self.what} {path} keeps changing under us; choose another folder")
+        self._fd, self._created = fd, created
         try:
             _probe_writable(path)
         except OSError as exc:
@@ -81,29 +112,86 @@ class RunFolder:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the lock
-            self._fd = None
-        self._remove_created()
-
-    def _remove_created(self) -> None:
+        if self._fd is None:
+            return
+        # Removed while the lock is held, so no other process is using it; a process
+        # that opened it meanwhile finds it gone once it has the lock, and starts over.
         for folder in self._created:  # innermost first; stops at the first non-empty one
             try:
                 folder.rmdir()
             except OSError:
                 break
         self._created = []
+        os.close(self._fd)  # releases the lock
+        self._fd = None
+
+
+def _make_folders(path: Path) -> list[Path]:
+    """Make ``path`` and its missing parents one ``mkdir`` at a time; return the folders
+    this call created, innermost first (one that another process made is not ours)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    created = []
+    for folder in reversed(missing):  # outermost first
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        created.append(folder)
+    return created[::-1]
+
+
+def _same_folder(fd: int, path: Path) -> bool:
+    try:
+        here, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+
+_PROBE_PREFIX = ".largebatch-probe."
 
 
 def _probe_writable(folder: Path) -> None:
     """Create and remove a file in ``folder``: the only check that a read-only mount,
     /proc or a missing permission cannot fool."""
     try:
-        fd, name = tempfile.mkstemp(prefix=".largebatch-probe.", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=_PROBE_PREFIX, dir=folder)
     except OSError as exc:  # name the folder, not the probe file that could not be made
         raise OSError(exc.errno, exc.strerror, str(folder)) from None
     os.close(fd)
     os.unlink(name)
+
+
+def foreign_files(folder: str | Path) -> list[str]:
+    """The entries of run folder ``folder`` that no run of ours wrote (sorted).
+
+    A run may write into a folder only when this is empty. Our names count as ours only
+    next to a ``config.yaml`` that a run wrote (it starts with :data:`CONFIG_HEADER`) or a
+    checkpoint: a user's own ``metrics.jsonl`` or ``config.yaml`` in a folder is foreign.
+    The temporaries of our own atomic saves are ours.
+    """
+    folder = Path(folder)
+    names = sorted(os.listdir(folder))
+    ours = {*RUN_FILES, *RUN_EXTRAS}
+    run_was_here = "checkpoint.pt" in names or _written_by_a_run(folder / "config.yaml")
+    return [
+        name
+        for name in names
+        if not (name in ours and run_was_here) and not _own_temporary(name, ours)
+    ]
+
+
+def _written_by_a_run(config: Path) -> bool:
+    try:
+        with open(config, encoding="utf-8", errors="replace") as f:
+            return f.readline().rstrip("\n") == CONFIG_HEADER
+    except OSError:
+        return False
+
+
+def _own_temporary(name: str, ours: set[str]) -> bool:
+    match = _TEMPORARY.fullmatch(name)
+    return bool(match and match["name"] in ours) or name.startswith(_PROBE_PREFIX)
 
 
 def remove_own_temporaries(folder: str | Path, names: tuple[str, ...]) -> list[Path]:

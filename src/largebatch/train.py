@@ -72,7 +72,7 @@ def train(
     world, device_name = setup(config.device)
     # Rank 0 holds the run folder's lock for the whole run, so that a second process on
     # the same --out is refused before it reads any data.
-    with run_folder(config.out, world):
+    with run_folder(config.out, world, config.resume):
         seed_everything(config.seed)
         data = load_dataset(
             config.dataset,
