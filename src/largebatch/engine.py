@@ -474,7 +474,8 @@ def run(
     )
     _check_controller(controller)
     meters = _make_meters(controller, parts, config, device, world)
-    recorded = _config_record(config, optimizer, parts.optimizer is not None)
+    hyper = optimizer_record(optimizer)  # as the run starts
+    recorded = _config_record(config, hyper if parts.optimizer is not None else None)
     fingerprint = _data_fingerprint(data)
     sampler = EpochSampler(len(data.train_y), config.seed)
     loop = _Loop(
@@ -644,7 +645,7 @@ def run(
                     else f"{name}: stopped after epoch {state.epoch}"
                 )
 
-    summary = _summary(config, state, controller)
+    summary = {**_summary(config, state, controller), "optimizer": hyper}
     if state.epoch < config.epochs:
         echo(f"stopped after epoch {state.epoch}; continue with --resume")
         return summary
@@ -744,13 +745,6 @@ def _check_model(
         for hook in hooks:
             hook.remove()
         _check_outputs(outputs, loss)
-        if classes and outputs.ndim == 2 and loss_fn is F.cross_entropy:
-            top = max(int(data.train_y.max()), int(data.test_y.max()) if len(data.test_y) else 0)
-            if top >= outputs.shape[1]:
-                raise UsageError(
-                    f"the labels go up to {top}, but the model gives {outputs.shape[1]} outputs "
-                    f"per sample; it needs at least {top + 1} (one per class)"
-                )
         if not loss.requires_grad:
             raise UsageError(
                 "the loss does not depend on the model's parameters (detached, or computed "
@@ -794,16 +788,28 @@ def _run_user_model(
     grad: bool,
     split: str = "training",
 ) -> tuple[torch.Tensor, Any]:
-    try:
-        with torch.set_grad_enabled(grad):
-            outputs = model(x)
-            if not isinstance(outputs, torch.Tensor):
+    """``model(x)`` and ``loss_fn(outputs, y)``; what fails in them is one line."""
+    with torch.set_grad_enabled(grad):
+        outputs = _user_call(lambda: model(x), x, y, split)
+        if not isinstance(outputs, torch.Tensor):
+            raise UsageError(
+                f"the model returns a {type(outputs).__name__}, not one tensor; wrap it so "
+                "that forward returns what the loss takes (e.g. the logits: a forward that "
+                "returns model(x)[0])"
+            )
+        if loss_fn is F.cross_entropy and is_classification(y) and outputs.ndim == 2:
+            top = int(y.max())  # cross-entropy reads an output per class
+            if top >= outputs.shape[1]:
                 raise UsageError(
-                    f"the model returns a {type(outputs).__name__}, not one tensor; wrap it so "
-                    "that forward returns what the loss takes (e.g. the logits: a forward "
-                    "that returns model(x)[0])"
+                    f"the labels go up to {top}, but the model gives {outputs.shape[1]} outputs "
+                    f"per sample; it needs at least {top + 1} (one per class)"
                 )
-            return outputs, loss_fn(outputs, y)
+        return outputs, _user_call(lambda: loss_fn(outputs, y), x, y, split)
+
+
+def _user_call(call: Callable[[], Any], x: torch.Tensor, y: torch.Tensor, split: str) -> Any:
+    try:
+        return call()
     except UsageError:
         raise
     except Exception as exc:
@@ -848,17 +854,15 @@ def _guarded_by(config: TrainConfig, optimizer: torch.optim.Optimizer) -> TrainC
     return dataclasses.replace(config, lr=float(group["lr"]), momentum=momentum)
 
 
-def _config_record(
-    config: TrainConfig, optimizer: torch.optim.Optimizer, given: bool
-) -> dict[str, Any]:
+def _config_record(config: TrainConfig, users_optimizer: dict[str, Any] | None) -> dict[str, Any]:
     """What ``config.yaml`` and the checkpoint record: the config, and with an optimizer
-    of the user's, its class and param groups' hyper-parameters in place of the default
-    SGD's keys."""
+    of the user's, its record (:func:`optimizer_record`) in place of the default SGD's
+    keys."""
     record = config_to_dict(config)
-    if given:
+    if users_optimizer is not None:
         for key in _SGD_KEYS:
             record.pop(key)
-        record["optimizer"] = optimizer_record(optimizer)
+        record["optimizer"] = users_optimizer
     return record
 
 
