@@ -10,8 +10,10 @@ from largebatch.controllers import (
     IncreaseBatchInsteadOfDecay,
     LinearScalingWarmup,
     NoiseScaleBatch,
+    checked_decision,
     make_controller,
 )
+from largebatch.errors import StateError
 from largebatch.lr import scaling_factor
 
 
@@ -26,6 +28,20 @@ def _config(method, **changes):
     )
     values.update(changes)
     return TrainConfig(**values).validate()
+
+
+def _untagged(state):
+    """``state`` as the code wrote it before states carried their class and version."""
+    if isinstance(state, dict):
+        return {k: _untagged(v) for k, v in state.items() if k not in ("class", "version")}
+    return state
+
+
+def _plain(value):
+    """Whether ``value`` holds only plain Python values (what a checkpoint should)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return value is None or type(value) in (bool, int, float, str)
 
 
 def _drive(controller, eigenvalues):
@@ -51,17 +67,31 @@ def test_every_controller_conforms(method, changes):
     assert controller.name == method
     eigenvalues = [10.0, 9.0, 4.0, 4.5, 1.0, math.nan, None, 0.2, 0.1, 0.05]
     decisions = _drive(controller, eigenvalues[:5])
+    state = controller.state_dict()
+    assert state["class"] == type(controller).__name__ and _plain(state)
     clone = make_controller(config, num_samples=60_000)
-    clone.load_state_dict(controller.state_dict())
-    assert clone.decision() == controller.decision()
+    clone.load_state_dict(state)
+    assert clone.decision() == controller.decision() and clone.state_dict() == state
+    old = make_controller(config, num_samples=60_000)  # a checkpoint from before the tag
+    old.load_state_dict(_untagged(state))
+    assert old.state_dict() == state
     rest_a = _drive(controller, eigenvalues[5:])[1:]
     rest_b = _drive(clone, eigenvalues[5:])[1:]
     assert rest_a == rest_b
     for d in decisions + rest_a:
         assert config.batch_size <= d.batch_size <= config.max_batch_size
         assert d.lr_factor > 0 and 0 <= d.adv_ratio <= 1
+        assert checked_decision(controller, d) == d
         assert 0.0 < controller.warmup_factor(0.5) <= 1.0
     assert isinstance(controller.wants_eigenvalue, bool)
+    # another class's state is refused, by name, and leaves the controller as it was
+    other = "bl" if method in ("abs", "absa") else "abs"
+    foreign = make_controller(_config(other), num_samples=60_000)
+    before = controller.state_dict()
+    with pytest.raises(StateError, match=type(foreign).__name__) as caught:
+        controller.load_state_dict(foreign.state_dict())
+    assert type(controller).__name__ in str(caught.value)
+    assert controller.state_dict() == before
 
 
 def test_abs_doubles_when_the_eigenvalue_halves_and_scales_lr_linearly():

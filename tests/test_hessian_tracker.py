@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largebatch.errors import StateError
 from largebatch.hessian import EigenTracker, dense_hessian
 
 # torch.func's first jvp scripts some decompositions with the deprecated torch.jit.script.
@@ -70,8 +71,15 @@ def test_state_dict_resumes_exactly(problem):
     resumed.load_state_dict(saved)
     expected, got = first.estimate(model), resumed.estimate(model)
     assert torch.equal(expected.values, got.values) and expected.matvecs == got.matvecs
-    with pytest.raises(ValueError, match="k=1"):
+    with pytest.raises(StateError, match="k=1"):
         EigenTracker(F.cross_entropy, data, k=2).load_state_dict(saved)
+    assert saved["class"] == "EigenTracker"
+    # a state from before the tag loads too, and resumes the same way
+    old = EigenTracker(F.cross_entropy, data)
+    old.load_state_dict({k: v for k, v in saved.items() if k not in ("class", "version")})
+    assert torch.equal(old.estimate(model).values, expected.values)
+    with pytest.raises(StateError, match="EigenTracker.load_state_dict: vectors"):
+        resumed.load_state_dict({**saved, "vectors": torch.zeros(3)})
 
 
 def test_reference_mode_is_cold_short_and_loose(problem):

@@ -10,7 +10,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from largebatch.accumulate import backward_share, micro_batches
-from largebatch.meters import GradientNoiseMeter, Point
+from largebatch.errors import InvalidValueError, StateError
+from largebatch.hessian import EigenTracker
+from largebatch.meters import CurvatureMeter, GradientNoiseMeter, Point
 
 
 def _problem(n=4096, seed=0):
@@ -136,3 +138,26 @@ def test_non_finite_gradients_are_skipped_and_the_state_resumes():
     again = GradientNoiseMeter(micro_batch=32, decay=0.9)
     again.load_state_dict(before)
     assert again.estimate() == meter.estimate()
+
+
+def test_meter_states_are_tagged_checked_and_old_ones_load():
+    meter = GradientNoiseMeter(decay=0.5)
+    meter.load_state_dict({"grad_sq": 2.0, "trace": -1.0, "weight": 0.75, "updates": 2})  # old
+    state = meter.state_dict()
+    assert state["class"] == "GradientNoiseMeter" and state["updates"] == 2
+    with pytest.raises(InvalidValueError, match="GradientNoiseMeter.load_state_dict: weight"):
+        meter.load_state_dict({**state, "weight": math.nan, "updates": 5})
+    assert meter.state_dict() == state  # a refused state changes nothing
+    model, x, y = _problem()
+    tracker = EigenTracker(F.cross_entropy, (x[:32], y[:32]), seed=1)
+    curvature = CurvatureMeter(tracker)
+    curvature.last_samples = 640
+    saved = curvature.state_dict()
+    assert saved["class"] == "CurvatureMeter" and saved["tracker"]["class"] == "EigenTracker"
+    again = CurvatureMeter(EigenTracker(F.cross_entropy, (x[:32], y[:32])))
+    again.load_state_dict(saved)
+    assert again.last_samples == 640
+    old = {k: v for k, v in tracker.state_dict().items() if k not in ("class", "version")}
+    again.load_state_dict(old)  # a checkpoint from before meters: the tracker's state alone
+    with pytest.raises(StateError, match="CurvatureMeter.load_state_dict"):
+        again.load_state_dict(meter.state_dict())

@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from largebatch.controllers import FixedBatch, step_decay
-from largebatch.sampler import EpochSampler
+from largebatch.errors import InvalidValueError
+from largebatch.sampler import EpochSampler, GrowingBatchSampler
 
 
 def test_epoch_order_is_a_seeded_permutation_independent_of_batch_size():
@@ -37,3 +39,32 @@ def test_fixed_batch_decays_at_milestones_and_resumes_from_its_state():
     clone = FixedBatch(128, milestones=[1, 2], decay=0.5)
     clone.load_state_dict(controller.state_dict())
     assert clone.decision() == controller.decision()
+
+
+def test_a_growing_sampler_never_yields_empty_batches():
+    """A batch of 0 or a damaged state used to give empty batches forever; now each is
+    refused where it enters, and the sampler goes on as it was."""
+    sampler = GrowingBatchSampler(10, batch_size=4, seed=0)
+    with pytest.raises(InvalidValueError, match="GrowingBatchSampler: batch_size"):
+        sampler.batch_size = 0
+    for bad in ({"position": -50}, {"batch_size": 0}, {"position": 11}):
+        with pytest.raises(InvalidValueError, match="GrowingBatchSampler.load_state_dict"):
+            sampler.load_state_dict({**sampler.state_dict(), **bad})
+    assert [len(b) for b in sampler] == [4, 4, 2] and sampler.epoch == 1
+
+
+def test_a_growing_sampler_state_is_tagged_and_old_states_load():
+    sampler = GrowingBatchSampler(10, batch_size=4, seed=0)
+    next(iter(sampler))
+    state = sampler.state_dict()
+    assert state == {
+        "class": "GrowingBatchSampler",
+        "version": 1,
+        "epoch": 0,
+        "position": 4,
+        "batch_size": 4,
+    }
+    old = GrowingBatchSampler(10, batch_size=1, seed=0)
+    old.load_state_dict({"epoch": 0, "position": 4, "batch_size": 4})
+    assert old.state_dict() == state
+    assert [b for b in old] == [b for b in GrowingBatchSampler(10, 4, seed=0)][1:]

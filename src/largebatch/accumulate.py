@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from largebatch import checks
+from largebatch.errors import InvalidValueError
+
 __all__ = ["micro_batches", "backward_share", "accumulate"]
 
 
@@ -20,10 +23,8 @@ def micro_batches(
     x: torch.Tensor, y: torch.Tensor, size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(x, y)`` cut into consecutive pieces of at most ``size`` samples."""
-    if size < 1:
-        raise ValueError(f"micro-batch size must be >= 1, got {size}")
-    for begin in range(0, len(y), size):
-        yield x[begin : begin + size], y[begin : begin + size]
+    size = _checked(x, y, size, "micro_batches", "size")  # at the call, not at the first batch
+    return ((x[i : i + size], y[i : i + size]) for i in range(0, len(y), size))
 
 
 def backward_share(
@@ -53,9 +54,17 @@ def accumulate(
     equals one backward over the whole batch (batch-norm statistics aside). Does not zero
     the gradients first. Returns the batch's mean loss.
     """
+    micro_batch_size = _checked(x, y, micro_batch_size, "accumulate", "micro_batch_size")
     total = 0.0
     for xb, yb in micro_batches(x, y, micro_batch_size):
         loss = loss_fn(model(xb), yb)
         backward_share(loss, len(yb), len(y))
         total += float(loss.detach()) * len(yb)
     return total / max(len(y), 1)
+
+
+def _checked(x: torch.Tensor, y: torch.Tensor, size: int, who: str, field: str) -> int:
+    """``size`` as an integer >= 1; ``x`` and ``y`` must hold as many samples."""
+    if len(x) != len(y):
+        raise InvalidValueError(f"{who}: x has {len(x)} samples but y has {len(y)}")
+    return checks.integer(size, who, field, minimum=1)

@@ -23,10 +23,25 @@ import torch
 
 from largebatch.errors import InvalidTypeError, InvalidValueError, StateError
 
-__all__ = ["integer", "number", "choice", "tagged", "state_of", "plain", "STATE_VERSION"]
+__all__ = [
+    "integer",
+    "number",
+    "choice",
+    "tagged",
+    "state_of",
+    "plain",
+    "STATE_VERSION",
+    "MAX_SEED",
+]
 
 #: version of the state dicts that :func:`tagged` writes
 STATE_VERSION = 1
+#: seeds are kept to 32 bits: numpy takes no more, and derived seeds stay within 64 bits
+MAX_SEED: int = 2**32 - 1
+
+
+def _a(name: str) -> str:
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 def _show(value: Any) -> str:
@@ -81,8 +96,8 @@ def number(
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if below or above:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
         span = f"{left}{'-inf' if low is None else f'{low:g}'}, "
         span += f"{'inf' if high is None else f'{high:g}'}{right}"
         raise InvalidValueError(f"{who}: {field} must be in {span}, got {value:g}")
@@ -122,8 +137,8 @@ def state_of(
     owner = state.get("class", who)
     if owner != who:
         raise StateError(
-            f"{who}.load_state_dict: this is the state of a {owner}, not of a {who}; "
-            f"load it into a {owner}"
+            f"{who}.load_state_dict: this is the state of {_a(str(owner))}, not of "
+            f"{_a(who)}; load it into {_a(str(owner))}"
         )
     version = state.get("version", STATE_VERSION)
     if version != STATE_VERSION:
@@ -134,16 +149,17 @@ def state_of(
     wanted = list(fields)
     missing = [name for name in wanted if name not in state]
     if missing:
+        has = ", ".join(map(repr, list(state)[:6])) or "nothing"
         raise StateError(
             f"{who}.load_state_dict: the state lacks {', '.join(map(repr, missing))}; it is "
-            f"not a state of a {who} (it has {', '.join(map(repr, list(state)[:6])) or 'nothing'})"
+            f"not a state of {_a(who)} (it has {has})"
         )
     known = {*wanted, *optional, "class", "version"}
     extra = [name for name in state if name not in known]
     if extra:
         raise StateError(
             f"{who}.load_state_dict: the state holds {', '.join(map(repr, extra[:6]))}, which "
-            f"a {who} does not have; it is the state of another class"
+            f"{_a(who)} does not have; it is the state of another class"
         )
     return state
 

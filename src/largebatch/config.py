@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from largebatch.checks import MAX_SEED
 from largebatch.errors import ConfigError
 
 __all__ = [
@@ -38,8 +39,6 @@ __all__ = [
 ]
 
 METHODS: tuple[str, ...] = ("bl", "fb", "gg", "abs", "absa", "gns")
-#: seeds are kept to 32 bits: numpy takes no more, and derived seeds stay within 64 bits
-MAX_SEED: int = 2**32 - 1
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 

@@ -7,18 +7,23 @@ controller with ``decide_every`` set, every that many samples in between. A cont
 declares the measurements it may ask for (``measures``) and those it wants now
 (``wants``); the loop runs only those meters (:mod:`largebatch.meters`). Its state is
 plain numbers, with ``state_dict()`` and ``load_state_dict()``, so a run resumes exactly.
+
+Constructors, the ``decide_every`` setter and ``load_state_dict`` check what they get
+(:mod:`largebatch.checks`); :func:`checked_decision` checks what a controller answers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from largebatch import checks
 from largebatch.config import TrainConfig
-from largebatch.errors import ConfigError
-from largebatch.lr import scaling_factor, stability_limit
+from largebatch.errors import ConfigError, InvalidTypeError, InvalidValueError
+from largebatch.lr import SCALING_RULES, scaling_factor, stability_limit
 
 __all__ = [
     "Decision",
@@ -30,8 +35,40 @@ __all__ = [
     "NoiseScaleBatch",
     "CurvatureGuard",
     "step_decay",
+    "checked_decision",
     "make_controller",
 ]
+
+#: a check of one state value: ``check(value, who, field)`` returns it, or raises
+Check = Callable[[Any, str, str], Any]
+_COUNT: Check = partial(checks.integer, minimum=0)
+_SIZE: Check = partial(checks.integer, minimum=1)
+_FRACTION: Check = partial(checks.number, low=0.0, high=1.0)
+_POSITIVE: Check = partial(checks.number, low=0.0, low_open=True)
+
+
+def _optional(check: Check) -> Check:
+    """``check``, with None allowed."""
+    return lambda value, who, field: None if value is None else check(value, who, field)
+
+
+def _batches(who: str, base: Any, top: Any, top_name: str = "max_batch") -> tuple[int, int]:
+    """``(base_batch, top)``: integers with ``1 <= base_batch <= top``."""
+    base, top = _SIZE(base, who, "base_batch"), _SIZE(top, who, top_name)
+    if top < base:
+        raise InvalidValueError(f"{who}: {top_name} must be >= base_batch ({base}), got {top}")
+    return base, top
+
+
+def _schedule(who: str, milestones: Any, decay: Any) -> tuple[tuple[int, ...], float]:
+    """``(milestones, decay)``: epoch numbers >= 0, and a decay factor in (0, 1]."""
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Iterable):
+        raise InvalidTypeError(
+            f"{who}: milestones must be a sequence of epoch numbers, got "
+            f"{type(milestones).__name__}"
+        )
+    steps = tuple(_COUNT(m, who, f"milestones[{i}]") for i, m in enumerate(milestones))
+    return steps, checks.number(decay, who, "decay", low=0.0, high=1.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -56,6 +93,25 @@ def step_decay(epoch: int, milestones: Sequence[int], decay: float) -> float:
     return decay ** sum(1 for m in milestones if epoch >= m)
 
 
+def checked_decision(controller: BatchController, decision: Any) -> Decision:
+    """``decision``, answered by ``controller``, checked: a :class:`Decision` with a batch
+    of at least 1, a finite LR factor > 0 and an adversarial fraction in [0, 1]; the
+    controller's ``decide_every`` is checked too (a class attribute escapes the setter).
+    Anything else is an error that names the controller's class."""
+    owner = type(controller).__name__
+    every = getattr(controller, "decide_every", None)
+    if every is not None:
+        _SIZE(every, owner, "decide_every")
+    who = f"{owner}.decision()"
+    if not isinstance(decision, Decision):
+        raise InvalidTypeError(f"{who} must return a Decision, got {type(decision).__name__}")
+    return Decision(
+        _SIZE(decision.batch_size, who, "batch_size"),
+        _POSITIVE(decision.lr_factor, who, "lr_factor"),
+        _FRACTION(decision.adv_ratio, who, "adv_ratio"),
+    )
+
+
 class BatchController:
     """Interface. ``epoch`` is the 0-based index of the next epoch to run.
 
@@ -67,15 +123,25 @@ class BatchController:
     name = "base"
     #: measurements :meth:`step` may ask for (names of meters, e.g. ``"eigenvalue"``)
     measures: frozenset[str] = frozenset()
-    #: samples between decision points inside an epoch (None: at epoch ends only)
-    decide_every: int | None = None
+    _decide_every: int | None = None
 
     def __init__(self, adv_ratio: float = 0.0, adv_stop_epoch: int | None = None) -> None:
+        who = type(self).__name__
         self.epoch = 0
-        self.adv_ratio = adv_ratio
-        self.adv_stop_epoch = adv_stop_epoch
+        self.adv_ratio = _FRACTION(adv_ratio, who, "adv_ratio")
+        self.adv_stop_epoch = _optional(_COUNT)(adv_stop_epoch, who, "adv_stop_epoch")
         #: why the latest :meth:`step` changed the batch ("" when it did not)
         self.last_reason = ""
+
+    @property
+    def decide_every(self) -> int | None:
+        """Samples between decision points inside an epoch (None: at epoch ends only).
+        A subclass may set it as a class attribute instead."""
+        return self._decide_every
+
+    @decide_every.setter
+    def decide_every(self, value: int | None) -> None:
+        self._decide_every = _optional(_SIZE)(value, type(self).__name__, "decide_every")
 
     @property
     def wants(self) -> frozenset[str]:
@@ -110,16 +176,44 @@ class BatchController:
             self.epoch += 1
         return self.decision()
 
-    #: the attributes that make up the state, with the type each is loaded as
-    state_fields: tuple[tuple[str, Any], ...] = (("epoch", int),)
+    #: the attributes that make up the state, with the check each is loaded through
+    #: (``check(value, who, field) -> value``; ``int`` and ``float`` work too)
+    state_fields: tuple[tuple[str, Check], ...] = (("epoch", _COUNT),)
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name, _ in self.state_fields}
+        who = type(self).__name__
+        values = {name: getattr(self, name) for name, _ in self.state_fields}
+        return checks.tagged(who, checks.plain(values, f"{who}.state_dict()"))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for name, kind in self.state_fields:
-            value = state[name]
-            setattr(self, name, None if value is None else kind(value))
+        # a subclass that adds keys of its own to state_dict() loads those itself
+        own_keys = type(self).state_dict is not BatchController.state_dict
+        for name, value in self._checked_state(state, extra=own_keys).items():
+            setattr(self, name, value)
+
+    def _checked_state(
+        self, state: Any, extra: bool = False, more: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """The values of :attr:`state_fields` in ``state``, checked (nothing is set); the
+        state must hold the keys ``more`` too, and others only with ``extra``."""
+        who = type(self).__name__
+        names = [name for name, _ in self.state_fields]
+        optional = state if extra and isinstance(state, Mapping) else ()
+        state = checks.state_of(state, who, [*names, *more], optional=optional)
+        where = f"{who}.load_state_dict"
+        return {
+            name: _as_check(check)(state[name], where, name) for name, check in self.state_fields
+        }
+
+
+def _as_check(check: Check | type) -> Check:
+    """A field's check; a plain ``int`` or ``float`` (as subclasses written before the
+    checks declared them) is checked as an integer or a finite number, None allowed."""
+    if check is int:
+        return _optional(checks.integer)
+    if check is float:
+        return _optional(checks.number)
+    return check  # type: ignore[return-value]
 
 
 def is_epoch_end(measurements: Mapping[str, Any] | None) -> bool:
@@ -136,9 +230,8 @@ class FixedBatch(BatchController):
         self, batch_size: int, milestones: Sequence[int], decay: float, **adversarial: Any
     ) -> None:
         super().__init__(**adversarial)
-        self.batch_size = batch_size
-        self.milestones = tuple(milestones)
-        self.decay = decay
+        self.batch_size = _SIZE(batch_size, type(self).__name__, "batch_size")
+        self.milestones, self.decay = _schedule(type(self).__name__, milestones, decay)
 
     def decision(self) -> Decision:
         lr_factor = step_decay(self.epoch, self.milestones, self.decay)
@@ -161,11 +254,11 @@ class LinearScalingWarmup(BatchController):
         **adversarial: Any,
     ) -> None:
         super().__init__(**adversarial)
-        self.batch_size = batch_size
-        self.scale = batch_size / base_batch
-        self.milestones = tuple(milestones)
-        self.decay = decay
-        self.warmup_epochs = warmup_epochs
+        who = type(self).__name__
+        base_batch, self.batch_size = _batches(who, base_batch, batch_size, "batch_size")
+        self.scale = self.batch_size / base_batch
+        self.milestones, self.decay = _schedule(who, milestones, decay)
+        self.warmup_epochs = _COUNT(warmup_epochs, who, "warmup_epochs")
 
     def decision(self) -> Decision:
         lr_factor = self.scale * step_decay(self.epoch, self.milestones, self.decay)
@@ -198,10 +291,9 @@ class IncreaseBatchInsteadOfDecay(BatchController):
         **adversarial: Any,
     ) -> None:
         super().__init__(**adversarial)
-        self.base_batch = base_batch
-        self.max_batch = max_batch
-        self.milestones = tuple(milestones)
-        self.decay = decay
+        who = type(self).__name__
+        self.base_batch, self.max_batch = _batches(who, base_batch, max_batch)
+        self.milestones, self.decay = _schedule(who, milestones, decay)
 
     def decision(self) -> Decision:
         batch, lr_factor = float(self.base_batch), 1.0
@@ -230,11 +322,11 @@ class AdaptiveBatch(BatchController):
     measures = frozenset({"eigenvalue"})
     state_fields = (
         *BatchController.state_fields,
-        ("batch_size", int),
-        ("reference", float),  # None until the first estimate
-        ("epochs_since_growth", int),
-        ("adv_ratio", float),
-        ("growths", int),
+        ("batch_size", _SIZE),
+        ("reference", _optional(checks.number)),  # None until the first estimate
+        ("epochs_since_growth", _COUNT),
+        ("adv_ratio", _FRACTION),
+        ("growths", _COUNT),
     )
 
     def __init__(
@@ -250,15 +342,14 @@ class AdaptiveBatch(BatchController):
         adv_stop_epoch: int | None = None,
     ) -> None:
         super().__init__(adv_ratio, adv_stop_epoch)
-        self.base_batch = base_batch
-        self.max_batch = max_batch
-        self.milestones = tuple(milestones)
-        self.decay = decay
-        self.decrease_ratio = decrease_ratio
-        self.growth_factor = growth_factor
-        self.duration = duration
+        who = type(self).__name__
+        self.base_batch, self.max_batch = _batches(who, base_batch, max_batch)
+        self.milestones, self.decay = _schedule(who, milestones, decay)
+        self.decrease_ratio = _POSITIVE(decrease_ratio, who, "decrease_ratio")
+        self.growth_factor = checks.integer(growth_factor, who, "growth_factor", minimum=2)
+        self.duration = _SIZE(duration, who, "duration")
         # state
-        self.batch_size = base_batch
+        self.batch_size = self.base_batch
         self.reference: float | None = None
         self.epochs_since_growth = 0
         self.growths = 0
@@ -325,12 +416,12 @@ class NoiseScaleBatch(BatchController):
     measures = frozenset({"gns"})
     state_fields = (
         *BatchController.state_fields,
-        ("batch_size", int),
-        ("noise_scale", float),  # None until the first measurement
-        ("agreeing", int),
-        ("progress", float),
-        ("samples", int),
-        ("growths", int),
+        ("batch_size", _SIZE),
+        ("noise_scale", _optional(_POSITIVE)),  # None until the first measurement
+        ("agreeing", _COUNT),
+        ("progress", partial(checks.number, low=0.0)),
+        ("samples", _COUNT),
+        ("growths", _COUNT),
     )
 
     def __init__(
@@ -348,20 +439,22 @@ class NoiseScaleBatch(BatchController):
         **adversarial: Any,
     ) -> None:
         super().__init__(**adversarial)
-        if milestones_by not in ("samples", "progress"):
-            raise ValueError(f"milestones_by must be samples or progress, not {milestones_by!r}")
-        self.milestones_by = milestones_by
-        self.base_batch = base_batch
-        self.max_batch = max_batch
-        self.milestones = tuple(milestones)
-        self.decay = decay
-        self.num_samples = num_samples
-        self.decide_every = max(1, round(num_samples * every_fraction))
-        self.kappa = kappa
-        self.confirmations = confirmations
-        self.lr_rule = lr_rule
+        who = type(self).__name__
+        self.milestones_by = checks.choice(
+            milestones_by, who, "milestones_by", ("samples", "progress")
+        )
+        self.base_batch, self.max_batch = _batches(who, base_batch, max_batch)
+        self.milestones, self.decay = _schedule(who, milestones, decay)
+        self.num_samples = _SIZE(num_samples, who, "num_samples")
+        every_fraction = checks.number(
+            every_fraction, who, "every_fraction", low=0.0, high=1.0, low_open=True
+        )
+        self.decide_every = max(1, round(self.num_samples * every_fraction))
+        self.kappa = _POSITIVE(kappa, who, "kappa")
+        self.confirmations = _SIZE(confirmations, who, "confirmations")
+        self.lr_rule = checks.choice(lr_rule, who, "lr_rule", SCALING_RULES)
         # state
-        self.batch_size = base_batch
+        self.batch_size = self.base_batch
         self.noise_scale: float | None = None
         self.agreeing = 0
         self.progress = 0.0  # epochs of base-batch progress (adascale) or of samples
@@ -430,12 +523,18 @@ class CurvatureGuard(BatchController):
         every_samples: int | None = None,
     ) -> None:
         super().__init__()
+        who = type(self).__name__
+        if not isinstance(inner, BatchController):
+            raise InvalidTypeError(
+                f"{who}: inner must be a BatchController, got {type(inner).__name__}"
+            )
         self.inner = inner
         self.name = inner.name
-        self.base_lr = base_lr
-        self.momentum = momentum
-        self.fraction = fraction
-        self.every_points = every_points
+        self.base_lr = _POSITIVE(base_lr, who, "base_lr")
+        self.momentum = checks.number(momentum, who, "momentum", low=0.0, high=1.0, high_open=True)
+        self.fraction = checks.number(fraction, who, "fraction", low=0.0, high=1.0, low_open=True)
+        self.every_points = _SIZE(every_points, who, "every_points")
+        every_samples = _optional(_SIZE)(every_samples, who, "every_samples")
         self.measures = inner.measures | {"eigenvalue"}
         self.decide_every = inner.decide_every or every_samples
         self.eigenvalue: float | None = None
@@ -470,18 +569,18 @@ class CurvatureGuard(BatchController):
         self.epoch = self.inner.epoch
         return self.decision()
 
+    # the epoch is the inner controller's; its state goes under "inner"
+    state_fields = (("eigenvalue", _optional(checks.number)), ("points", _COUNT))
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "inner": self.inner.state_dict(),
-            "eigenvalue": self.eigenvalue,
-            "points": self.points,
-        }
+        return {**super().state_dict(), "inner": self.inner.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        values = self._checked_state(state, more=("inner",))
         self.inner.load_state_dict(state["inner"])
+        for name, value in values.items():
+            setattr(self, name, value)
         self.epoch = self.inner.epoch
-        self.eigenvalue = None if state["eigenvalue"] is None else float(state["eigenvalue"])
-        self.points = int(state["points"])
 
 
 def make_controller(config: TrainConfig, num_samples: int | None = None) -> BatchController:

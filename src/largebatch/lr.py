@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from largebatch import checks
+from largebatch.errors import InvalidTypeError, InvalidValueError, StateError
+
 __all__ = ["LRScaler", "BASE_LR_KEY", "SCALING_RULES", "scaling_factor", "stability_limit"]
 
 #: where each param group keeps the LR that factors multiply
@@ -33,22 +36,30 @@ def scaling_factor(rule: str, scale: float, noise_scale: float | None, base_batc
     - ``adascale``: the gain ``r = scale (phi + B0) / (phi + scale B0)`` with ``phi`` the
       gradient noise scale (Johnson et al., AdaScale): close to ``scale`` while the batch
       is small against ``phi``, close to 1 once it is far above. Without a measured
-      ``phi`` it is 1.
+      ``phi`` (None, negative or not finite) it is 1.
+
+    ``scale`` must be finite and > 0, ``base_batch`` an integer >= 1.
     """
+    checks.choice(rule, "scaling_factor", "rule", SCALING_RULES)
+    scale = checks.number(scale, "scaling_factor", "scale", low=0.0, low_open=True)
+    base_batch = checks.integer(base_batch, "scaling_factor", "base_batch", minimum=1)
     if rule == "linear":
-        return float(scale)
+        return scale
     if rule == "sqrt":
         return math.sqrt(scale)
-    if rule == "adascale":
-        if noise_scale is None or not math.isfinite(noise_scale) or noise_scale < 0:
-            return 1.0
-        return scale * (noise_scale + base_batch) / (noise_scale + scale * base_batch)
-    raise ValueError(f"unknown LR scaling rule {rule!r}; choose one of {', '.join(SCALING_RULES)}")
+    if noise_scale is None or not math.isfinite(noise_scale) or noise_scale < 0:  # adascale
+        return 1.0
+    return scale * (noise_scale + base_batch) / (noise_scale + scale * base_batch)
 
 
 def stability_limit(eigenvalue: float, momentum: float) -> float:
     """The largest stable LR of heavy-ball SGD on a quadratic of top curvature
-    ``eigenvalue``: ``2 (1 + momentum) / eigenvalue``."""
+    ``eigenvalue`` (finite, > 0): ``2 (1 + momentum) / eigenvalue``; ``momentum`` in
+    [0, 1)."""
+    eigenvalue = checks.number(eigenvalue, "stability_limit", "eigenvalue", low=0.0, low_open=True)
+    momentum = checks.number(
+        momentum, "stability_limit", "momentum", low=0.0, high=1.0, high_open=True
+    )
     return 2.0 * (1.0 + momentum) / eigenvalue
 
 
@@ -72,6 +83,16 @@ class LRScaler:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
+        who = type(self).__name__
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise InvalidTypeError(
+                f"{who}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if scheduler is not None and not callable(getattr(scheduler, "get_last_lr", None)):
+            raise InvalidTypeError(
+                f"{who}: scheduler must be a torch.optim.lr_scheduler object (with "
+                f"get_last_lr), got {type(scheduler).__name__}"
+            )
         self.optimizer = optimizer
         self.scheduler = scheduler
         for group in optimizer.param_groups:
@@ -85,25 +106,43 @@ class LRScaler:
         return [float(group[BASE_LR_KEY]) for group in self.optimizer.param_groups]
 
     def apply(self, factor: float) -> None:
-        """Set every group's LR to its base times ``factor``."""
-        self.factor = float(factor)
+        """Set every group's LR to its base times ``factor`` (finite, > 0)."""
+        self.factor = checks.number(
+            factor, f"{type(self).__name__}.apply", "factor", low=0.0, low_open=True
+        )
         for group, base in zip(self.optimizer.param_groups, self.bases(), strict=True):
             group["lr"] = base * self.factor
 
     def step_scheduler(self) -> None:
         """``scheduler.step()`` on the unscaled LRs, then the factor again."""
         if self.scheduler is None:
-            raise ValueError("this LRScaler was made without a scheduler")
+            raise InvalidValueError(
+                f"{type(self).__name__}.step_scheduler: this LRScaler was made without a scheduler"
+            )
         for group, base in zip(self.optimizer.param_groups, self.bases(), strict=True):
             group["lr"] = base
         self.scheduler.step()
         self.apply(self.factor)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"factor": self.factor, "bases": self.bases()}
+        return checks.tagged(type(self).__name__, {"factor": self.factor, "bases": self.bases()})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`'s state: the factor, and (without a scheduler)
+        the bases, one finite LR >= 0 per param group. A damaged state changes nothing."""
+        who = type(self).__name__
+        where = f"{who}.load_state_dict"
+        state = checks.state_of(state, who, ("factor", "bases"))
+        factor = checks.number(state["factor"], where, "factor", low=0.0, low_open=True)
+        bases = state["bases"]
+        groups = len(self.optimizer.param_groups)
+        if not isinstance(bases, (list, tuple)) or len(bases) != groups:
+            got = f"{len(bases)}" if isinstance(bases, (list, tuple)) else type(bases).__name__
+            raise StateError(
+                f"{where}: bases must be a list of {groups} LRs, one per param group, got {got}"
+            )
+        bases = [checks.number(b, where, f"bases[{i}]", low=0.0) for i, b in enumerate(bases)]
         if self.scheduler is None:
-            for group, base in zip(self.optimizer.param_groups, state["bases"], strict=True):
-                group[BASE_LR_KEY] = float(base)
-        self.apply(float(state["factor"]))
+            for group, base in zip(self.optimizer.param_groups, bases, strict=True):
+                group[BASE_LR_KEY] = base
+        self.apply(factor)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from largebatch import checks
+from largebatch.errors import InvalidTypeError
 from largebatch.hessian import EigenTracker, HessianOperatorError
 
 __all__ = [
@@ -115,9 +117,14 @@ class CurvatureMeter(Meter):
         strict: bool = True,
         every_samples: int | None = None,
     ) -> None:
+        who = type(self).__name__
+        if not isinstance(tracker, EigenTracker):
+            raise InvalidTypeError(
+                f"{who}: tracker must be an EigenTracker, got {type(tracker).__name__}"
+            )
         self.tracker = tracker
-        self.every_epochs = every_epochs
-        self.every_samples = every_samples
+        self.every_epochs = checks.integer(every_epochs, who, "every_epochs", minimum=1)
+        self.every_samples = _optional_int(every_samples, who, "every_samples", 1)
         self.strict = strict
         self.last_samples: int | None = None  # samples seen at the last estimate
 
@@ -165,15 +172,20 @@ class CurvatureMeter(Meter):
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict(), "last_samples": self.last_samples}
+        return checks.tagged(
+            type(self).__name__,
+            {"tracker": self.tracker.state_dict(), "last_samples": self.last_samples},
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "tracker" not in state:  # a checkpoint from before: the tracker's state alone
-            self.tracker.load_state_dict(state)
+        if isinstance(state, Mapping) and "generator" in state:
+            self.tracker.load_state_dict(state)  # from before: the tracker's state alone
             return
+        who = type(self).__name__
+        state = checks.state_of(state, who, ("tracker", "last_samples"))
+        last = _optional_int(state["last_samples"], f"{who}.load_state_dict", "last_samples", 0)
         self.tracker.load_state_dict(state["tracker"])
-        last = state["last_samples"]
-        self.last_samples = None if last is None else int(last)
+        self.last_samples = last
 
 
 def time_of(record: Mapping[str, Any]) -> float:
@@ -235,21 +247,12 @@ class GradientNoiseMeter(Meter):
         per_update: int = 2,
         per_window: int | None = 4,
     ) -> None:
-        if micro_batch is not None and micro_batch < 1:
-            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-        if not 0 <= decay < 1:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if splits < 2:
-            raise ValueError(f"splits must be >= 2, got {splits}")
-        if per_update < 1:
-            raise ValueError(f"per_update must be >= 1, got {per_update}")
-        if per_window is not None and per_window < 1:
-            raise ValueError(f"per_window must be >= 1, got {per_window}")
-        self.micro_batch = micro_batch
-        self.decay = decay
-        self.splits = splits
-        self.per_update = per_update
-        self.per_window = per_window
+        who = type(self).__name__
+        self.micro_batch = _optional_int(micro_batch, who, "micro_batch", 1)
+        self.decay = checks.number(decay, who, "decay", low=0.0, high=1.0, high_open=True)
+        self.splits = checks.integer(splits, who, "splits", minimum=2)
+        self.per_update = checks.integer(per_update, who, "per_update", minimum=1)
+        self.per_window = _optional_int(per_window, who, "per_window", 1)
         self.world = world
         self._reset_update()
         # state: bias-corrected EMAs of |G|^2 and tr(Sigma), and their weight
@@ -359,18 +362,27 @@ class GradientNoiseMeter(Meter):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "grad_sq": self.grad_sq,
-            "trace": self.trace,
-            "weight": self.weight,
-            "updates": self.updates,
-        }
+        values = {name: getattr(self, name) for name in ("grad_sq", "trace", "weight", "updates")}
+        who = type(self).__name__
+        return checks.tagged(who, checks.plain(values, f"{who}.state_dict()"))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.grad_sq = float(state["grad_sq"])
-        self.trace = float(state["trace"])
-        self.weight = float(state["weight"])
-        self.updates = int(state["updates"])
+        """Resume the averages; a damaged state (not finite, a negative weight or count)
+        is refused, changing nothing."""
+        who = type(self).__name__
+        state = checks.state_of(state, who, ("grad_sq", "trace", "weight", "updates"))
+        where = f"{who}.load_state_dict"
+        # the estimates of |G|^2 and tr(Sigma) may be negative, their weight may not
+        grad_sq = checks.number(state["grad_sq"], where, "grad_sq")
+        trace = checks.number(state["trace"], where, "trace")
+        weight = checks.number(state["weight"], where, "weight", low=0.0)
+        updates = checks.integer(state["updates"], where, "updates", minimum=0)
+        self.grad_sq, self.trace, self.weight, self.updates = grad_sq, trace, weight, updates
+
+
+def _optional_int(value: Any, who: str, field: str, minimum: int) -> int | None:
+    """None, or an integer >= ``minimum``."""
+    return None if value is None else checks.integer(value, who, field, minimum=minimum)
 
 
 def _flat_grad(model: nn.Module) -> torch.Tensor | None:

@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from largebatch import checks
+from largebatch.errors import InvalidValueError
+
 __all__ = ["EpochSampler", "GrowingBatchSampler", "probe_batches"]
 
 
@@ -19,13 +22,13 @@ class EpochSampler:
     """Shuffled order of ``num_samples`` indices per epoch, cut into batches on demand."""
 
     def __init__(self, num_samples: int, seed: int) -> None:
-        if num_samples < 1:
-            raise ValueError("num_samples must be >= 1")
-        self.num_samples = num_samples
-        self.seed = seed
+        who = type(self).__name__
+        self.num_samples = checks.integer(num_samples, who, "num_samples", minimum=1)
+        self.seed = checks.integer(seed, who, "seed", minimum=0, maximum=checks.MAX_SEED)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The permutation of sample indices for ``epoch`` (int64, shape (num_samples,))."""
+        epoch = checks.integer(epoch, f"{type(self).__name__}.order", "epoch", minimum=0)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_samples, generator=generator)
 
@@ -34,13 +37,26 @@ class EpochSampler:
     ) -> Iterator[torch.Tensor]:
         """Index batches of ``batch_size`` from sample position ``start`` up to ``stop``
         (default: the epoch's end); the last may be short."""
+        who = f"{type(self).__name__}.batches"
+        batch_size, start = self._checked(who, batch_size, start)
+        if stop is not None:
+            stop = checks.integer(stop, who, "stop", minimum=start)
         order = self.order(epoch)
         end = self.num_samples if stop is None else min(stop, self.num_samples)
-        for begin in range(start, end, batch_size):
-            yield order[begin : min(begin + batch_size, end)]
+        # a generator returned, not a generator function: the checks run at the call
+        return (order[i : min(i + batch_size, end)] for i in range(start, end, batch_size))
 
     def num_batches(self, batch_size: int, start: int = 0) -> int:
+        """Batches of ``batch_size`` from sample position ``start`` to the epoch's end."""
+        batch_size, start = self._checked(f"{type(self).__name__}.num_batches", batch_size, start)
         return -(-(self.num_samples - start) // batch_size)
+
+    def _checked(self, who: str, batch_size: Any, start: Any) -> tuple[int, int]:
+        """``(batch_size, start)``: a batch of at least 1, a position in the epoch."""
+        return (
+            checks.integer(batch_size, who, "batch_size", minimum=1),
+            checks.integer(start, who, "start", minimum=0, maximum=self.num_samples),
+        )
 
 
 class GrowingBatchSampler:
@@ -74,18 +90,34 @@ class GrowingBatchSampler:
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        who = type(self).__name__
+        num_samples = checks.integer(num_samples, who, "num_samples", minimum=1)
+        seed = checks.integer(seed, who, "seed", minimum=0, maximum=checks.MAX_SEED)
         self.order = EpochSampler(num_samples, seed)
         self.batch_size = batch_size
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.world_size = world_size or (torch.distributed.get_world_size() if distributed else 1)
-        self.rank = (
-            rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
-        )
+        if world_size is None:
+            world_size = torch.distributed.get_world_size() if distributed else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if distributed else 0
+        self.world_size = checks.integer(world_size, who, "world_size", minimum=1)
+        self.rank = checks.integer(rank, who, "rank", minimum=0)
+        if self.rank >= self.world_size:
+            raise InvalidValueError(
+                f"{who}: rank must be < world_size ({self.world_size}), got {self.rank}"
+            )
         self.epoch = 0
         self.position = 0  # samples of this epoch already handed out (global)
         self.last_batch_samples = 0  # global size of the latest batch
+
+    @property
+    def batch_size(self) -> int:
+        """The global batch of the next batches; set it at any time (an integer >= 1)."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self._batch_size = checks.integer(value, type(self).__name__, "batch_size", minimum=1)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order.order(self.epoch)
@@ -102,12 +134,23 @@ class GrowingBatchSampler:
         return self.order.num_batches(self.batch_size, self.position)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size}
+        return checks.tagged(
+            type(self).__name__,
+            {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size},
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self.batch_size = int(state["batch_size"])
+        """Resume from :meth:`state_dict`'s state; a damaged one is refused, changing
+        nothing."""
+        who = type(self).__name__
+        state = checks.state_of(state, who, ("epoch", "position", "batch_size"))
+        where = f"{who}.load_state_dict"
+        epoch = checks.integer(state["epoch"], where, "epoch", minimum=0)
+        position = checks.integer(
+            state["position"], where, "position", minimum=0, maximum=self.order.num_samples
+        )
+        batch_size = checks.integer(state["batch_size"], where, "batch_size", minimum=1)
+        self.epoch, self.position, self.batch_size = epoch, position, batch_size
 
 
 def probe_batches(

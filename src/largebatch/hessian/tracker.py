@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from largebatch import checks
+from largebatch.errors import InvalidTypeError, InvalidValueError, StateError
 from largebatch.hessian.batches import Data
 from largebatch.hessian.eigen import EIGEN_METHODS, top_eigenvalues
 from largebatch.hessian.operator import HessianOperator, LossFn
@@ -20,6 +22,8 @@ __all__ = ["REFERENCE_MAX_ITER", "REFERENCE_TOL", "EigenTracker", "TrackerResult
 #: eigenvalue's relative change is below 1e-2, from a new random vector every time.
 REFERENCE_MAX_ITER = 10
 REFERENCE_TOL = 1e-2
+#: the largest seed a torch.Generator takes
+_SEED_LIMIT = 2**64 - 1
 
 
 @dataclass
@@ -112,25 +116,39 @@ class EigenTracker:
         verify: bool = False,
         min_steps: int | None = None,
     ) -> None:
-        if method not in EIGEN_METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {EIGEN_METHODS}")
+        who = type(self).__name__
+        if not callable(loss_fn):
+            raise InvalidTypeError(f"{who}: loss_fn must be callable, got {type(loss_fn).__name__}")
+        if operator_options is not None and not isinstance(operator_options, Mapping):
+            raise InvalidTypeError(
+                f"{who}: operator_options must be a dict, got {type(operator_options).__name__}"
+            )
+        method = checks.choice(method, who, "method", EIGEN_METHODS)
+        k = checks.integer(k, who, "k", minimum=1)
         least = 2 * k if method == "lanczos" and verify else k
-        if k < 1 or max_matvecs < least:
-            raise ValueError(f"{method} with k={k} needs max_matvecs >= {least}")
+        max_matvecs = checks.integer(max_matvecs, who, "max_matvecs")
+        if max_matvecs < least:
+            raise InvalidValueError(
+                f"{who}: {method} with k={k} needs max_matvecs >= {least}, got {max_matvecs}"
+            )
         self.loss_fn = loss_fn
         self.data = data
         self.k = k
-        self.tol = tol
+        self.tol = checks.number(tol, who, "tol", low=0.0, low_open=True)
         self.max_matvecs = max_matvecs
         self.method = method
         self.warm_start = warm_start and method != "reference"
         self.operator_options = dict(operator_options or {})
         self.verify = verify
+        if min_steps is not None:
+            min_steps = checks.integer(min_steps, who, "min_steps", minimum=1)
         self.min_steps = min_steps
         self.last: TrackerResult | None = None
         self._vectors: torch.Tensor | None = None
         self._generator = torch.Generator()
-        self._generator.manual_seed(seed)
+        self._generator.manual_seed(
+            checks.integer(seed, who, "seed", minimum=0, maximum=_SEED_LIMIT)
+        )
 
     @property
     def vectors(self) -> torch.Tensor | None:
@@ -166,25 +184,47 @@ class EigenTracker:
 
     def state_dict(self) -> dict[str, Any]:
         """Eigenvectors and random state, so a resumed run estimates exactly the same."""
-        return {
-            "k": self.k,
-            "method": self.method,
-            "vectors": self._vectors,
-            "generator": self._generator.get_state(),
-        }
+        return checks.tagged(
+            type(self).__name__,
+            {
+                "k": self.k,
+                "method": self.method,
+                "vectors": self._vectors,
+                "generator": self._generator.get_state(),
+            },
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned.
+        """Restore what :meth:`state_dict` returned; a damaged state changes nothing.
 
         Raises:
-            ValueError: a state saved by a tracker with another ``k`` or method.
+            StateError: a state saved by a tracker with another ``k`` or method, or not
+                a tracker's state (a ``ValueError``).
         """
+        who = type(self).__name__
+        where = f"{who}.load_state_dict"
+        state = checks.state_of(state, who, ("k", "method", "vectors", "generator"))
         if state["k"] != self.k or state["method"] != self.method:
-            raise ValueError(
-                f"tracker state is for k={state['k']}, method={state['method']!r}; this "
-                f"tracker has k={self.k}, method={self.method!r}"
+            raise StateError(
+                f"{where}: the state is for k={state['k']!r}, method={state['method']!r}; "
+                f"this tracker has k={self.k}, method={self.method!r}"
             )
         vectors = state["vectors"]
+        if vectors is not None and not (
+            isinstance(vectors, torch.Tensor)
+            and vectors.is_floating_point()
+            and vectors.dim() == 2
+            and len(vectors) == self.k
+        ):
+            raise StateError(
+                f"{where}: vectors must be None or a float tensor of {self.k} rows, got "
+                f"{getattr(vectors, 'shape', type(vectors).__name__)}"
+            )
+        try:  # on a scratch generator first, so a bad state changes nothing
+            torch.Generator().set_state(state["generator"])
+        except (RuntimeError, TypeError) as exc:
+            reason = " ".join(str(exc).split())[:160]
+            raise StateError(f"{where}: generator is not a generator state ({reason})") from None
         self._vectors = None if vectors is None else vectors.detach().cpu().clone()
         self._generator.set_state(state["generator"])
 

@@ -1,0 +1,472 @@
+"""Hostile input to the public API: every bad value is refused where it enters.
+
+Each case is a call that must raise one of the project's own errors (a subclass of
+:class:`largebatch.errors.UsageError`; the value and type errors are also ``ValueError``
+and ``TypeError``), in one line that names the class (or function) and the field, so the
+mistake is plain and nothing fails later as a ``ZeroDivisionError``, a NaN or an endless
+loop. Cases are grouped in tables by the surface they hit; each table has its own test.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largebatch.accumulate import accumulate, micro_batches
+from largebatch.controllers import (
+    AdaptiveBatch,
+    BatchController,
+    CurvatureGuard,
+    Decision,
+    FixedBatch,
+    IncreaseBatchInsteadOfDecay,
+    LinearScalingWarmup,
+    NoiseScaleBatch,
+    checked_decision,
+)
+from largebatch.errors import InvalidTypeError, InvalidValueError, StateError, UsageError
+from largebatch.hessian import EigenTracker
+from largebatch.lr import LRScaler, scaling_factor, stability_limit
+from largebatch.meters import CurvatureMeter, GradientNoiseMeter
+from largebatch.sampler import EpochSampler, GrowingBatchSampler
+
+NAN, INF = math.nan, math.inf
+
+
+def _assert_refused(call, kind, who, field):
+    """``call()`` raises ``kind`` (one of ours) in one line naming ``who`` and ``field``."""
+    with pytest.raises(kind) as caught:
+        call()
+    error = caught.value
+    assert isinstance(error, UsageError), type(error)
+    message = str(error)
+    assert "\n" not in message and message.strip() == message, message
+    assert who in message and field in message, message
+
+
+# --------------------------------------------------------------------------- own-loop pieces
+# Controllers, GrowingBatchSampler / EpochSampler, LRScaler, the meters, EigenTracker and
+# accumulation: constructors, setters and load_state_dict.
+
+
+class Deciding(BatchController):
+    """A user's controller that answers whatever it is told to."""
+
+    def __init__(self, batch=8, lr_factor=1.0, adv_ratio=0.0):
+        super().__init__()
+        self.answer = Decision(batch, lr_factor, adv_ratio)
+
+    def decision(self):
+        return self.answer
+
+
+class EveryZero(Deciding):
+    decide_every = 0  # a class attribute escapes the setter; checked_decision catches it
+
+
+class NotADecision(Deciding):
+    def decision(self):
+        return {"batch_size": 8}
+
+
+def _set(target, name, value):
+    return lambda: setattr(target, name, value)
+
+
+def _load(make, state):
+    return lambda: make().load_state_dict(state)
+
+
+def _fixed():
+    return FixedBatch(128, [6], 0.2)
+
+
+def _abs():
+    return AdaptiveBatch(128, 1024, [6], 0.2)
+
+
+def _gns(**changes):
+    return NoiseScaleBatch(128, 1024, [6], 0.2, **{"num_samples": 1000, **changes})
+
+
+def _guard(**changes):
+    return CurvatureGuard(_gns(), **{"base_lr": 0.1, "momentum": 0.9, **changes})
+
+
+def _sampler():
+    return GrowingBatchSampler(100, batch_size=8, seed=1)
+
+
+def _optimizer(groups=1):
+    params = [nn.Parameter(torch.zeros(1)) for _ in range(groups)]
+    return torch.optim.SGD([{"params": [p]} for p in params], lr=0.1)
+
+
+def _scaler():
+    return LRScaler(_optimizer())
+
+
+def _tracker(**options):
+    data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    return EigenTracker(F.cross_entropy, data, **options)
+
+
+def _state(make, **changes):
+    """A state of ``make()`` with some values changed."""
+    return {**make().state_dict(), **changes}
+
+
+X, Y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+MODEL = nn.Linear(3, 2)
+
+V, T, S = InvalidValueError, InvalidTypeError, StateError
+OWN_LOOP_CASES = [
+    # what a controller decides, through checked_decision
+    ("decision batch 0", lambda: checked_decision(Deciding(0), Deciding(0).decision()), V,
+     "Deciding.decision()", "batch_size"),
+    ("decision batch -8", lambda: checked_decision(Deciding(-8), Deciding(-8).decision()), V,
+     "Deciding.decision()", "batch_size"),
+    ("decision batch 2.5", lambda: checked_decision(Deciding(2.5), Decision(2.5, 1.0)), T,
+     "Deciding.decision()", "batch_size"),
+    ("decision lr nan", lambda: checked_decision(Deciding(), Decision(8, NAN)), V,
+     "Deciding.decision()", "lr_factor"),
+    ("decision lr 0", lambda: checked_decision(Deciding(), Decision(8, 0.0)), V,
+     "Deciding.decision()", "lr_factor"),
+    ("decision adv 1.5", lambda: checked_decision(Deciding(), Decision(8, 1.0, 1.5)), V,
+     "Deciding.decision()", "adv_ratio"),
+    ("decision not a Decision", lambda: checked_decision(NotADecision(), {"batch_size": 8}), T,
+     "NotADecision.decision()", "Decision"),
+    ("decide_every class attribute 0", lambda: checked_decision(EveryZero(), Decision(8, 1.0)),
+     V, "EveryZero", "decide_every"),
+    # the decide_every setter
+    ("decide_every=0", _set(_fixed(), "decide_every", 0), V, "FixedBatch", "decide_every"),
+    ("decide_every=-5", _set(Deciding(), "decide_every", -5), V, "Deciding", "decide_every"),
+    ("decide_every=2.5", _set(_fixed(), "decide_every", 2.5), T, "FixedBatch", "decide_every"),
+    # controller constructors
+    ("bl batch 0", lambda: FixedBatch(0, [], 0.2), V, "FixedBatch", "batch_size"),
+    ("bl batch True", lambda: FixedBatch(True, [], 0.2), T, "FixedBatch", "batch_size"),
+    ("bl decay 0", lambda: FixedBatch(8, [], 0.0), V, "FixedBatch", "decay"),
+    ("bl decay nan", lambda: FixedBatch(8, [], NAN), V, "FixedBatch", "decay"),
+    ("bl decay 1.5", lambda: FixedBatch(8, [], 1.5), V, "FixedBatch", "decay"),
+    ("bl milestone -1", lambda: FixedBatch(8, [3, -1], 0.2), V, "FixedBatch", "milestones[1]"),
+    ("bl milestones str", lambda: FixedBatch(8, "6", 0.2), T, "FixedBatch", "milestones"),
+    ("bl adv_ratio 1.5", lambda: FixedBatch(8, [], 0.2, adv_ratio=1.5), V, "FixedBatch",
+     "adv_ratio"),
+    ("bl adv_ratio nan", lambda: FixedBatch(8, [], 0.2, adv_ratio=NAN), V, "FixedBatch",
+     "adv_ratio"),
+    ("bl adv_stop_epoch -1", lambda: FixedBatch(8, [], 0.2, adv_stop_epoch=-1), V,
+     "FixedBatch", "adv_stop_epoch"),
+    ("fb batch below base", lambda: LinearScalingWarmup(128, 64, [], 0.2, 5), V,
+     "LinearScalingWarmup", "batch_size"),
+    ("fb warmup -1", lambda: LinearScalingWarmup(128, 1024, [], 0.2, -1), V,
+     "LinearScalingWarmup", "warmup_epochs"),
+    ("gg base 0", lambda: IncreaseBatchInsteadOfDecay(0, 1024, [], 0.2), V,
+     "IncreaseBatchInsteadOfDecay", "base_batch"),
+    ("gg max below base", lambda: IncreaseBatchInsteadOfDecay(128, 64, [], 0.2), V,
+     "IncreaseBatchInsteadOfDecay", "max_batch"),
+    ("abs growth 1", lambda: AdaptiveBatch(128, 1024, [], 0.2, growth_factor=1), V,
+     "AdaptiveBatch", "growth_factor"),
+    ("abs growth 1.5", lambda: AdaptiveBatch(128, 1024, [], 0.2, growth_factor=1.5), T,
+     "AdaptiveBatch", "growth_factor"),
+    ("abs duration 0", lambda: AdaptiveBatch(128, 1024, [], 0.2, duration=0), V,
+     "AdaptiveBatch", "duration"),
+    ("abs ratio 0", lambda: AdaptiveBatch(128, 1024, [], 0.2, decrease_ratio=0), V,
+     "AdaptiveBatch", "decrease_ratio"),
+    ("abs ratio inf", lambda: AdaptiveBatch(128, 1024, [], 0.2, decrease_ratio=INF), V,
+     "AdaptiveBatch", "decrease_ratio"),
+    ("gns num_samples 0", lambda: _gns(num_samples=0), V, "NoiseScaleBatch", "num_samples"),
+    ("gns every 0", lambda: _gns(every_fraction=0), V, "NoiseScaleBatch", "every_fraction"),
+    ("gns every 2", lambda: _gns(every_fraction=2), V, "NoiseScaleBatch", "every_fraction"),
+    ("gns kappa nan", lambda: _gns(kappa=NAN), V, "NoiseScaleBatch", "kappa"),
+    ("gns kappa 0", lambda: _gns(kappa=0), V, "NoiseScaleBatch", "kappa"),
+    ("gns confirmations 0", lambda: _gns(confirmations=0), V, "NoiseScaleBatch",
+     "confirmations"),
+    ("gns lr_rule", lambda: _gns(lr_rule="cubic"), V, "NoiseScaleBatch", "lr_rule"),
+    ("gns milestones_by", lambda: _gns(milestones_by="steps"), V, "NoiseScaleBatch",
+     "milestones_by"),
+    ("guard inner", lambda: CurvatureGuard("abs", 0.1, 0.9), T, "CurvatureGuard", "inner"),
+    ("guard base_lr 0", lambda: _guard(base_lr=0), V, "CurvatureGuard", "base_lr"),
+    ("guard momentum 1", lambda: _guard(momentum=1.0), V, "CurvatureGuard", "momentum"),
+    ("guard fraction 0", lambda: _guard(fraction=0), V, "CurvatureGuard", "fraction"),
+    ("guard every_points 0", lambda: _guard(every_points=0), V, "CurvatureGuard",
+     "every_points"),
+    ("guard every_samples 0", lambda: _guard(every_samples=0), V, "CurvatureGuard",
+     "every_samples"),
+    # controller states
+    ("bl loads an abs state", _load(_fixed, _abs().state_dict()), S, "FixedBatch",
+     "AdaptiveBatch"),
+    ("abs loads a bl state", _load(_abs, _fixed().state_dict()), S, "AdaptiveBatch",
+     "FixedBatch"),
+    ("bl loads an old abs state", _load(_fixed, {"epoch": 1, "batch_size": 8}), S,
+     "FixedBatch", "batch_size"),
+    ("abs state batch 0", _load(_abs, _state(_abs, batch_size=0)), V,
+     "AdaptiveBatch.load_state_dict", "batch_size"),
+    ("abs state epoch -1", _load(_abs, _state(_abs, epoch=-1)), V,
+     "AdaptiveBatch.load_state_dict", "epoch"),
+    ("abs state reference nan", _load(_abs, _state(_abs, reference=NAN)), V,
+     "AdaptiveBatch.load_state_dict", "reference"),
+    ("abs state adv 2", _load(_abs, _state(_abs, adv_ratio=2.0)), V,
+     "AdaptiveBatch.load_state_dict", "adv_ratio"),
+    ("abs state batch str", _load(_abs, _state(_abs, batch_size="8")), T,
+     "AdaptiveBatch.load_state_dict", "batch_size"),
+    ("abs state missing", _load(_abs, {"epoch": 1}), S, "AdaptiveBatch", "batch_size"),
+    ("abs state a list", _load(_abs, [1, 2]), S, "AdaptiveBatch", "list"),
+    ("abs state version 9", _load(_abs, _state(_abs, version=9)), S, "AdaptiveBatch",
+     "version"),
+    ("gns state noise nan", _load(_gns, _state(_gns, noise_scale=NAN)), V,
+     "NoiseScaleBatch.load_state_dict", "noise_scale"),
+    ("gns state samples -1", _load(_gns, _state(_gns, samples=-1)), V,
+     "NoiseScaleBatch.load_state_dict", "samples"),
+    ("guard state points -1", _load(_guard, _state(_guard, points=-1)), V,
+     "CurvatureGuard.load_state_dict", "points"),
+    ("guard state inner of abs", _load(_guard, _state(_guard, inner=_abs().state_dict())), S,
+     "NoiseScaleBatch", "AdaptiveBatch"),
+    ("guard state inner garbage", _load(_guard, _state(_guard, inner="x")), S,
+     "NoiseScaleBatch", "str"),
+    ("guard loads a gns state", _load(_guard, _gns().state_dict()), S, "CurvatureGuard",
+     "NoiseScaleBatch"),
+    # GrowingBatchSampler
+    ("sampler batch_size=0", _set(_sampler(), "batch_size", 0), V, "GrowingBatchSampler",
+     "batch_size"),
+    ("sampler batch_size=-1", _set(_sampler(), "batch_size", -1), V, "GrowingBatchSampler",
+     "batch_size"),
+    ("sampler batch_size=2.5", _set(_sampler(), "batch_size", 2.5), T, "GrowingBatchSampler",
+     "batch_size"),
+    ("sampler batch_size=nan", _set(_sampler(), "batch_size", NAN), T, "GrowingBatchSampler",
+     "batch_size"),
+    ("sampler batch_size=True", _set(_sampler(), "batch_size", True), T,
+     "GrowingBatchSampler", "batch_size"),
+    ("sampler made with batch 0", lambda: GrowingBatchSampler(100, 0), V,
+     "GrowingBatchSampler", "batch_size"),
+    ("sampler num_samples 0", lambda: GrowingBatchSampler(0, 8), V, "GrowingBatchSampler",
+     "num_samples"),
+    ("sampler seed -1", lambda: GrowingBatchSampler(100, 8, seed=-1), V,
+     "GrowingBatchSampler", "seed"),
+    ("sampler rank 2 of 2", lambda: GrowingBatchSampler(100, 8, rank=2, world_size=2), V,
+     "GrowingBatchSampler", "rank"),
+    ("sampler rank -1", lambda: GrowingBatchSampler(100, 8, rank=-1, world_size=2), V,
+     "GrowingBatchSampler", "rank"),
+    ("sampler world 0", lambda: GrowingBatchSampler(100, 8, rank=0, world_size=0), V,
+     "GrowingBatchSampler", "world_size"),
+    ("sampler state batch 0", _load(_sampler, _state(_sampler, batch_size=0)), V,
+     "GrowingBatchSampler.load_state_dict", "batch_size"),
+    ("sampler state position -50", _load(_sampler, _state(_sampler, position=-50)), V,
+     "GrowingBatchSampler.load_state_dict", "position"),
+    ("sampler state position 101", _load(_sampler, _state(_sampler, position=101)), V,
+     "GrowingBatchSampler.load_state_dict", "position"),
+    ("sampler state epoch -1", _load(_sampler, _state(_sampler, epoch=-1)), V,
+     "GrowingBatchSampler.load_state_dict", "epoch"),
+    ("sampler state a list", _load(_sampler, [0, 0, 8]), S, "GrowingBatchSampler", "list"),
+    ("sampler state a str", _load(_sampler, "epoch=0"), S, "GrowingBatchSampler", "str"),
+    ("sampler loads an abs state", _load(_sampler, _abs().state_dict()), S,
+     "GrowingBatchSampler", "AdaptiveBatch"),
+    ("sampler loads an old abs state", _load(_sampler, {"epoch": 0, "batch_size": 8}), S,
+     "GrowingBatchSampler", "position"),
+    # EpochSampler
+    ("epochs num_samples 0", lambda: EpochSampler(0, 0), V, "EpochSampler", "num_samples"),
+    ("epochs seed 2.5", lambda: EpochSampler(10, 2.5), T, "EpochSampler", "seed"),
+    ("epochs batches of 0", lambda: EpochSampler(10, 0).batches(0, 0), V,
+     "EpochSampler.batches", "batch_size"),
+    ("epochs batches start -1", lambda: EpochSampler(10, 0).batches(0, 4, start=-1), V,
+     "EpochSampler.batches", "start"),
+    ("epochs batches start 11", lambda: EpochSampler(10, 0).batches(0, 4, start=11), V,
+     "EpochSampler.batches", "start"),
+    ("epochs num_batches of -1", lambda: EpochSampler(10, 0).num_batches(-1), V,
+     "EpochSampler.num_batches", "batch_size"),
+    ("epochs order of -1", lambda: EpochSampler(10, 0).order(-1), V, "EpochSampler.order",
+     "epoch"),
+    # LRScaler and the LR rules
+    ("scaler of a model", lambda: LRScaler(MODEL), T, "LRScaler", "optimizer"),
+    ("scaler scheduler", lambda: LRScaler(_optimizer(), scheduler=0.5), T, "LRScaler",
+     "scheduler"),
+    ("apply nan", lambda: _scaler().apply(NAN), V, "LRScaler.apply", "factor"),
+    ("apply inf", lambda: _scaler().apply(INF), V, "LRScaler.apply", "factor"),
+    ("apply 0", lambda: _scaler().apply(0.0), V, "LRScaler.apply", "factor"),
+    ("apply -1", lambda: _scaler().apply(-1), V, "LRScaler.apply", "factor"),
+    ("apply None", lambda: _scaler().apply(None), T, "LRScaler.apply", "factor"),
+    ("step_scheduler without one", lambda: _scaler().step_scheduler(), V,
+     "LRScaler.step_scheduler", "scheduler"),
+    ("scaler state factor nan", _load(_scaler, _state(_scaler, factor=NAN)), V,
+     "LRScaler.load_state_dict", "factor"),
+    ("scaler state bases short", _load(_scaler, _state(_scaler, bases=[])), S,
+     "LRScaler.load_state_dict", "bases"),
+    ("scaler state bases inf", _load(_scaler, _state(_scaler, bases=[INF])), V,
+     "LRScaler.load_state_dict", "bases[0]"),
+    ("scaler state bases -1", _load(_scaler, _state(_scaler, bases=[-1.0])), V,
+     "LRScaler.load_state_dict", "bases[0]"),
+    ("scaler state bases str", _load(_scaler, _state(_scaler, bases="0.1")), S,
+     "LRScaler.load_state_dict", "bases"),
+    ("scaler loads a sampler state", _load(_scaler, _sampler().state_dict()), S, "LRScaler",
+     "GrowingBatchSampler"),
+    ("scaling rule", lambda: scaling_factor("cubic", 2, None, 128), V, "scaling_factor",
+     "rule"),
+    ("scaling scale 0", lambda: scaling_factor("sqrt", 0, None, 128), V, "scaling_factor",
+     "scale"),
+    ("scaling scale -4", lambda: scaling_factor("sqrt", -4, None, 128), V, "scaling_factor",
+     "scale"),
+    ("scaling base 0", lambda: scaling_factor("adascale", 2, 10.0, 0), V, "scaling_factor",
+     "base_batch"),
+    ("stability eigenvalue 0", lambda: stability_limit(0.0, 0.9), V, "stability_limit",
+     "eigenvalue"),
+    ("stability eigenvalue nan", lambda: stability_limit(NAN, 0.9), V, "stability_limit",
+     "eigenvalue"),
+    ("stability momentum 1", lambda: stability_limit(10.0, 1.0), V, "stability_limit",
+     "momentum"),
+    # meters
+    ("gns meter micro 0", lambda: GradientNoiseMeter(micro_batch=0), V, "GradientNoiseMeter",
+     "micro_batch"),
+    ("gns meter decay 1", lambda: GradientNoiseMeter(decay=1.0), V, "GradientNoiseMeter",
+     "decay"),
+    ("gns meter decay nan", lambda: GradientNoiseMeter(decay=NAN), V, "GradientNoiseMeter",
+     "decay"),
+    ("gns meter splits 1", lambda: GradientNoiseMeter(splits=1), V, "GradientNoiseMeter",
+     "splits"),
+    ("gns meter per_update 0", lambda: GradientNoiseMeter(per_update=0), V,
+     "GradientNoiseMeter", "per_update"),
+    ("gns meter per_window 0", lambda: GradientNoiseMeter(per_window=0), V,
+     "GradientNoiseMeter", "per_window"),
+    ("gns meter state weight -1", _load(GradientNoiseMeter, _state(GradientNoiseMeter,
+     weight=-1.0)), V, "GradientNoiseMeter.load_state_dict", "weight"),
+    ("gns meter state trace nan", _load(GradientNoiseMeter, _state(GradientNoiseMeter,
+     trace=NAN)), V, "GradientNoiseMeter.load_state_dict", "trace"),
+    ("gns meter state updates -1", _load(GradientNoiseMeter, _state(GradientNoiseMeter,
+     updates=-1)), V, "GradientNoiseMeter.load_state_dict", "updates"),
+    ("gns meter loads an abs state", _load(GradientNoiseMeter, _abs().state_dict()), S,
+     "GradientNoiseMeter", "AdaptiveBatch"),
+    ("curvature meter tracker", lambda: CurvatureMeter("lanczos"), T, "CurvatureMeter",
+     "tracker"),
+    ("curvature meter every 0", lambda: CurvatureMeter(_tracker(), every_epochs=0), V,
+     "CurvatureMeter", "every_epochs"),
+    ("curvature meter samples 0", lambda: CurvatureMeter(_tracker(), every_samples=0), V,
+     "CurvatureMeter", "every_samples"),
+    ("curvature meter state last -1", lambda: CurvatureMeter(_tracker()).load_state_dict(
+        {**CurvatureMeter(_tracker()).state_dict(), "last_samples": -1}), V,
+     "CurvatureMeter.load_state_dict", "last_samples"),
+    ("curvature meter state a list", lambda: CurvatureMeter(_tracker()).load_state_dict([]),
+     S, "CurvatureMeter", "list"),
+    # EigenTracker
+    ("tracker k 0", lambda: _tracker(k=0), V, "EigenTracker", "k"),
+    ("tracker method", lambda: _tracker(method="qr"), V, "EigenTracker", "method"),
+    ("tracker tol 0", lambda: _tracker(tol=0), V, "EigenTracker", "tol"),
+    ("tracker tol nan", lambda: _tracker(tol=NAN), V, "EigenTracker", "tol"),
+    ("tracker max_matvecs 0", lambda: _tracker(max_matvecs=0), V, "EigenTracker",
+     "max_matvecs"),
+    ("tracker seed -1", lambda: _tracker(seed=-1), V, "EigenTracker", "seed"),
+    ("tracker min_steps 0", lambda: _tracker(min_steps=0), V, "EigenTracker", "min_steps"),
+    ("tracker loss_fn", lambda: EigenTracker("mse", (X, Y)), T, "EigenTracker", "loss_fn"),
+    ("tracker options", lambda: _tracker(operator_options=[1]), T, "EigenTracker",
+     "operator_options"),
+    ("tracker state k", lambda: _tracker(k=2).load_state_dict(_tracker().state_dict()), S,
+     "EigenTracker.load_state_dict", "k=1"),
+    ("tracker state vectors", _load(_tracker, _state(_tracker, vectors="v")), S,
+     "EigenTracker.load_state_dict", "vectors"),
+    ("tracker state generator", _load(_tracker, _state(_tracker, generator=torch.zeros(3))),
+     S, "EigenTracker.load_state_dict", "generator"),
+    ("tracker state a str", _load(_tracker, "state"), S, "EigenTracker", "str"),
+    # accumulation
+    ("micro_batches of 0", lambda: micro_batches(X, Y, 0), V, "micro_batches", "size"),
+    ("micro_batches of 2.5", lambda: micro_batches(X, Y, 2.5), T, "micro_batches", "size"),
+    ("micro_batches x, y apart", lambda: micro_batches(X, Y[:3], 4), V, "micro_batches",
+     "y has 3"),
+    ("accumulate of -1", lambda: accumulate(MODEL, F.cross_entropy, X, Y, -1), V,
+     "accumulate", "micro_batch_size"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call, kind, who, field",
+    [pytest.param(*case[1:], id=case[0]) for case in OWN_LOOP_CASES],
+)
+def test_own_loop_pieces_refuse_bad_input(call, kind, who, field):
+    _assert_refused(call, kind, who, field)
+
+
+def _untagged(state):
+    if isinstance(state, dict):
+        return {k: _untagged(v) for k, v in state.items() if k not in ("class", "version")}
+    return state
+
+
+def test_states_written_before_the_tag_still_load():
+    sampler = _sampler()
+    next(iter(sampler))
+    again = GrowingBatchSampler(100, batch_size=1, seed=1)
+    again.load_state_dict(_untagged(sampler.state_dict()))
+    assert again.state_dict() == sampler.state_dict()
+    controller = _abs()
+    controller.step({"eigenvalue": 4.0})
+    clone = _abs()
+    clone.load_state_dict(_untagged(controller.state_dict()))
+    assert clone.state_dict() == controller.state_dict()
+    guard, guard_clone = _guard(), _guard()
+    guard.step({"eigenvalue": 19.0, "gns": 500.0, "samples": 250, "epoch_end": False})
+    guard_clone.load_state_dict(_untagged(guard.state_dict()))
+    assert guard_clone.state_dict() == guard.state_dict()
+    scaler = _scaler()
+    scaler.apply(3.0)
+    other = _scaler()
+    other.load_state_dict(_untagged(scaler.state_dict()))
+    assert other.factor == 3.0
+    meter = GradientNoiseMeter()
+    meter.load_state_dict({"grad_sq": 1.5, "trace": -0.5, "weight": 0.1, "updates": 3})
+    assert meter.estimate() == (-0.5 / 1.5, 15.0, -5.0)
+    tracker = _tracker(seed=3)
+    tracker_clone = _tracker()
+    tracker_clone.load_state_dict(_untagged(tracker.state_dict()))
+    assert torch.equal(tracker_clone.state_dict()["generator"], tracker.state_dict()["generator"])
+    curvature = CurvatureMeter(_tracker(seed=3))
+    curvature.load_state_dict(_untagged(tracker.state_dict()))  # the tracker's state alone
+    curvature.load_state_dict(_untagged(curvature.state_dict()))
+
+
+def test_numpy_values_in_a_state_load_as_python_numbers():
+    controller = _abs()
+    state = {
+        **controller.state_dict(),
+        "epoch": np.int64(3),
+        "batch_size": np.int64(256),
+        "reference": np.float64(4.5),
+        "adv_ratio": np.float32(0.25),
+    }
+    controller.load_state_dict(state)
+    assert controller.decision() == Decision(256, 2.0, 0.25)  # before the milestone at 6
+    assert type(controller.epoch) is int and type(controller.reference) is float
+    sampler = _sampler()
+    sampler.load_state_dict({"epoch": np.int64(1), "position": np.int32(40), "batch_size": 16})
+    assert type(sampler.position) is int and len(next(iter(sampler))) == 16
+    scaler = _scaler()
+    scaler.load_state_dict({"factor": np.float64(2.0), "bases": [np.float64(0.5)]})
+    assert scaler.optimizer.param_groups[0]["lr"] == 1.0
+    meter = GradientNoiseMeter()
+    meter.load_state_dict(
+        {"grad_sq": np.float64(2.0), "trace": 1.0, "weight": 1.0, "updates": np.int64(2)}
+    )
+    assert meter.state_dict()["updates"] == 2 and type(meter.state_dict()["grad_sq"]) is float
+
+
+def test_a_refused_state_changes_nothing():
+    sampler = _sampler()
+    next(iter(sampler))
+    before = sampler.state_dict()
+    for state in ({**before, "position": -50}, {**before, "batch_size": 0}):
+        with pytest.raises(InvalidValueError):
+            sampler.load_state_dict(state)
+        assert sampler.state_dict() == before
+    controller = _abs()
+    before = controller.state_dict()
+    with pytest.raises(InvalidValueError):
+        controller.load_state_dict({**before, "batch_size": 512, "growths": -1})
+    assert controller.state_dict() == before
+    scaler = _scaler()
+    with pytest.raises(InvalidValueError):
+        scaler.load_state_dict({"factor": 2.0, "bases": [NAN]})
+    assert scaler.factor == 1.0 and scaler.bases() == [0.1]
+
+
+def test_checked_decision_passes_good_decisions_as_plain_numbers():
+    decision = checked_decision(Deciding(), Decision(np.int64(64), np.float64(0.5), 0))
+    assert decision == Decision(64, 0.5, 0.0) and type(decision.batch_size) is int
+    assert checked_decision(_fixed(), _fixed().decision()) == _fixed().decision()
