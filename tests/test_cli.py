@@ -1,8 +1,11 @@
 import json
+import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
+import yaml
 
 from largebatch.cli import main
 
@@ -114,3 +117,32 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("train", "evaluate", "hessian", "compare", "report"):
         assert command in out
+
+
+def test_the_tensorboard_flag_reaches_the_config(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--dataset", "synthetic", "--model", "mlp", "--device", "cpu", "--quiet"]
+    flags += ["--epochs", "1", "--set", "limit_train=64", "--set", "limit_test=32"]
+    assert main(["train", *flags, "--tensorboard", "--out", str(out)]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["tensorboard"] is True
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_tensorboard_write_that_fails_later_is_one_error_and_no_thread_traceback(
+    tmp_path, monkeypatch
+):
+    from largebatch.errors import UsageError
+    from largebatch.scalars import ScalarLog
+
+    printed = []
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    folder = tmp_path / "tensorboard"
+    log = ScalarLog(folder)
+    log.epoch({"samples": 64, "train_loss": 1.0})
+    shutil.rmtree(folder)
+    folder.write_text("in the way")  # the writer's thread cannot open its file any more
+    with pytest.raises(UsageError, match="tensorboard folder .*: Not a directory"):
+        for samples in range(128, 64 * 100, 64):  # the thread's error surfaces at a flush
+            log.epoch({"samples": samples, "train_loss": 1.0})
+    log.__exit__(UsageError, None, None)  # leaving on that error raises nothing more
+    assert printed == []

@@ -152,6 +152,14 @@ CASES = {
         lambda w, f: _hessian(f / "checkpoint.pt", "--top-k", "100000000"),
         "exceeds the model's",
     ),
+    "hessian-top-k-beyond-the-lanczos-steps": (
+        lambda w, f: _hessian(f / "checkpoint.pt", "--top-k", "100000"),
+        "exceeds the 300 Lanczos steps",
+    ),
+    "hessian-trace-probes-beyond-memory": (
+        lambda w, f: _hessian(f / "checkpoint.pt", "--trace", "--trace-probes", str(10**9)),
+        "GiB of memory",
+    ),
     "hessian-negative-tol": (lambda w, f: _hessian(f / "checkpoint.pt", "--tol", "-1"), "tol"),
     "hessian-zero-trace-probes": (
         lambda w, f: _hessian(f / "checkpoint.pt", "--trace", "--trace-probes", "0"),
@@ -190,7 +198,40 @@ CASES = {
         ),
         "base must be a mapping",
     ),
+    "compare-out-is-a-training-run": (
+        lambda w, f: ["compare", "--config", _experiment(w), "--out", str(f)],
+        "is the folder of a training run",
+    ),
+    "compare-grid-key-not-a-string": (
+        lambda w, f: _with_file(
+            w / "e.yaml",
+            "base: {dataset: synthetic}\ngrid: {1: [0]}\n",
+            ["compare", "--config", str(w / "e.yaml"), "--out", str(w / "c")],
+        ),
+        "grid must map config keys",
+    ),
+    "compare-base-sets-out": (
+        lambda w, f: _with_file(
+            w / "e.yaml",
+            "base: {dataset: synthetic, out: elsewhere}\ngrid: {seed: [0]}\n",
+            ["compare", "--config", str(w / "e.yaml"), "--out", str(w / "c")],
+        ),
+        "compare sets out itself",
+    ),
+    "compare-set-resume": (
+        lambda w, f: _compare(w) + ["--set", "resume=false"],
+        "compare sets resume itself",
+    ),
     # readers
+    "report-dir-empty": (lambda w, f: ["report", ""], "empty string"),
+    "report-hessian-eigenvalues-a-list": (
+        lambda w, f: _with_file(
+            w / "study" / "run" / "hessian.json",
+            '{"eigenvalues": [1.5]}',
+            ["report", _run_folder(w, f)],
+        ),
+        "has no list of eigenvalues",
+    ),
     "report-summary-a-list": (
         lambda w, f: ["report", _run_folder(w, f, summary="[1, 2]")],
         "not a mapping",
@@ -224,7 +265,28 @@ CASES = {
         lambda w, f: _resumed_copy(w, f, "--epochs", "1"),
         "finished 2 epochs already",
     ),
+    # a folder of the user's own files, some named like ours
+    "out-holds-the-users-config-and-metrics": (
+        lambda w, f: _users_folder(w, "config.yaml", "metrics.jsonl"),
+        "no largebatch run wrote (config.yaml, metrics.jsonl)",
+    ),
+    "out-holds-the-users-notes": (
+        lambda w, f: _users_folder(w, "notes.txt"),
+        "no largebatch run wrote (notes.txt)",
+    ),
+    "out-holds-a-finished-run-without-resume": (
+        lambda w, f: _train(w)[:-1] + [str(f)],
+        "already holds a run",
+    ),
 }
+
+
+def _users_folder(work: Path, *names: str) -> list[str]:
+    """``--out`` names a folder that holds the user's own files."""
+    (work / "run").mkdir()
+    for name in names:
+        (work / "run" / name).write_text(f"the user's own {name}\n")
+    return _train(work)
 
 
 def _tree(folder: Path) -> dict[str, bytes | None]:
@@ -277,13 +339,14 @@ def test_a_crashed_run_leaves_no_lock_behind(tmp_path):
     assert main(_train(tmp_path)) == 0
 
 
-def test_start_up_removes_only_its_own_temporaries(tmp_path):
+def test_start_up_removes_only_its_own_temporaries(tmp_path, finished):
+    # resumed: a new folder holding a user's files is refused (see test_hostile_api.py)
+    argv = _resumed_copy(tmp_path, finished, "--epochs", "3")
     out = tmp_path / "run"
-    out.mkdir()
     (out / ".notes.tmp").write_text("a user's own file")
     (out / ".my.checkpoint.pt.tmp").write_text("also the user's")
     (out / ".checkpoint.pt.k2j4h5g6.tmp").write_bytes(b"left by a save a crash cut short")
-    assert main(_train(tmp_path)) == 0
+    assert main(argv) == 0
     names = {p.name for p in out.iterdir()}
     assert {".notes.tmp", ".my.checkpoint.pt.tmp"} <= names
     assert ".checkpoint.pt.k2j4h5g6.tmp" not in names
@@ -334,6 +397,40 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_partial_file(tmp_path):
     assert proc.returncode == 2
     _assert_one_error_line(proc.stderr, "checkpoint.pt")
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
+def test_a_density_too_large_for_the_memory_is_one_error_line(
+    tmp_path, finished, capfd, monkeypatch
+):
+    import largebatch.analysis
+
+    monkeypatch.setattr(largebatch.analysis, "_total_memory", lambda device: 2**30)
+    before = _tree(tmp_path)
+    capfd.readouterr()
+    argv = _hessian(finished / "checkpoint.pt", "--density", "--lanczos-steps", "2000")
+    assert main([*argv, "--out", str(tmp_path / "h.json")]) == 2
+    _assert_one_error_line(capfd.readouterr().err, "lanczos_steps (2000) needs 2.0 GiB")
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("blocker", ["a-file", "a-link-into-proc"])
+def test_an_unwritable_tensorboard_folder_is_one_error_line(tmp_path, finished, blocker):
+    shutil.copytree(finished, tmp_path / "run")
+    tensorboard = tmp_path / "run" / "tensorboard"
+    if blocker == "a-file":
+        tensorboard.write_text("mine")
+    else:
+        tensorboard.symlink_to("/proc/1")  # a folder that not even root can write into
+    argv = ["train", *TINY, "--out", str(tmp_path / "run"), "--resume", "--epochs", "3"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "largebatch", *argv, "--tensorboard"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    _assert_one_error_line(proc.stderr, f"tensorboard folder {tensorboard}")
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["run"]["epoch"] == 2
 
 
 def test_ctrl_c_during_start_up_is_one_line_and_exit_status_130(tmp_path):

@@ -117,7 +117,7 @@ def test_train_one_epoch_on_tinyimagenet_and_imagenet_then_evaluate(tmp_path, ti
         ("tinyimagenet", tiny, "squeezenext", 32),
         ("imagenet", imagenet, "resnet18", 32),
     ):
-        out = tmp_path / name
+        out = tmp_path / f"run-{name}"  # not inside the data folder: that holds files of its own
         config = TrainConfig(
             dataset=name,
             data_dir=str(folder),

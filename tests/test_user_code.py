@@ -1,9 +1,11 @@
 """User code from the command line (--model/--dataset module:callable), the own-loop
 example, and the pieces a loop of your own is built from."""
 
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -44,8 +46,44 @@ USER_MODULE = textwrap.dedent(
 
     def broken():
         raise RuntimeError("disk on fire")
+
+    def quits(num_classes):
+        import sys
+        sys.exit(0)
+
+    def interrupts():
+        raise KeyboardInterrupt
+
+    def a_dict():
+        x, y = torch.zeros(8, 2, 4), torch.zeros(8, dtype=torch.long)
+        return {"x": x, "y": y}, None
+
+    class Unmeasurable(torch.utils.data.Dataset):
+        def __len__(self):
+            raise OSError("no size today")
+
+    def unmeasurable():
+        return Unmeasurable(), None
+
+    def train_only(seed=0):
+        return data(seed)[0], None
     """
 )
+
+# Modules that misbehave as they are imported (or their attributes read).
+OTHER_MODULES = {
+    "quitter.py": "import sys\nsys.exit(0)\n",
+    "lazy.py": "def __getattr__(name):\n    raise RuntimeError('lazy ' + name)\n",
+    "hangs.py": (
+        "import pathlib, time\npathlib.Path('importing').write_text('')\ntime.sleep(60)\n"
+    ),
+}
+
+
+def _write_user_code(folder):
+    (folder / "mycode.py").write_text(USER_MODULE)
+    for name, text in OTHER_MODULES.items():
+        (folder / name).write_text(text)
 
 
 def _largebatch(cwd, *args):
@@ -55,7 +93,7 @@ def _largebatch(cwd, *args):
 
 
 def test_model_and_dataset_by_import_path_from_the_command_line(tmp_path):
-    (tmp_path / "mycode.py").write_text(USER_MODULE)
+    _write_user_code(tmp_path)
     done = _largebatch(
         tmp_path, "train", "--dataset", "mycode:data", "--model", "mycode:net", "--method",
         "abs", "--set", "abs_duration=1", "--set", "hessian_samples=64", "--epochs", "3",
@@ -81,10 +119,15 @@ def test_model_and_dataset_by_import_path_from_the_command_line(tmp_path):
         (["--dataset", "mycode:one_split"], "must return (train, test) datasets"),
         (["--dataset", "mycode:broken"], "failed: RuntimeError: disk on fire"),
         (["--dataset", ":data"], "must look like package.module:callable"),
+        (["--model", "mycode:quits"], "failed: it called sys.exit(0)"),
+        (["--model", "quitter:net"], "importing 'quitter' failed: it called sys.exit(0)"),
+        (["--model", "lazy:net"], "reading 'net' failed: RuntimeError: lazy net"),
+        (["--dataset", "mycode:a_dict"], "reading train_data[0] failed: KeyError: 0"),
+        (["--dataset", "mycode:unmeasurable"], "len(train_data) failed: OSError: no size"),
     ],
 )
 def test_bad_import_paths_are_one_error_line(tmp_path, flags, message):
-    (tmp_path / "mycode.py").write_text(USER_MODULE)
+    _write_user_code(tmp_path)
     base = {"--dataset": "mycode:data", "--model": "mycode:net"}
     base.update(dict(zip(flags[::2], flags[1::2], strict=True)))
     args = [item for pair in base.items() for item in pair]
@@ -93,6 +136,51 @@ def test_bad_import_paths_are_one_error_line(tmp_path, flags, message):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], done.stderr
     assert not (tmp_path / "r").exists()  # the run folder it created is removed again
+
+
+@pytest.mark.parametrize("model", ["hangs:net", "mycode:interrupts"])
+def test_ctrl_c_in_user_code_is_an_interruption(tmp_path, model):
+    """Ctrl-C stops an import that hangs (it is not held back as during the rest of
+    start-up); a KeyboardInterrupt of the user's own is an interruption too."""
+    _write_user_code(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "largebatch", "train", "--dataset", "mycode:data", "--model",
+         model, "--epochs", "1", "--device", "cpu", "--out", "r"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    hangs = model.startswith("hangs")
+    try:
+        started = time.monotonic()
+        while hangs and not (tmp_path / "importing").exists():
+            assert proc.poll() is None and time.monotonic() < started + 120
+            time.sleep(0.05)
+        if hangs:
+            proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    if hangs:
+        assert time.monotonic() - sent < 10  # stopped at once, not after the sleep
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted"], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_without_a_test_split_is_refused_by_evaluate_and_reported(tmp_path):
+    _write_user_code(tmp_path)
+    done = _largebatch(
+        tmp_path, "train", "--dataset", "mycode:train_only", "--model", "mycode:net",
+        "--epochs", "1", "--device", "cpu", "--out", "study/run", "--quiet",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    done = _largebatch(tmp_path, "evaluate", "--checkpoint", "study/run/checkpoint.pt")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: the run's dataset has no test split;"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    done = _largebatch(tmp_path, "report", "study")  # accuracy shown as "-"
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "| mycode:train_only | mycode:net | bl |" in done.stdout
 
 
 def test_the_own_loop_example_runs_and_its_batch_grows():

@@ -8,6 +8,7 @@ batch-norm runs in eval mode.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,9 @@ from largebatch.sampler import probe_batches
 from largebatch.train import resolve_device
 
 __all__ = ["analyze_checkpoint", "plot_density"]
+
+#: Lanczos steps (Hessian-vector products) for the top eigenvalues; also the most of them.
+EIGEN_STEPS = 300
 
 
 class _Progress:
@@ -132,6 +136,19 @@ def analyze_checkpoint(
     parameters = sum(p.numel() for p in model.parameters())
     if top_k > parameters:
         raise UsageError(f"top_k ({top_k}) exceeds the model's {parameters} parameters")
+    if top_k > EIGEN_STEPS:
+        raise UsageError(
+            f"top_k ({top_k}) exceeds the {EIGEN_STEPS} Lanczos steps hessian takes; "
+            f"use --top-k {EIGEN_STEPS} or less"
+        )
+    vector = parameters * next(model.parameters()).element_size()  # bytes
+    needs = []  # (key, value, bytes it keeps at once)
+    if density:  # a Lanczos basis of steps + 1 vectors and its projected float64 matrix
+        steps = min(lanczos_steps, parameters)
+        needs.append(("lanczos_steps", lanczos_steps, (steps + 1) * vector + steps**2 * 8))
+    if trace and trace_method == "hutch++":  # the sketch H S and its orthonormal basis
+        needs.append(("trace_probes", trace_probes, 2 * (trace_probes // 3) * vector))
+    _check_fits(needs, dev)
     batches: Any
     if samples == "all":
         batches, used = _WholeSet(data.train_x, data.train_y, batch_size, dev), len(data.train_y)
@@ -165,7 +182,7 @@ def analyze_checkpoint(
     eig, seconds = timed(
         f"top-{top_k} eigenvalues",
         lambda: top_eigenvalues(
-            model, loss, batches, k=top_k, tol=tol, max_iter=300, seed=seed,
+            model, loss, batches, k=top_k, tol=tol, max_iter=EIGEN_STEPS, seed=seed,
             operator_options=options,
         ),
     )  # fmt: skip
@@ -207,6 +224,30 @@ def analyze_checkpoint(
             )
             result["density_png"] = str(png)
     return result
+
+
+def _check_fits(needs: list[tuple[str, int, int]], device: torch.device) -> None:
+    """Refuse, before any work, a setting whose vectors can never fit in the memory of
+    ``device`` (its total; the memory free at the time may be less)."""
+    total = _total_memory(device)
+    for key, value, needed in needs:
+        if total is not None and needed > total:
+            raise UsageError(
+                f"{key} ({value}) needs {needed / 2**30:.1f} GiB for its vectors, more than "
+                f"the {total / 2**30:.1f} GiB of memory on {device}; lower it"
+            )
+
+
+def _total_memory(device: torch.device) -> int | None:
+    """Bytes of memory of ``device``; None when not known."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
 
 
 def plot_density(grid: list[float], density: list[float], path: str | Path, title: str) -> None:

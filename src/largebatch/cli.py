@@ -63,6 +63,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
     ("--precision", "precision", str, "fp32|bf16|fp16 (autocast; fp16 adds loss scaling)"),
     ("--out", "out", str, "output folder"),
 ]
+# The train flags defined apart from _TRAIN_FLAGS (lists and switches); also config keys.
+_TRAIN_SWITCHES = ("lr_decay_epochs", "resume", "tensorboard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,10 +201,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from largebatch.train import train
 
     config = load_config(args.config)
-    flags = {key: getattr(args, key) for _, key, _, _ in _TRAIN_FLAGS if hasattr(args, key)}
-    for key in ("lr_decay_epochs", "resume"):
-        if hasattr(args, key):
-            flags[key] = getattr(args, key)
+    keys = [key for _, key, _, _ in _TRAIN_FLAGS] + list(_TRAIN_SWITCHES)
+    flags = {key: getattr(args, key) for key in keys if hasattr(args, key)}
     config = apply_overrides(config, flags)
     config = apply_overrides(config, dict(parse_assignment(a) for a in args.assignments))
     from largebatch.distributed import teardown
@@ -291,6 +291,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from largebatch.report import collect_runs, markdown_table, summarize, write_report
 
+    if not args.folder.strip():
+        raise UsageError("DIR must name a folder of runs, got an empty string")
     path = write_report(args.folder)
     _say(markdown_table(summarize(collect_runs(args.folder))))
     _say(f"report: {path}")

@@ -36,7 +36,7 @@ from typing import Any
 from tqdm import tqdm
 
 from largebatch.config import TrainConfig, apply_overrides, check_number, read_yaml
-from largebatch.errors import ConfigError
+from largebatch.errors import ConfigError, UsageError
 from largebatch.evaluate import check_evaluation
 from largebatch.io import atomic_write_json, atomic_write_text
 from largebatch.outputs import RunFolder
@@ -81,7 +81,9 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
             f"experiment file {path} must be a mapping with sections {sorted(_SECTIONS)}"
         )
     grid = raw.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+    if not isinstance(grid, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and v for k, v in grid.items()
+    ):
         raise ConfigError(f"{path}: grid must map config keys to non-empty lists of values")
     evaluate = raw.get("evaluate") or {}
     hessian = raw.get("hessian") or {}
@@ -94,6 +96,12 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"{path}: base must be a mapping of config key: value")
+    fixed = (set(base) | set(overrides or {}) | set(grid)) & {"out", "resume"}
+    if fixed:
+        raise ConfigError(
+            f"{path}: compare sets {' and '.join(sorted(fixed))} itself (each run goes to "
+            "OUT/runs/<name> and resumes); remove it from base, grid and --set"
+        )
     attacks = evaluate.get("attacks", ["fgsm"])
     if not isinstance(attacks, list) or not all(isinstance(a, str) for a in attacks):
         raise ConfigError(f"{path}: evaluate.attacks must be a list, e.g. [fgsm, pgd]")
@@ -194,11 +202,23 @@ def run_experiment(
 ) -> dict[str, str]:
     """Run every grid point not yet finished; return ``{name: "done"|"skipped"|"failed"}``."""
     out = Path(out)
+    _check_not_a_run(out)
     runs = expand_grid(experiment, out)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     with RunFolder(out):  # a second compare on the same folder is refused
         return _run_grid(experiment, out, runs, show_progress, echo)
+
+
+def _check_not_a_run(out: Path) -> None:
+    """A grid's folder holds its runs in ``runs/``; the folder of one training run (its
+    files at the top) would be pooled with them in the report."""
+    for name in ("checkpoint.pt", "summary.json"):
+        if (out / name).exists():
+            raise UsageError(
+                f"--out {out} is the folder of a training run (it holds {name}); give the "
+                "grid a folder of its own"
+            )
 
 
 def _run_grid(

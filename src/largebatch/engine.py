@@ -251,8 +251,9 @@ def _check_claim(out: Path, resume: bool, what: str) -> None:
     if resume and (out / "checkpoint.pt").exists():
         return  # the run's own folder: only our files are rewritten
     if (out / "checkpoint.pt").exists() or (out / "summary.json").exists():
+        resume_it = "--resume" if what == "--out" else "resume=True"
         raise UsageError(
-            f"{out} already holds a run; pass --resume to continue it or choose another {what}"
+            f"{out} already holds a run; pass {resume_it} to continue it or choose another {what}"
         )
     foreign = foreign_files(out)
     if foreign:
@@ -532,12 +533,12 @@ def run(
         scalars = None
         if write and world.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            if config.tensorboard:  # first: a folder it cannot write to changes nothing
+                scalars = closing.enter_context(ScalarLog(out / "tensorboard"))
             remove_own_temporaries(out, RUN_FILES)  # left by a save that a crash cut short
             save_config(recorded, out / "config.yaml")
             # The checkpoint's history is the truth: it drops epochs logged after the last save.
             write_jsonl(out / "metrics.jsonl", state.history)
-            if config.tensorboard:
-                scalars = closing.enter_context(ScalarLog(out / "tensorboard"))
 
         echo(
             f"training {config.model} on {config.dataset} ({len(data.train_y)} samples), "

@@ -93,6 +93,11 @@ def evaluate_checkpoint(
     check_output_file(out)
     dev = resolve_device(device)
     model, config, data = load_trained_with_data(checkpoint, dev, data_dir, limit_test=limit)
+    if len(data.test_y) == 0:
+        raise UsageError(
+            f"the run's dataset has no test split; to evaluate {checkpoint}, its dataset "
+            f"{config['dataset']!r} must return (train, test) with a test set"
+        )
     step = alpha if alpha is not None else 2.5 * eps / steps
     generator = torch.Generator().manual_seed(seed)
     clamp = data.input_range

@@ -6,6 +6,10 @@ on), or it is thrown through a pybind11 callback, which aborts the process. Whil
 :func:`hold_interrupts` is active, SIGINT is only noted; :func:`raise_if_held` raises
 it as KeyboardInterrupt at a point the caller chose. The training loop installs its own
 handler (stop after the current update) and calls :func:`raise_if_held` first.
+
+The user's own code (a ``--model``/``--dataset`` module imported and called during
+start-up) runs under :func:`deliver_interrupts`: there Ctrl-C raises at once, so an
+import that hangs can still be stopped.
 """
 
 from __future__ import annotations
@@ -15,23 +19,50 @@ import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["hold_interrupts", "raise_if_held"]
+__all__ = ["hold_interrupts", "deliver_interrupts", "raise_if_held"]
 
 _held: list[int] = []
+
+
+def _note(signum: int, _frame: object) -> None:
+    _held.append(signum)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @contextlib.contextmanager
 def hold_interrupts() -> Iterator[None]:
     """Note SIGINT instead of raising it inside the block; raise it when the block ends."""
-    if threading.current_thread() is not threading.main_thread():
+    if not _in_main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: _held.append(signum))
+    previous = signal.signal(signal.SIGINT, _note)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
     raise_if_held()
+
+
+@contextlib.contextmanager
+def deliver_interrupts() -> Iterator[None]:
+    """Inside a :func:`hold_interrupts` block: let SIGINT raise KeyboardInterrupt at once
+    in this block (a SIGINT held already is raised on entry), and hold it again after.
+
+    Elsewhere (no hold active, another handler installed, another thread) it changes
+    nothing.
+    """
+    if not _in_main_thread() or signal.getsignal(signal.SIGINT) is not _note:
+        yield
+        return
+    raise_if_held()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, _note)
 
 
 def raise_if_held() -> None:

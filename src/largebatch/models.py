@@ -414,7 +414,7 @@ def build_model(
             "use --model mlp for vector data"
         )
     body = _BUILDERS[name](shape, num_classes)
-    if mean is None or std is None:
+    if not mean or not std:  # None, or () for data given as objects: no statistics
         return nn.Sequential(nn.Identity(), body)
     return nn.Sequential(Normalize(mean, std, len(shape)), body)
 

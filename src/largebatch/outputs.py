@@ -29,6 +29,7 @@ __all__ = [
     "CONFIG_HEADER",
     "check_output_file",
     "describe_os_error",
+    "probe_writable",
     "foreign_files",
     "remove_own_temporaries",
 ]
@@ -100,7 +101,7 @@ class RunFolder:
             raise UsageError(f"{self.what} {path} keeps changing under us; choose another folder")
         self._fd, self._created = fd, created
         try:
-            _probe_writable(path)
+            probe_writable(path)
         except OSError as exc:
             self.__exit__(None, None, None)
             raise UsageError(describe_os_error(exc, f"{self.what} {path}")) from None
@@ -151,7 +152,7 @@ def _same_folder(fd: int, path: Path) -> bool:
 _PROBE_PREFIX = ".largebatch-probe."
 
 
-def _probe_writable(folder: Path) -> None:
+def probe_writable(folder: Path) -> None:
     """Create and remove a file in ``folder``: the only check that a read-only mount,
     /proc or a missing permission cannot fool."""
     try:
@@ -177,8 +178,18 @@ def foreign_files(folder: str | Path) -> list[str]:
     return [
         name
         for name in names
-        if not (name in ours and run_was_here) and not _own_temporary(name, ours)
+        if not (name in ours and run_was_here)
+        and not _own_temporary(name, ours)
+        and not (name == "tensorboard" and _only_events(folder / name))
     ]
+
+
+def _only_events(folder: Path) -> bool:
+    """A TensorBoard folder that holds only event files (ours, from a run that stopped
+    before its ``config.yaml``)."""
+    return folder.is_dir() and all(
+        p.name.startswith("events.out.tfevents.") for p in folder.iterdir()
+    )
 
 
 def _written_by_a_run(config: Path) -> bool:
@@ -225,7 +236,7 @@ def check_output_file(path: str | Path | None, what: str = "--out") -> None:
     try:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
-        _probe_writable(existing)
+        probe_writable(existing)
     except OSError as exc:
         raise UsageError(describe_os_error(exc, f"{what} {path}")) from None
 

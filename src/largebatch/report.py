@@ -54,8 +54,8 @@ def _is_number(value: Any) -> bool:
 _NUMBER_OR_NONE = (lambda v: v is None or _is_number(v), "a number or null")
 _SHAPES: dict[str, dict[str, tuple[Any, str]]] = {
     "summary": {
-        "final_test_acc": (_is_number, "a number"),
-        "best_test_acc": (_is_number, "a number"),
+        "final_test_acc": _NUMBER_OR_NONE,  # null: the run's dataset has no test split
+        "best_test_acc": _NUMBER_OR_NONE,
         "updates": (_is_number, "a number"),
         "wall_s": (_is_number, "a number"),
         "hessian_s": (_is_number, "a number"),
@@ -73,7 +73,7 @@ _SHAPES: dict[str, dict[str, tuple[Any, str]]] = {
         "updates": (_is_number, "a number"),
         "batch_size": (_is_number, "a number"),
         "lr": (_is_number, "a number"),
-        "test_acc": (_is_number, "a number"),
+        "test_acc": _NUMBER_OR_NONE,
         "eigenvalue": _NUMBER_OR_NONE,
     },
     "robust": {
@@ -129,7 +129,8 @@ def _read_run(folder: Path, summary_path: Path) -> dict[str, Any] | None:
     hessian = _read_json(run / "hessian.json") or {}
     if not isinstance(hessian, dict):
         raise UsageError(f"{run / 'hessian.json'} does not hold a largebatch Hessian result")
-    values = (hessian.get("eigenvalues") or {}).get("values", [None])
+    eigenvalues = hessian.get("eigenvalues") or {}
+    values = eigenvalues.get("values", [None]) if isinstance(eigenvalues, dict) else None
     if not isinstance(values, list) or not values or not _NUMBER_OR_NONE[0](values[0]):
         raise UsageError(f"{run / 'hessian.json'} has no list of eigenvalues")
     return {
@@ -293,8 +294,11 @@ def plot_accuracy_vs_updates(runs: list[dict[str, Any]], path: str | Path, title
     shown = set()
     for run in runs:
         label = _label(run["config"])
-        x = [h["updates"] for h in run["history"]]
-        y = [100 * h["test_acc"] for h in run["history"]]
+        tested = [h for h in run["history"] if h["test_acc"] is not None]
+        if not tested:
+            continue
+        x = [h["updates"] for h in tested]
+        y = [100 * h["test_acc"] for h in tested]
         ax.plot(
             x,
             y,
@@ -310,7 +314,8 @@ def plot_accuracy_vs_updates(runs: list[dict[str, Any]], path: str | Path, title
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if shown:
+        ax.legend(fontsize=8)
     _save(fig, Path(path))
 
 

@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import numbers
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 from tqdm import tqdm
 
 from largebatch.data import DataSource
-from largebatch.errors import UsageError
+from largebatch.errors import UsageError, UserCodeError
+from largebatch.interrupts import deliver_interrupts
 
 __all__ = [
     "as_source",
@@ -32,28 +34,48 @@ __all__ = [
 ]
 
 
+@contextlib.contextmanager
+def _failures(what: str) -> Iterator[None]:
+    """Any failure of the user's code in the block (an exception, ``sys.exit``) as one
+    UserCodeError ``"{what} failed: ..."``; a UsageError passes, and Ctrl-C stays an
+    interruption."""
+    try:
+        yield
+    except (UsageError, KeyboardInterrupt):
+        raise
+    except SystemExit as exc:
+        raise UserCodeError(
+            f"{what} failed: it called sys.exit({exc.code!r}); code run by largebatch must "
+            "not exit (keep script code under if __name__ == '__main__':)"
+        ) from None
+    except BaseException as exc:
+        raise UserCodeError(f"{what} failed: {type(exc).__name__}: {exc}") from None
+
+
 def load_callable(path: str, what: str) -> Callable[..., Any]:
     """The callable named ``package.module:attribute`` (``what`` names it in errors).
 
-    The current folder is searched first, as ``python -m`` would.
+    The current folder is searched first, as ``python -m`` would. The import runs with
+    Ctrl-C delivered (see :func:`largebatch.interrupts.deliver_interrupts`); any failure
+    in it is a one-line UserCodeError.
     """
     module_name, _, attribute = str(path).partition(":")
     if not module_name or not attribute:
         raise UsageError(f"{what} {path!r} must look like package.module:callable")
     if "" not in sys.path:
         sys.path.insert(0, "")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"{what} {path!r}: cannot import {module_name!r} ({exc})") from None
-    except Exception as exc:  # the user's module failed while importing
-        raise UsageError(
-            f"{what} {path!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise UsageError(f"{what} {path!r}: {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
+    with deliver_interrupts(), _failures(f"{what} {path!r}: importing {module_name!r}"):
+        try:
+            target: Any = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UserCodeError(f"{what} {path!r}: cannot import {module_name!r} ({exc})") from None
+    with deliver_interrupts(), _failures(f"{what} {path!r}: reading {attribute!r}"):
+        for part in attribute.split("."):
+            if not hasattr(target, part):
+                raise UserCodeError(
+                    f"{what} {path!r}: {module_name!r} has no attribute {attribute!r}"
+                )
+            target = getattr(target, part)
     if not callable(target):
         raise UsageError(f"{what} {path!r} is a {type(target).__name__}, not a callable")
     return target
@@ -62,7 +84,8 @@ def load_callable(path: str, what: str) -> Callable[..., Any]:
 def call_with_accepted(function: Callable[..., Any], what: str, **offered: Any) -> Any:
     """Call ``function`` with those of ``offered`` that its signature accepts.
 
-    An exception inside the user's code becomes a one-line UsageError naming ``what``.
+    The call runs with Ctrl-C delivered; any failure inside the user's code (an
+    exception, ``sys.exit``) becomes a one-line UserCodeError naming ``what``.
     """
     try:
         parameters = inspect.signature(function).parameters
@@ -70,12 +93,8 @@ def call_with_accepted(function: Callable[..., Any], what: str, **offered: Any) 
         parameters = {}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     chosen = {k: v for k, v in offered.items() if takes_any or k in parameters}
-    try:
+    with deliver_interrupts(), _failures(what):
         return function(**chosen)
-    except UsageError:
-        raise
-    except Exception as exc:
-        raise UsageError(f"{what} failed: {type(exc).__name__}: {exc}") from None
 
 
 def as_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +124,28 @@ def as_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"{what} is a {type(data).__name__}; pass a map-style Dataset of (input, target) "
             "pairs or a pair of tensors (inputs, targets)"
         )
-    count = len(data)
+    with deliver_interrupts():  # the user's __getitem__ may be slow: Ctrl-C stops it
+        inputs, targets = _read_items(data, what)
+    shapes = {tuple(x.shape) for x in inputs}
+    if len(shapes) > 1:
+        raise UsageError(f"{what}: inputs have different shapes {sorted(shapes)[:3]}; pad them")
+    target_shapes = {tuple(t.shape) for t in targets}
+    if len(target_shapes) > 1:
+        raise UsageError(f"{what}: targets have different shapes {sorted(target_shapes)[:3]}")
+    return _checked_pair(torch.stack(inputs), torch.stack(targets), what=what)
+
+
+def _read_items(data: Any, what: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every ``(input, target)`` of a map-style dataset, as tensors, item by item."""
+    with _failures(f"reading len({what})"):
+        count = len(data)
     if count < 1:
         raise UsageError(f"{what} is empty")
     inputs, targets = [], []
     show = count >= 10_000 and sys.stderr.isatty()
     for i in tqdm(range(count), desc=f"reading {what}", disable=not show, file=sys.stderr):
-        item = data[i]
+        with _failures(f"reading {what}[{i}]"):
+            item = data[i]
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise UsageError(
                 f"{what}[{i}] is a {type(item).__name__}"
@@ -120,13 +154,7 @@ def as_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
             )
         inputs.append(_tensor(item[0], f"{what}[{i}] input"))
         targets.append(_tensor(item[1], f"{what}[{i}] target"))
-    shapes = {tuple(x.shape) for x in inputs}
-    if len(shapes) > 1:
-        raise UsageError(f"{what}: inputs have different shapes {sorted(shapes)[:3]}; pad them")
-    target_shapes = {tuple(t.shape) for t in targets}
-    if len(target_shapes) > 1:
-        raise UsageError(f"{what}: targets have different shapes {sorted(target_shapes)[:3]}")
-    return _checked_pair(torch.stack(inputs), torch.stack(targets), what=what)
+    return inputs, targets
 
 
 def _tensor(value: Any, what: str = "value") -> torch.Tensor:
