@@ -22,7 +22,7 @@ import yaml
 from helpers import cli_train
 from largebatch.checkpoint import load_checkpoint, save_checkpoint
 from largebatch.cli import main
-from largebatch.outputs import RunFolder
+from largebatch.outputs import RUN_FILES, RunFolder
 
 TINY = [
     "--dataset",
@@ -455,3 +455,92 @@ def test_an_unwritable_output_folder_is_one_error_line(tmp_path, capfd):
         _assert_one_error_line(capfd.readouterr().err, str(locked))
     finally:
         locked.chmod(0o755)
+
+
+def test_several_train_processes_on_one_new_folder_give_one_whole_run(tmp_path):
+    """Started together on a folder that does not exist yet: exactly one run is made, and
+    it finishes; every other process exits 2 with one line and takes nothing away."""
+    out = tmp_path / "new" / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = ("--epochs", "2", "--quiet", "--set", "limit_train=256")
+    procs = [
+        subprocess.Popen(_cli(out, *flags), stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(4)
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2, 2, 2], results
+    for code, err in results:
+        if code == 2:
+            _assert_one_error_line(err, "")
+            assert "in use by another largebatch process" in err or "already holds a run" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+_SLOW_DATA = """
+import time
+from pathlib import Path
+import torch
+from torch.utils.data import TensorDataset
+
+def data():  # the run holds its folder while it reads its data
+    Path("held").write_text("reading")
+    while not Path("release").exists():
+        time.sleep(0.01)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    return TensorDataset(x, y), TensorDataset(x[:16], y[:16])
+"""
+
+# `largebatch train` whose flock first waits for the file ./gate: it has made the folder
+# and opened it, and locks it only when the test says so
+_GATED_TRAIN = """
+import fcntl, sys, time
+from pathlib import Path
+real = fcntl.flock
+def gated(fd, op):
+    while not Path("gate").exists():
+        time.sleep(0.01)
+    return real(fd, op)
+fcntl.flock = gated
+from largebatch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_loser_of_a_folder_race_leaves_the_winners_run_alone(tmp_path):
+    """The race the CLI lost runs to before: the loser made the folder, the winner locked
+    it first; the loser then removed the (still empty) folder as its own, so a third
+    process got a folder of its own at the same path while the winner read its data, and
+    two runs finished into one folder."""
+    (tmp_path / "slowdata.py").write_text(_SLOW_DATA)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train", "--device", "cpu", "--quiet", "--epochs", "1", "--out", "run"]
+    loser = subprocess.Popen(
+        [sys.executable, "-c", _GATED_TRAIN, *args, "--dataset", "synthetic", "--model", "mlp"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run").exists():  # the loser has made the folder
+        assert time.monotonic() < deadline and loser.poll() is None
+        time.sleep(0.01)
+    winner = subprocess.Popen(
+        [sys.executable, "-m", "largebatch", *args, "--dataset", "slowdata:data", "--model", "mlp"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    while not (tmp_path / "held").exists():  # the winner holds the folder, reads its data
+        assert time.monotonic() < deadline and winner.poll() is None
+        time.sleep(0.01)
+    (tmp_path / "gate").write_text("")
+    assert loser.wait(timeout=120) == 2
+    _assert_one_error_line(loser.stderr.read(), "in use by another largebatch process")
+    assert (tmp_path / "run").is_dir()  # still the winner's, and still held:
+    third = subprocess.run(
+        [sys.executable, "-m", "largebatch", *args, "--dataset", "synthetic", "--model", "mlp"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert third.returncode == 2, third.stderr  # a third run would have got its own folder
+    _assert_one_error_line(third.stderr, "in use by another largebatch process")
+    (tmp_path / "release").write_text("")
+    assert winner.wait(timeout=300) == 0, winner.stderr.read()
+    assert (tmp_path / "run" / "summary.json").exists()
