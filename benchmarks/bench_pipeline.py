@@ -2,7 +2,7 @@
 
 For each case, side by side in one process, at global batch 128 and 4096:
 
-- pipeline samples/s: :class:`largebatch.pipeline.Feed` producing the training batches
+- pipeline samples/s: :class:`largebatch.feed.Feed` producing the training batches
   (indexing, augmentation, decoding, the split into micro-batches), nothing else;
 - training samples/s: forward, backward and SGD step on batches already in memory
   (micro-batches of at most ``--micro`` samples, accumulated into the global batch).
@@ -49,8 +49,8 @@ from PIL import Image
 
 from largebatch.data import DataSource, load_dataset, random_crop_flip
 from largebatch.errors import DataError
+from largebatch.feed import Feed, default_workers
 from largebatch.models import build_model
-from largebatch.pipeline import Feed, default_workers
 from largebatch.precision import autocast
 from largebatch.sampler import EpochSampler
 

@@ -30,18 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch.nn.functional as F
-
 from largebatch.config import TrainConfig
 from largebatch.controllers import BatchController, Decision
-from largebatch.data import load_dataset
-from largebatch.distributed import setup
-from largebatch.engine import Parts, run, seed_everything
 from largebatch.errors import DivergedError
 from largebatch.evaluate import evaluate_checkpoint
 from largebatch.io import atomic_write_json, atomic_write_text, read_jsonl
-from largebatch.models import build_model
-from largebatch.train import model_spec, train
+from largebatch.train import train
 
 #: method label -> config changes (controller defaults otherwise)
 METHODS: dict[str, dict[str, Any]] = {
@@ -142,19 +136,8 @@ class Replay(BatchController):
 
 def _train_timed(config: TrainConfig, controller: BatchController | None) -> float:
     """Wall seconds of one run of ``config`` (with ``controller`` in place of its method's)."""
-    world, device_name = setup(config.device)
-    seed_everything(config.seed)
-    data = load_dataset(
-        config.dataset, config.data_dir, seed=config.seed,
-        limit_train=config.limit_train, limit_test=config.limit_test,
-    )  # fmt: skip
-    spec = model_spec(config, data)
-    parts = Parts(
-        model=build_model(**spec), data=data, loss_fn=F.cross_entropy, spec=spec,
-        controller=controller,
-    )  # fmt: skip
     started = time.perf_counter()
-    run(config, parts, world, device_name, show_progress=False)
+    train(config, controller=controller, echo=None, show_progress=False)
     return time.perf_counter() - started
 
 

@@ -146,7 +146,7 @@ EOF
 } >"$OUT/env.txt" 2>&1
 say "environment written to env.txt ($(wc -l <"$OUT/env.txt") lines)"
 
-step "import" 60 "$PYTHON" -c "import largebatch.cli, largebatch.train, largebatch.hessian, largebatch.pipeline; print('largebatch imports ok')"
+step "import" 60 "$PYTHON" -c "import largebatch.cli, largebatch.train, largebatch.hessian, largebatch.feed; print('largebatch imports ok')"
 
 # ------------------------------------------------------------------ the tests
 # Their own log and JUnit XML; the gpu-check log gets the tail. At the time limit pytest

@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from largebatch.build import make_controller
 from largebatch.config import TrainConfig
 from largebatch.controllers import (
     AdaptiveBatch,
@@ -11,7 +12,6 @@ from largebatch.controllers import (
     LinearScalingWarmup,
     NoiseScaleBatch,
     checked_decision,
-    make_controller,
 )
 from largebatch.errors import StateError
 from largebatch.lr import scaling_factor
@@ -240,3 +240,31 @@ def test_the_curvature_guard_caps_the_lr_at_the_stability_limit():
     assert guard.decision().lr_factor == pytest.approx(0.25)  # 0.025 / 0.1
     guard.step({"epoch_end": True})
     assert guard.epoch == 1 and guard.decision().lr_factor == pytest.approx(0.25)
+
+
+def test_linear_scaling_controllers_keep_their_lr_factors_to_the_last_bit():
+    # the factors as the controllers computed them inline before lr.scaling_factor did
+    for base, top in [(128, 2048), (100, 1000), (3, 97)]:
+        fb = LinearScalingWarmup(base, top, [2, 4], 0.3, warmup_epochs=1)
+        absc = AdaptiveBatch(base, top, [2, 4], 0.3, growth_factor=3, duration=1)
+        for epoch in range(8):
+            decay = 0.3 ** sum(1 for m in (2, 4) if epoch >= m)
+            assert fb.decision().lr_factor == top / base * decay
+            assert absc.decision().lr_factor == absc.batch_size / base * decay
+            fb.step()
+            absc.step()
+
+
+def test_gg_and_gns_count_the_milestones_through_lr():
+    gg = IncreaseBatchInsteadOfDecay(128, 512, [1, 2, 3], 0.5)
+    batches = []
+    for _ in range(5):
+        batches.append(gg.decision().batch_size)
+        gg.step()
+    assert batches == [128, 256, 512, 512, 512]
+    gns = NoiseScaleBatch(128, 128, [1, 2], 0.1, num_samples=1000, every_fraction=0.5)
+    factors = []
+    for samples in (0, 999, 1000, 2500):
+        gns.step({"samples": samples, "epoch_end": False})
+        factors.append(gns.decision().lr_factor)
+    assert factors == [1.0, 1.0, 0.1, 0.1**2]

@@ -41,10 +41,10 @@ from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.data import load_dataset
 from largebatch.evaluate import evaluate_checkpoint
+from largebatch.feed import Feed
 from largebatch.hessian import top_eigenvalues
 from largebatch.io import read_jsonl
 from largebatch.models import build_model
-from largebatch.pipeline import Feed
 from largebatch.precision import tf32
 from largebatch.sampler import EpochSampler
 from largebatch.train import TrainingInterrupted, resolve_device, train

@@ -16,7 +16,7 @@ import scipy.io
 import torch
 
 from largebatch import data
-from largebatch.data import DATASETS, DataSource, load_dataset, random_crop_flip
+from largebatch.data import DATASETS, DataSource, load_dataset, random_crop_flip, small
 from largebatch.errors import DataError, UsageError
 
 FASHION_DIR = Path(data.DEFAULT_DATA_DIRS["fashion-mnist"])
@@ -402,7 +402,7 @@ def test_mnist1d_generate_cache_and_reuse(tmp_path, monkeypatch, no_network):
 
 def test_mnist1d_cache_env(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path))
-    monkeypatch.setattr(data, "_generate_mnist1d", lambda: _fake_mnist1d())
+    monkeypatch.setattr(small, "_generate_mnist1d", lambda: _fake_mnist1d())
     source = load_dataset("mnist1d")
     assert (tmp_path / "mnist1d" / "mnist1d.npz").is_file()
     assert source.train_x.shape == (8, 40)

@@ -1,4 +1,5 @@
-"""Tests for largebatch.imagefolder: tiny Tiny-ImageNet and ImageNet trees of real JPEG files."""
+"""Tests for largebatch.data.imagefolder and .imagenet: tiny Tiny-ImageNet and ImageNet trees of
+real JPEG files."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from helpers import (
     write_tiny,
 )
 from largebatch.data import DataSource, load_dataset
+from largebatch.data.imagefolder import LazyImages
+from largebatch.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from largebatch.errors import DataError, UsageError
-from largebatch.imagefolder import IMAGENET_MEAN, IMAGENET_STD, LazyImages
 
 
 @pytest.fixture

@@ -161,3 +161,33 @@ def test_meter_states_are_tagged_checked_and_old_ones_load():
     again.load_state_dict(old)  # a checkpoint from before meters: the tracker's state alone
     with pytest.raises(StateError, match="CurvatureMeter.load_state_dict"):
         again.load_state_dict(meter.state_dict())
+
+
+def test_each_meter_fills_its_own_record_keys_and_tells_the_controller():
+    from largebatch.meters import EIGENVALUE, Meter
+
+    assert Meter.empty() == {} and Meter().told({"x": 1}) == {"x": 1}
+    # as the engine wrote the records before the meters filled them
+    assert list(GradientNoiseMeter.empty().items()) == [
+        ("gns", None), ("gns_grad_sq", None), ("gns_trace", None), ("gns_updates", None),
+        ("gns_s", None),
+    ]  # fmt: skip
+    assert list(CurvatureMeter.empty().items()) == [
+        ("eigenvalue", None), ("eig_residual", None), ("eig_matvecs", 0),
+        ("eig_converged", None), ("eig_s", 0.0), ("eig_error", None),
+        ("usable_eigenvalue", None),
+    ]  # fmt: skip
+    assert GradientNoiseMeter().empty() == GradientNoiseMeter.empty()
+    numbers = GradientNoiseMeter().at_decision(None, Point(0, 0, True))
+    assert GradientNoiseMeter().told(numbers) == numbers
+    told = {**GradientNoiseMeter.empty(), "test_acc": 0.5}
+    assert GradientNoiseMeter().told(told) is not told  # a copy: the record is not changed
+
+    _, x, y = _problem(64)
+    curvature = CurvatureMeter(EigenTracker(F.cross_entropy, (x[:32], y[:32]), seed=1))
+    unusable = {**CurvatureMeter.empty(), "eigenvalue": 3.0}
+    assert curvature.told(unusable)[EIGENVALUE] is None
+    assert unusable["eigenvalue"] == 3.0  # the record keeps the raw value
+    usable = {**unusable, "usable_eigenvalue": 3.0}
+    assert curvature.told(usable) == usable
+    assert list(curvature.told(unusable)) == list(unusable)  # same keys, same order

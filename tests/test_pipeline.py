@@ -13,8 +13,8 @@ from largebatch.data import load_dataset
 from largebatch.distributed import World
 from largebatch.errors import DataError
 from largebatch.evaluate import evaluate_checkpoint
+from largebatch.feed import Feed
 from largebatch.io import read_jsonl
-from largebatch.pipeline import Feed
 from largebatch.sampler import EpochSampler
 from largebatch.train import train
 

@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import largebatch.engine as engine_module
+import largebatch.accumulate as accumulate_module
 from helpers import without_times
+from largebatch.build import make_tracker
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
-from largebatch.engine import make_tracker
 from largebatch.errors import ConfigError
 from largebatch.io import read_jsonl
 from largebatch.precision import autocast, make_scaler
@@ -98,7 +98,7 @@ def test_fp16_overflow_skips_updates_instead_of_calling_it_divergence(tmp_path, 
     # A loss scale of 2**40 overflows fp16 gradients; the scaler must halve it, skipping
     # those updates, and the run must go on and learn.
     monkeypatch.setattr(
-        engine_module,
+        accumulate_module,
         "make_scaler",
         lambda device, precision: torch.amp.GradScaler(device.type, init_scale=2.0**40),
     )

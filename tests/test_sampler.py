@@ -68,3 +68,23 @@ def test_a_growing_sampler_state_is_tagged_and_old_states_load():
     old.load_state_dict({"epoch": 0, "position": 4, "batch_size": 4})
     assert old.state_dict() == state
     assert [b for b in old] == [b for b in GrowingBatchSampler(10, 4, seed=0)][1:]
+
+
+def test_the_run_seeds_keep_their_numbers():
+    from largebatch.sampler import (
+        PROBE_SEED_OFFSET,
+        augment_rng_seed,
+        augment_seed,
+        order_seed,
+        probe_seed,
+    )
+
+    for seed in (0, 1, 7, 12345):
+        assert probe_seed(seed) == seed + 104_729 == seed + PROBE_SEED_OFFSET
+        for epoch in (0, 1, 59):
+            assert order_seed(seed, epoch) == seed * 1_000_003 + epoch
+            assert augment_seed(seed, epoch) == seed * 1_000_003 + epoch
+            assert augment_rng_seed(seed, epoch) == seed * 7919 + epoch
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            expected = torch.randperm(50, generator=generator)
+            assert torch.equal(EpochSampler(50, seed).order(epoch), expected)

@@ -197,6 +197,19 @@ def test_the_own_loop_example_runs_and_its_batch_grows():
     assert accuracy > 0.9
 
 
+def test_the_gns_own_loop_example_runs_and_its_batch_follows_the_noise_scale():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "own_loop_gns.py")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("epoch")]
+    batches = [int(row[3]) for row in rows]
+    assert len(rows) == 6 and batches[0] >= 32 and batches[-1] > 32  # it grew
+    assert all(float(row[6]) > 0 for row in rows)  # a measured noise scale each epoch
+    assert float(rows[-1][-1]) > 0.85
+
+
 def test_accumulation_weights_a_short_last_micro_batch_by_its_size():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()

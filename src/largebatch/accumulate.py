@@ -4,19 +4,42 @@ A global batch of ``n`` samples run as micro-batches of ``n_k`` samples gives th
 of the whole batch at once when each micro-batch's mean loss is scaled by ``n_k / n``
 before its backward pass. Weighting each micro-batch by ``1 / count`` instead (what a
 fixed ``loss / accumulation_steps`` does) over-weights a short last micro-batch.
+
+:class:`GlobalBatch` is the whole update the training loop runs (and a loop of yours can
+run): micro-batches, adversarial share, batch norm per update, the all-reduce, the meters'
+hooks, the finite check and the step. :func:`accumulate` is the bare gradient part.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from largebatch import checks
-from largebatch.errors import InvalidValueError
+from largebatch.distributed import World, all_reduce_gradients
+from largebatch.errors import DivergedError, InvalidValueError
+from largebatch.meters import Meter, Point
+from largebatch.precision import autocast, make_scaler
 
-__all__ = ["micro_batches", "backward_share", "accumulate"]
+__all__ = [
+    "cuts",
+    "micro_batches",
+    "backward_share",
+    "accumulate",
+    "to_device",
+    "BatchNormPerUpdate",
+    "GlobalBatch",
+]
+
+
+def cuts(count: int, size: int) -> list[slice]:
+    """The slices that cut ``count`` samples into consecutive pieces of at most ``size``
+    (the last may be short): the one rule for micro-batches, probe batches and the
+    feed's pieces."""
+    return [slice(i, min(i + size, count)) for i in range(0, count, size)]
 
 
 def micro_batches(
@@ -24,7 +47,7 @@ def micro_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(x, y)`` cut into consecutive pieces of at most ``size`` samples."""
     size = _checked(x, y, size, "micro_batches", "size")  # at the call, not at the first batch
-    return ((x[i : i + size], y[i : i + size]) for i in range(0, len(y), size))
+    return ((x[piece], y[piece]) for piece in cuts(len(y), size))
 
 
 def backward_share(
@@ -68,3 +91,170 @@ def _checked(x: torch.Tensor, y: torch.Tensor, size: int, who: str, field: str) 
     if len(x) != len(y):
         raise InvalidValueError(f"{who}: x has {len(x)} samples but y has {len(y)}")
     return checks.integer(size, who, field, minimum=1)
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """``x`` on ``device`` (without waiting for the copy), channels-last when asked."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class BatchNormPerUpdate:
+    """Batch-norm running statistics move once per optimizer update, not per micro-batch.
+
+    Each micro-batch's forward pass starts from the statistics of the update's start, and
+    the update ends with the sample-weighted mean of where the micro-batches took them:
+    ``(1 - m) r + m * mean(batch statistics)``. So an update's running statistics do not
+    depend on how its global batch was cut into micro-batches or spread over ranks (the
+    ranks' results are averaged in the gradient all-reduce), and one process with
+    accumulation gives the running statistics, eval-mode accuracy and eigenvalue of any
+    number of ranks.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        buffers = [(name.rsplit(".", 1)[-1], b) for name, b in model.named_buffers()]
+        self.running = [b for n, b in buffers if b.is_floating_point() and n.startswith("running_")]
+        self.counts = [b for n, b in buffers if n == "num_batches_tracked"]
+
+    def begin(self) -> None:
+        self._start = [b.clone() for b in self.running]
+        self._start_counts = [c.clone() for c in self.counts]
+        self._sums = [torch.zeros_like(b) for b in self.running]
+        self._samples = 0
+
+    def micro_batch_done(self, samples: int) -> None:
+        for total, buffer, start in zip(self._sums, self.running, self._start, strict=True):
+            total.add_(buffer, alpha=samples)
+            buffer.copy_(start)
+        self._samples += samples
+
+    def end(self) -> None:
+        for buffer, total in zip(self.running, self._sums, strict=True):
+            buffer.copy_(total / max(self._samples, 1))
+        for count, start in zip(self.counts, self._start_counts, strict=True):
+            count.copy_(start + 1)
+
+
+#: ``attack(model, x, y, ratio, loss_fn) -> x``: the adversarial share of a micro-batch
+Attack = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, float, Callable[..., torch.Tensor]], torch.Tensor
+]
+
+
+class GlobalBatch:
+    """One optimizer update over a global batch, the update that ``largebatch.fit`` runs
+    and that a loop of your own can run too.
+
+    :meth:`step` takes this rank's micro-batches of the update and: zeroes the gradients;
+    per micro-batch replaces the adversarial share (``attack``), runs the forward pass
+    under autocast and the backward pass weighted by the micro-batch's share of the
+    global batch (:func:`backward_share`), adds to the epoch's sums and calls each
+    meter's ``after_backward``; moves batch-norm statistics once per update
+    (:class:`BatchNormPerUpdate`); under torchrun all-reduces the gradients with a stop
+    flag riding along; calls each meter's ``at_update``; refuses a non-finite loss or
+    gradient (:class:`~largebatch.errors.DivergedError`: nothing reaches the weights);
+    and steps the optimizer (through the fp16 loss scaler, when there is one).
+
+    Args:
+        model, optimizer, loss_fn: what is trained; ``loss_fn(outputs, targets)`` returns
+            the mean loss.
+        world: the process group (:class:`~largebatch.distributed.World`).
+        device: where the micro-batches go.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 adds loss scaling).
+        attack: the adversarial share (:class:`~largebatch.adversarial.AdversarialShare`),
+            or None.
+        channels_last: put image micro-batches in channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        world: World,
+        device: torch.device,
+        precision: str = "fp32",
+        attack: Attack | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.world, self.device, self.precision = world, device, precision
+        self.attack, self.channels_last = attack, channels_last
+        self.scaler = make_scaler(device, precision)
+        self.batch_norm = BatchNormPerUpdate(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(
+        self,
+        micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        batch_samples: int,
+        *,
+        adv_ratio: float = 0.0,
+        meters: Sequence[Meter] = (),
+        point: Point | None = None,
+        score: Any = None,
+        stop: bool | Callable[[], bool] = False,
+        where: str | None = None,
+    ) -> bool:
+        """One update from this rank's ``micro_batches`` of a global batch of
+        ``batch_samples`` samples. ``score`` (a :class:`~largebatch.scoring.RunningScore`)
+        receives each micro-batch's loss and predictions; ``point`` is where the meters
+        are told the update happened; ``where`` names the update in a divergence's
+        message (e.g. ``"epoch 3, update 17"``). ``stop`` is this rank's wish to stop (a
+        callable is asked just before the all-reduce, so a signal that arrived during the
+        update counts); returns whether any rank wished it."""
+        model, optimizer, scaler, device = self.model, self.optimizer, self.scaler, self.device
+        optimizer.zero_grad(set_to_none=True)
+        accumulating = len(micro_batches) > 1
+        if accumulating:
+            self.batch_norm.begin()
+        # the divergence check reads the epoch's running loss when there is one
+        loss_sum = None if score is not None else torch.zeros((), device=device)
+        for xb, yb in micro_batches:
+            xb = to_device(xb, device, self.channels_last)
+            yb = yb.to(device, non_blocking=True)
+            if self.attack is not None:
+                xb = self.attack(model, xb, yb, adv_ratio, self.loss_fn)
+            with autocast(device, self.precision):
+                out = model(xb)
+                loss = self.loss_fn(out, yb)
+            backward_share(loss, len(yb), batch_samples, scaler)
+            if loss_sum is None:
+                score.add(loss, out, yb)
+            else:
+                loss_sum += loss.detach().float() * len(yb)
+            for meter in meters:
+                meter.after_backward(model, len(yb), batch_samples)
+            if accumulating:
+                self.batch_norm.micro_batch_done(len(yb))
+        if accumulating:
+            self.batch_norm.end()
+        wish = stop() if callable(stop) else stop
+        stopping = all_reduce_gradients(
+            self.params, self.world, 1.0 if wish else 0.0, self.batch_norm.running
+        )
+        for meter in meters:  # (before unscaling: with fp16, the scale cancels in ratios)
+            meter.at_update(model, point)
+        # A diverged run must stop before a non-finite update reaches the weights; one
+        # check (one device sync) covers the loss and the gradient.
+        # With fp16 loss scaling, an overflowing gradient is the scaler's business: it skips
+        # the step and lowers the scale. Only a non-finite loss is divergence then.
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.zeros((), device=device)
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        total = score.loss if loss_sum is None else loss_sum
+        if not torch.isfinite(total + grad_norm.to(total.device)):
+            what = "loss" if not torch.isfinite(total) else "gradient"
+            raise DivergedError(
+                f"training {what} became non-finite{f' in {where}' if where else ''} "
+                f"(lr {optimizer.param_groups[0]['lr']:.4g}); lower --lr and try again"
+            )
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return bool(stopping)

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fgsm", "pgd", "eval_mode"]
+from largebatch.errors import InvalidValueError
+
+__all__ = ["fgsm", "pgd", "eval_mode", "AdversarialShare"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Clamp = tuple[float, float] | Literal["batch"] | None
@@ -105,3 +107,60 @@ def pgd(
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
             x_adv = torch.clamp(x_adv, low, high).detach()
     return x_adv
+
+
+class AdversarialShare:
+    """Which samples of a micro-batch are replaced by attacked ones (ABSA), and how.
+
+    Called as ``share(model, x, y, ratio, loss_fn)``: the first ``round(ratio * len(x))``
+    samples are replaced by their attacked versions. As in the reference code, nothing is
+    replaced while ``ratio * len(x) < 1``. The attack runs in eval mode, so batch-norm
+    statistics only ever see the training batch.
+
+    Args:
+        attack: ``fgsm`` or ``pgd`` (``steps`` steps of ``2.5 * eps / steps``).
+        eps: L-inf budget in raw input units (0: nothing is replaced).
+        steps: PGD steps.
+        clamp: the valid input range ``(low, high)``, None for no clamp, or ``"batch"``
+            for the min and max of the whole micro-batch (as the reference code does).
+    """
+
+    def __init__(
+        self,
+        attack: str = "fgsm",
+        eps: float = 0.005,
+        steps: int = 3,
+        clamp: tuple[float, float] | str | None = None,
+    ) -> None:
+        if attack not in ("fgsm", "pgd"):
+            raise InvalidValueError(f"AdversarialShare: attack must be fgsm or pgd, not {attack!r}")
+        self.attack, self.eps, self.steps, self.clamp = attack, eps, steps, clamp
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        ratio: float,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        count = round(ratio * len(x))
+        if ratio * len(x) < 1 or count < 1 or self.eps == 0:
+            return x
+        # The reference clamps to the min and max of the whole batch, not of the attacked part.
+        clamp = (x.min().item(), x.max().item()) if self.clamp == "batch" else self.clamp
+        head_x, head_y = x[:count], y[:count]
+        if self.attack == "pgd":
+            attacked = pgd(
+                model,
+                head_x,
+                head_y,
+                self.eps,
+                2.5 * self.eps / self.steps,
+                self.steps,
+                loss_fn=loss_fn,
+                clamp=clamp,
+            )
+        else:
+            attacked = fgsm(model, head_x, head_y, self.eps, loss_fn, clamp=clamp)
+        return torch.cat([attacked, x[count:]])

@@ -23,10 +23,10 @@ from tqdm import tqdm
 from largebatch.config import check_number, check_seed
 from largebatch.errors import UsageError
 from largebatch.evaluate import load_trained_with_data
+from largebatch.feed import materialize
 from largebatch.hessian import TRACE_METHODS, hessian_trace, spectral_density, top_eigenvalues
 from largebatch.io import atomic_write, atomic_write_json
 from largebatch.outputs import check_output_file
-from largebatch.pipeline import materialize
 from largebatch.sampler import probe_batches
 from largebatch.train import resolve_device
 

@@ -36,6 +36,7 @@ __all__ = [
     "parse_assignment",
     "config_to_dict",
     "save_config",
+    "CONFIG_HEADER",
 ]
 
 METHODS: tuple[str, ...] = ("bl", "fb", "gg", "abs", "absa", "gns")
@@ -379,11 +380,14 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+#: the first line of every ``config.yaml`` a run writes: how a later run knows it is ours
+CONFIG_HEADER = "# largebatch run configuration: rewritten by each run in this folder"
+
+
 def save_config(config: TrainConfig | Mapping[str, Any], path: str | Path) -> None:
     """Write the resolved configuration (or its record as a dict) as YAML, atomically,
     under the header that marks a run's own ``config.yaml``."""
     from largebatch.io import atomic_write_text
-    from largebatch.outputs import CONFIG_HEADER
 
     record = config_to_dict(config) if isinstance(config, TrainConfig) else dict(config)
     text = yaml.safe_dump(record, sort_keys=False)

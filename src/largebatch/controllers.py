@@ -21,9 +21,14 @@ from functools import partial
 from typing import Any
 
 from largebatch import checks
-from largebatch.config import TrainConfig
-from largebatch.errors import ConfigError, InvalidTypeError, InvalidValueError
-from largebatch.lr import SCALING_RULES, scaling_factor, stability_limit
+from largebatch.errors import InvalidTypeError, InvalidValueError
+from largebatch.lr import (
+    SCALING_RULES,
+    milestones_reached,
+    scaling_factor,
+    stability_limit,
+    step_decay,  # re-exported: its home is largebatch.lr
+)
 
 __all__ = [
     "Decision",
@@ -36,7 +41,6 @@ __all__ = [
     "CurvatureGuard",
     "step_decay",
     "checked_decision",
-    "make_controller",
 ]
 
 #: a check of one state value: ``check(value, who, field)`` returns it, or raises
@@ -83,14 +87,6 @@ class Decision:
     batch_size: int
     lr_factor: float
     adv_ratio: float = 0.0
-
-
-def step_decay(epoch: int, milestones: Sequence[int], decay: float) -> float:
-    """LR factor at 0-based ``epoch``: ``decay`` to the number of milestones reached.
-
-    A milestone ``m`` takes effect from epoch index ``m`` on (the (m+1)-th epoch).
-    """
-    return decay ** sum(1 for m in milestones if epoch >= m)
 
 
 def checked_decision(controller: BatchController, decision: Any) -> Decision:
@@ -255,13 +251,14 @@ class LinearScalingWarmup(BatchController):
     ) -> None:
         super().__init__(**adversarial)
         who = type(self).__name__
-        base_batch, self.batch_size = _batches(who, base_batch, batch_size, "batch_size")
-        self.scale = self.batch_size / base_batch
+        self.base_batch, self.batch_size = _batches(who, base_batch, batch_size, "batch_size")
+        self.scale = self.batch_size / self.base_batch
         self.milestones, self.decay = _schedule(who, milestones, decay)
         self.warmup_epochs = _COUNT(warmup_epochs, who, "warmup_epochs")
 
     def decision(self) -> Decision:
-        lr_factor = self.scale * step_decay(self.epoch, self.milestones, self.decay)
+        gain = scaling_factor("linear", self.scale, None, self.base_batch)
+        lr_factor = gain * step_decay(self.epoch, self.milestones, self.decay)
         return Decision(self.batch_size, lr_factor, self.current_adv_ratio())
 
     def warmup_factor(self, progress: float) -> float:
@@ -297,7 +294,7 @@ class IncreaseBatchInsteadOfDecay(BatchController):
 
     def decision(self) -> Decision:
         batch, lr_factor = float(self.base_batch), 1.0
-        for _ in range(sum(1 for m in self.milestones if self.epoch >= m)):
+        for _ in range(milestones_reached(self.epoch, self.milestones)):
             grown = min(batch / self.decay, float(self.max_batch))
             lr_factor *= self.decay * grown / batch
             batch = grown
@@ -359,9 +356,8 @@ class AdaptiveBatch(BatchController):
         return self.measures if self.batch_size < self.max_batch else frozenset()
 
     def decision(self) -> Decision:
-        lr_factor = (
-            self.batch_size / self.base_batch * step_decay(self.epoch, self.milestones, self.decay)
-        )
+        gain = scaling_factor("linear", self.batch_size / self.base_batch, None, self.base_batch)
+        lr_factor = gain * step_decay(self.epoch, self.milestones, self.decay)
         return Decision(self.batch_size, lr_factor, self.current_adv_ratio())
 
     def step(self, measurements: Mapping[str, Any] | None = None) -> Decision:
@@ -475,7 +471,7 @@ class NoiseScaleBatch(BatchController):
     def decision(self) -> Decision:
         by_progress = self.milestones_by == "progress" and self.lr_rule == "adascale"
         epochs = self.progress if by_progress else self.samples / self.num_samples
-        lr_factor = self._gain() * self.decay ** sum(1 for m in self.milestones if epochs >= m)
+        lr_factor = self._gain() * step_decay(epochs, self.milestones, self.decay)
         return Decision(self.batch_size, lr_factor, self.current_adv_ratio())
 
     def step(self, measurements: Mapping[str, Any] | None = None) -> Decision:
@@ -581,76 +577,3 @@ class CurvatureGuard(BatchController):
         for name, value in values.items():
             setattr(self, name, value)
         self.epoch = self.inner.epoch
-
-
-def make_controller(config: TrainConfig, num_samples: int | None = None) -> BatchController:
-    """The controller for ``config.method``.
-
-    Adversarial training is on for ``absa`` and, with ``adversarial: true``, for any
-    method; ``adversarial: false`` turns it off for ``absa`` too.
-    """
-    milestones, decay = config.lr_decay_epochs, config.lr_decay
-    adversarial = config.adversarial if config.adversarial is not None else config.method == "absa"
-    adv = {
-        "adv_ratio": config.adv_ratio if adversarial else 0.0,
-        "adv_stop_epoch": int(config.epochs * config.adv_stop_fraction),
-    }
-    controller: BatchController
-    if config.method == "bl":
-        controller = FixedBatch(config.batch_size, milestones, decay, **adv)
-    elif config.method == "fb":
-        controller = LinearScalingWarmup(
-            config.batch_size,
-            config.max_batch_size,
-            milestones,
-            decay,
-            config.warmup_epochs,
-            **adv,
-        )
-    elif config.method == "gg":
-        controller = IncreaseBatchInsteadOfDecay(
-            config.batch_size, config.max_batch_size, milestones, decay, **adv
-        )
-    elif config.method in ("abs", "absa"):
-        controller = AdaptiveBatch(
-            config.batch_size,
-            config.max_batch_size,
-            milestones,
-            decay,
-            decrease_ratio=config.abs_decrease_ratio,
-            growth_factor=config.abs_growth_factor,
-            duration=config.abs_duration,
-            **adv,
-        )
-    elif config.method == "gns":
-        if num_samples is None:
-            raise ConfigError("method gns needs the number of training samples")
-        controller = NoiseScaleBatch(
-            config.batch_size,
-            config.max_batch_size,
-            milestones,
-            decay,
-            num_samples,
-            every_fraction=config.gns_every,
-            kappa=config.gns_kappa,
-            confirmations=config.gns_confirmations,
-            lr_rule=config.lr_scaling,
-            milestones_by=config.gns_milestones,
-            **adv,
-        )
-    else:
-        raise ConfigError(f"unknown method {config.method!r}")
-    controller.name = config.method
-    if config.curvature_guard:
-        every = None if num_samples is None else max(1, round(num_samples * config.guard_every))
-        inner_every = controller.decide_every
-        points = max(1, round(every / inner_every)) if every and inner_every else 1
-        controller = CurvatureGuard(
-            controller,
-            config.lr,
-            config.momentum,
-            config.guard_fraction,
-            every_points=points,
-            every_samples=None if inner_every else every,
-        )
-    return controller

@@ -40,6 +40,7 @@ __all__ = [
     "all_reduce_gradients",
     "broadcast_object",
     "teardown",
+    "resolve_device",
 ]
 
 
@@ -205,3 +206,12 @@ def broadcast_object(obj: Any, world: World) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)

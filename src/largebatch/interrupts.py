@@ -18,8 +18,9 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["hold_interrupts", "deliver_interrupts", "raise_if_held"]
+__all__ = ["hold_interrupts", "deliver_interrupts", "raise_if_held", "StopFlag"]
 
 _held: list[int] = []
 
@@ -70,3 +71,34 @@ def raise_if_held() -> None:
     if _held:
         _held.clear()
         raise KeyboardInterrupt
+
+
+class StopFlag:
+    """SIGINT and SIGTERM as a stop request (a context manager): the training loop polls
+    :meth:`requested` and stops after the update in progress. A second signal stops at
+    once (KeyboardInterrupt). Entering raises a Ctrl-C held during start-up, before
+    anything is written."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def requested(self) -> str | None:
+        """The name of the signal that asked to stop (``"SIGTERM"``), or None."""
+        return None if self.signal is None else signal.Signals(self.signal).name
+
+    def __enter__(self) -> StopFlag:
+        raise_if_held()  # a Ctrl-C during start-up: stop before anything is written
+        if _in_main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

@@ -5,12 +5,16 @@ factors; :class:`LRScaler` multiplies each param group's base LR by their produc
 optimizer with per-group LRs (a smaller LR for the embeddings, say) keeps its ratios while
 the batch grows. The base LRs live in the param groups themselves (key ``base_lr``), so
 they travel in ``optimizer.state_dict()`` and a resumed run scales the same bases.
+
+This module also owns the rules that make the factors: the batch-scaling rules
+(:func:`scaling_factor`), the milestone schedule (:func:`milestones_reached`,
+:func:`step_decay`) and heavy-ball stability (:func:`stability_limit`, :func:`stability`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -18,7 +22,17 @@ import torch
 from largebatch import checks
 from largebatch.errors import InvalidTypeError, InvalidValueError, StateError
 
-__all__ = ["LRScaler", "BASE_LR_KEY", "SCALING_RULES", "scaling_factor", "stability_limit"]
+__all__ = [
+    "LRScaler",
+    "BASE_LR_KEY",
+    "SCALING_RULES",
+    "scaling_factor",
+    "milestones_reached",
+    "step_decay",
+    "stability_limit",
+    "stability",
+    "momentum_of",
+]
 
 #: where each param group keeps the LR that factors multiply
 BASE_LR_KEY = "base_lr"
@@ -52,6 +66,27 @@ def scaling_factor(rule: str, scale: float, noise_scale: float | None, base_batc
     return scale * (noise_scale + base_batch) / (noise_scale + scale * base_batch)
 
 
+def milestones_reached(epoch: float, milestones: Iterable[float]) -> int:
+    """How many of ``milestones`` the 0-based ``epoch`` (whole or fractional) has reached.
+
+    A milestone ``m`` is reached from epoch index ``m`` on (the (m+1)-th epoch). Every
+    milestone schedule counts through this: :func:`step_decay`, the batch growth of
+    ``IncreaseBatchInsteadOfDecay`` and the decay of ``NoiseScaleBatch``.
+    """
+    return sum(1 for m in milestones if epoch >= m)
+
+
+def step_decay(epoch: float, milestones: Iterable[float], decay: float) -> float:
+    """LR factor at 0-based ``epoch``: ``decay`` to the number of milestones reached."""
+    return decay ** milestones_reached(epoch, milestones)
+
+
+def _edge(momentum: float) -> float:
+    """``2 (1 + momentum)``: the curvature times LR at which heavy-ball SGD turns unstable
+    along the top eigenvector of a quadratic. The one place of the stability formula."""
+    return 2.0 * (1.0 + momentum)
+
+
 def stability_limit(eigenvalue: float, momentum: float) -> float:
     """The largest stable LR of heavy-ball SGD on a quadratic of top curvature
     ``eigenvalue`` (finite, > 0): ``2 (1 + momentum) / eigenvalue``; ``momentum`` in
@@ -60,7 +95,26 @@ def stability_limit(eigenvalue: float, momentum: float) -> float:
     momentum = checks.number(
         momentum, "stability_limit", "momentum", low=0.0, high=1.0, high_open=True
     )
-    return 2.0 * (1.0 + momentum) / eigenvalue
+    return _edge(momentum) / eigenvalue
+
+
+def stability(eigenvalue: float | None, lr: float, momentum: float) -> float | None:
+    """``eigenvalue * lr / (2 (1 + momentum))``: where ``lr`` stands against the stability
+    limit of heavy-ball SGD on a quadratic of that top curvature (1 is the limit,
+    :func:`stability_limit`); None without an eigenvalue.
+
+    The metrics records' ``stability``. Unchecked, since a measured eigenvalue may be
+    zero or negative; written as a product rather than ``lr / stability_limit(...)``,
+    which would round differently.
+    """
+    if eigenvalue is None:
+        return None
+    return eigenvalue * lr / _edge(momentum)
+
+
+def momentum_of(optimizer: torch.optim.Optimizer) -> float:
+    """The first param group's ``momentum`` (0 for an optimizer without one)."""
+    return float(optimizer.param_groups[0].get("momentum", 0.0) or 0.0)
 
 
 class LRScaler:

@@ -8,7 +8,11 @@ meter per declared measurement and calls the hooks of those that are wanted:
   in ``.grad``, accumulated with the earlier micro-batches of the update);
 - :meth:`Meter.at_update` once the update's gradient is complete, before the step;
 - :meth:`Meter.at_decision` at a decision point; it returns the numbers for the
-  controller and the metrics records.
+  metrics records, and :meth:`Meter.told` makes of them what the controller is told.
+
+Before a decision point the loop starts from each meter's :meth:`Meter.empty`, the record
+of a point where that meter did not measure, so a record holds the same keys whether or
+not a meter was wanted there.
 
 A meter's state is plain data with ``state_dict()``/``load_state_dict()``, so it joins the
 checkpoint and a run resumes exactly.
@@ -77,8 +81,20 @@ class Meter:
         """The update's gradient is complete (all ranks summed), before the optimizer step."""
 
     def at_decision(self, model: nn.Module, point: Point) -> dict[str, Any]:
-        """Numbers for the controller (and the metrics record) at a decision point."""
+        """Numbers for the metrics record (and, through :meth:`told`, the controller) at a
+        decision point."""
         return {}
+
+    @classmethod
+    def empty(cls) -> dict[str, Any]:
+        """The record of a decision point where this meter did not measure: each of
+        :attr:`record_keys` with None."""
+        return dict.fromkeys(cls.record_keys)
+
+    def told(self, numbers: Mapping[str, Any]) -> dict[str, Any]:
+        """What the controller is told of ``numbers`` (this meter's :meth:`at_decision`
+        at a decision point): by default the numbers themselves."""
+        return dict(numbers)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -94,10 +110,11 @@ class CurvatureMeter(Meter):
     not pay for an estimate each), and at any decision point inside an epoch where a
     controller wants it.
 
-    ``eigenvalue`` in the returned numbers is what a controller may act on: None when the
-    estimate failed, is not finite, or (``strict``) did not reach its tolerance within the
-    budget, so a bad estimate keeps the batch where it is. ``raw_eigenvalue`` is whatever
-    was computed, for the records. With ``strict=False`` (the reference code's 10 power
+    ``usable_eigenvalue`` in the returned numbers is what a controller may act on (and
+    :meth:`told` hands it over as ``eigenvalue``): None when the estimate failed, is not
+    finite, or (``strict``) did not reach its tolerance within the budget, so a bad
+    estimate keeps the batch where it is. ``eigenvalue`` is whatever finite value was
+    computed, for the records. With ``strict=False`` (the reference code's 10 power
     iterations) an unconverged estimate is used as it is.
     """
 
@@ -130,7 +147,8 @@ class CurvatureMeter(Meter):
 
     @classmethod
     def empty(cls) -> dict[str, Any]:
-        """The record of a decision point where nothing was estimated."""
+        """The record of a decision point where nothing was estimated (no matrix-vector
+        products, no time; ``usable_eigenvalue``, for :meth:`told`, None)."""
         return {
             "eigenvalue": None,
             "eig_residual": None,
@@ -170,6 +188,12 @@ class CurvatureMeter(Meter):
         if finite and (result.converged or not self.strict):
             record["usable_eigenvalue"] = value
         return record
+
+    def told(self, numbers: Mapping[str, Any]) -> dict[str, Any]:
+        """The numbers, with ``eigenvalue`` the one a controller may act on: the usable
+        eigenvalue (None when the estimate failed, is not finite, or was not converged
+        under ``strict``)."""
+        return {**numbers, EIGENVALUE: numbers.get("usable_eigenvalue")}
 
     def state_dict(self) -> dict[str, Any]:
         return checks.tagged(
@@ -344,11 +368,6 @@ class GradientNoiseMeter(Meter):
         grad_sq, trace = self.grad_sq / self.weight, self.trace / self.weight
         scale = trace / grad_sq if grad_sq > 0 else math.inf
         return scale, grad_sq, trace
-
-    @classmethod
-    def empty(cls) -> dict[str, Any]:
-        """The record of a decision point where the meter was not wanted."""
-        return {key: None for key in cls.record_keys}
 
     def at_decision(self, model: nn.Module, point: Point) -> dict[str, Any]:
         scale, grad_sq, trace = self.estimate()

@@ -422,7 +422,7 @@ def build_model(
 def _user_model(path: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """``--model package.module:callable``: called with ``num_classes=`` and
     ``input_shape=`` when its signature takes them; must return an ``nn.Module``."""
-    from largebatch.user_data import call_with_accepted, load_callable
+    from largebatch.user_code import call_with_accepted, load_callable
 
     function = load_callable(path, "--model")
     model = call_with_accepted(

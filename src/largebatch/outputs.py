@@ -14,16 +14,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from largebatch.config import CONFIG_HEADER, TrainConfig, save_config
+from largebatch.controllers import BatchController
+from largebatch.distributed import World, broadcast_object
 from largebatch.errors import UsageError
+from largebatch.io import append_jsonl, atomic_write_json, write_jsonl
 
 __all__ = [
     "RunFolder",
+    "run_folder",
+    "RunWriter",
+    "TABLE_HEADER",
+    "format_row",
+    "summary",
     "RUN_FILES",
     "RUN_EXTRAS",
     "CONFIG_HEADER",
@@ -38,8 +50,6 @@ __all__ = [
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt")
 #: what else may be in a run folder: TensorBoard's events, and the files ``compare`` adds
 RUN_EXTRAS = ("tensorboard", "robust.json", "hessian.json", "error.txt")
-#: the first line of every ``config.yaml`` a run writes: how a later run knows it is ours
-CONFIG_HEADER = "# largebatch run configuration: rewritten by each run in this folder"
 
 # What io.atomic_write leaves behind when a crash cuts a save short: ".NAME.<random>.tmp".
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")
@@ -125,6 +135,108 @@ class RunFolder:
         self._created = []
         os.close(self._fd)  # releases the lock
         self._fd = None
+
+
+@contextlib.contextmanager
+def run_folder(
+    out: str | None, world: World, resume: bool = False, what: str = "--out"
+) -> Iterator[None]:
+    """Hold run folder ``out`` for the block (rank 0 takes its lock; every rank learns
+    whether that worked). Refused here, before any data is read: a second process on the
+    same folder, a folder holding a run when ``resume`` is off, and a folder holding files
+    that no run of ours wrote (unless resuming the run in it). ``out=None`` holds nothing."""
+    with contextlib.ExitStack() as held:
+        problem = None
+        if world.is_main and out is not None:
+            try:
+                held.enter_context(RunFolder(out, what))
+                _check_claim(Path(out), resume, what)
+            except UsageError as exc:
+                held.close()
+                problem = str(exc)
+        problem = broadcast_object(problem, world)
+        if problem is not None:
+            raise UsageError(problem)
+        yield
+
+
+def _check_claim(out: Path, resume: bool, what: str) -> None:
+    if resume and (out / "checkpoint.pt").exists():
+        return  # the run's own folder: only our files are rewritten
+    if (out / "checkpoint.pt").exists() or (out / "summary.json").exists():
+        resume_it = "--resume" if what == "--out" else "resume=True"
+        raise UsageError(
+            f"{out} already holds a run; pass {resume_it} to continue it or choose another {what}"
+        )
+    foreign = foreign_files(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise UsageError(
+            f"{what} {out} holds files that no largebatch run wrote ({shown}); nothing was "
+            "changed; choose an empty or new folder"
+        )
+
+
+class RunWriter:
+    """What a run writes into its folder, and the table it prints (a context manager).
+
+    :meth:`start` (once the run has restored its progress) writes ``config.yaml`` (the
+    config ``record``), rewrites ``metrics.jsonl`` from the progress's history (the
+    checkpoint's history is the truth: it drops epochs logged after its last save),
+    starts the TensorBoard scalars (first: a folder it cannot write to changes nothing)
+    and prints the run's line, the header and the epochs so far. :meth:`record` appends
+    an epoch's record and prints its row; :meth:`finish` writes ``summary.json`` at the
+    run's end. Only rank 0 writes; ``out`` None writes nothing.
+    """
+
+    def __init__(
+        self,
+        out: str | Path | None,
+        record: Mapping[str, Any],
+        world: World,
+        echo: Callable[[str], None],
+        scalars: Callable[[Path], Any] | None = None,
+    ) -> None:
+        self.out = Path(out) if out is not None and world.is_main else None
+        self.config_record, self.echo, self.make_scalars = record, echo, scalars
+        self.scalars: Any = None
+        self._closing = contextlib.ExitStack()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._closing.__exit__(*exc_info)
+
+    def start(self, history: list[dict[str, Any]], line: str) -> None:
+        out = self.out
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            if self.make_scalars is not None:
+                self.scalars = self._closing.enter_context(self.make_scalars(out / "tensorboard"))
+            remove_own_temporaries(out, RUN_FILES)  # left by a save that a crash cut short
+            save_config(self.config_record, out / "config.yaml")
+            write_jsonl(out / "metrics.jsonl", history)
+        self.echo(line)
+        self.echo(TABLE_HEADER)
+        for record in history:
+            self.echo(format_row(record))
+
+    def record(self, record: dict[str, Any]) -> None:
+        if self.out is not None:
+            append_jsonl(self.out / "metrics.jsonl", record)
+        if self.scalars is not None:
+            self.scalars.epoch(record)
+        self.echo(format_row(record))
+
+    def finish(self, result: dict[str, Any]) -> None:
+        if self.out is not None:
+            atomic_write_json(self.out / "summary.json", result)
+            self.echo(
+                f"results in {self.out}/ (metrics.jsonl, summary.json, checkpoint.pt, config.yaml)"
+            )
 
 
 def _make_folders(path: Path) -> list[Path]:
@@ -265,3 +377,50 @@ def describe_os_error(exc: OSError, subject: str | None = None) -> str:
         text += f" ({exc.filename})"
     advice = _ADVICE.get(exc.errno)
     return f"{text}; {advice}" if advice else text
+
+
+def _number(value: float | None, width: int, spec: str) -> str:
+    return f"{value:>{width}{spec}}" if value is not None else f"{'-':>{width}}"
+
+
+def format_row(record: dict[str, Any]) -> str:
+    return (
+        f"{record['epoch']:>5} {record['batch_size']:>7} {record['lr']:>9.4g} "
+        f"{record['updates']:>8} {record['train_loss']:>10.4f} "
+        f"{_number(record['train_acc'], 9, '.4f')} {_number(record['test_loss'], 9, '.4f')} "
+        f"{_number(record['test_acc'], 8, '.4f')} {_number(record.get('eigenvalue'), 9, '.3g')} "
+        f"{record['wall_s']:>8.1f}"
+    )
+
+
+TABLE_HEADER = (
+    f"{'epoch':>5} {'batch':>7} {'lr':>9} {'updates':>8} {'train_loss':>10} {'train_acc':>9} "
+    f"{'test_loss':>9} {'test_acc':>8} {'eigval':>9} {'wall_s':>8}"
+)
+
+
+def summary(config: TrainConfig, state: Any, controller: BatchController) -> dict[str, Any]:
+    """``summary.json``: what the run was and where it ended (``state``: its progress)."""
+    history = state.history
+    last = history[-1] if history else {}
+    accuracies = [r["test_acc"] for r in history if r.get("test_acc") is not None]
+    return {
+        "method": controller.name,
+        "dataset": config.dataset,
+        "model": config.model,
+        "seed": config.seed,
+        "epochs": state.epoch,
+        "final_test_acc": last.get("test_acc", math.nan),
+        "best_test_acc": max(accuracies, default=None if history else math.nan),
+        "final_test_loss": last.get("test_loss", math.nan),
+        "final_train_loss": last.get("train_loss", math.nan),
+        "updates": state.updates,
+        "samples": state.samples,
+        "wall_s": state.wall_s,
+        "hessian_s": state.hessian_s,
+        "measure_s": state.measure_s,
+        "final_batch_size": last.get("batch_size", controller.decision().batch_size),
+        "base_batch_size": config.batch_size,
+        "rollbacks": len(state.rollbacks),
+        "max_batch_size": config.max_batch_size,
+    }

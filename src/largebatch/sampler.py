@@ -13,9 +13,51 @@ from typing import Any
 import torch
 
 from largebatch import checks
+from largebatch.accumulate import cuts
 from largebatch.errors import InvalidValueError
 
-__all__ = ["EpochSampler", "GrowingBatchSampler", "probe_batches"]
+__all__ = [
+    "EpochSampler",
+    "GrowingBatchSampler",
+    "probe_batches",
+    "order_seed",
+    "augment_seed",
+    "augment_rng_seed",
+    "PROBE_SEED_OFFSET",
+    "probe_seed",
+]
+
+
+# The seeds a run derives from its one ``seed``. Each has a name for what it seeds; the
+# numbers are those runs have always used, so a run repeats exactly.
+
+
+def order_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s data order (:meth:`EpochSampler.order`)."""
+    return seed * 1_000_003 + epoch
+
+
+def augment_seed(seed: int, epoch: int) -> int:
+    """The per-epoch augmentation seed of lazily decoded images (the feed's
+    ``augment_seed``: sample ``i`` of the epoch is transformed by a generator seeded from
+    ``(augment_seed, i)``). The same number as :func:`order_seed` by history; kept, so
+    that runs repeat, under a name of its own."""
+    return order_seed(seed, epoch)
+
+
+def augment_rng_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s generator for in-memory augmentation (the feed's
+    ``augment_rng``, which draws the crops and flips of tensor data)."""
+    return seed * 7919 + epoch
+
+
+#: added to the run's seed for the curvature probe set, so it is drawn apart from the order
+PROBE_SEED_OFFSET = 104_729
+
+
+def probe_seed(seed: int) -> int:
+    """The seed of the run's fixed probe set for curvature estimates (:func:`probe_batches`)."""
+    return seed + PROBE_SEED_OFFSET
 
 
 class EpochSampler:
@@ -29,7 +71,7 @@ class EpochSampler:
     def order(self, epoch: int) -> torch.Tensor:
         """The permutation of sample indices for ``epoch`` (int64, shape (num_samples,))."""
         epoch = checks.integer(epoch, f"{type(self).__name__}.order", "epoch", minimum=0)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(order_seed(self.seed, epoch))
         return torch.randperm(self.num_samples, generator=generator)
 
     def batches(
@@ -162,7 +204,4 @@ def probe_batches(
     """
     count = min(samples, len(y))
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:count]
-    return [
-        (x[order[i : i + batch_size]], y[order[i : i + batch_size]])
-        for i in range(0, count, batch_size)
-    ]
+    return [(x[order[piece]], y[order[piece]]) for piece in cuts(count, batch_size)]

@@ -1,55 +1,83 @@
-"""The recipe behind ``largebatch train``: names to objects, then the engine.
+"""The recipe: names and config to objects, the run folder held, then the engine.
 
 :func:`train` loads the dataset and builds the model that the config names (built-in
-names, or ``package.module:callable`` paths to your own code), then runs
-:func:`largebatch.engine.run`, the loop that :func:`largebatch.fit` runs too.
+names, or ``package.module:callable`` paths to your own code); :func:`fit` takes your
+model and data as objects. Both build the run's parts (:mod:`largebatch.build`), hold
+the run folder (:func:`largebatch.outputs.run_folder`), check that a resumed run is the
+same run on the same data, and call :func:`largebatch.engine.run`, the one loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import os
+import random
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import torch.nn.functional as F
+from torch import nn
 
-from largebatch.config import TrainConfig
-from largebatch.data import DataSource, load_dataset
-from largebatch.distributed import setup
-from largebatch.engine import (
-    RUN_FILES,
-    TABLE_HEADER,
-    Parts,
-    RunState,
-    TrainingInterrupted,
-    evaluate,
-    resolve_device,
-    run,
-    run_folder,
-    seed_everything,
-)
+from largebatch.build import build_parts, model_spec, settings
+from largebatch.checkpoint import RunCheckpoint, checked_part
+from largebatch.config import TrainConfig, config_to_dict
+from largebatch.controllers import BatchController
+from largebatch.data import load_dataset
+from largebatch.distributed import World, resolve_device, setup
+from largebatch.engine import TrainingInterrupted, run
+from largebatch.errors import CheckpointError, ConfigError, InvalidTypeError, UsageError
+from largebatch.interrupts import StopFlag, deliver_interrupts
+from largebatch.lr import BASE_LR_KEY
+from largebatch.meters import Meter
 from largebatch.models import build_model
+from largebatch.outputs import RunWriter, run_folder, summary
+from largebatch.scalars import ScalarLog
+from largebatch.scoring import LossFn
+from largebatch.source import DataSource, as_source
 
 __all__ = [
     "train",
-    "evaluate",
+    "fit",
+    "seed_everything",
+    "optimizer_record",
     "resolve_device",
     "model_spec",
-    "RunState",
     "TrainingInterrupted",
-    "RUN_FILES",
-    "TABLE_HEADER",
 ]
 
+# Keys a resumed run may change; every other key must match the checkpoint.
+_RESUMABLE_CHANGES = {
+    "epochs",
+    "out",
+    "resume",
+    "device",
+    "eval_batch_size",
+    "data_dir",
+    "on_divergence",
+    "divergence_lr_factor",
+    "max_rollbacks",
+    "loader_workers",
+    "tensorboard",
+}
 
-def model_spec(config: TrainConfig, data: DataSource) -> dict[str, Any]:
-    """What :func:`largebatch.models.build_model` needs to rebuild the model from a checkpoint."""
-    return {
-        "name": config.model,
-        "input_shape": list(data.input_shape),
-        "num_classes": data.num_classes,
-        "mean": list(data.mean),
-        "std": list(data.std),
-    }
+# Config keys that name or shape built-in data and models: fit() takes the objects.
+_RECIPE_KEYS = (
+    "dataset",
+    "model",
+    "data_dir",
+    "augment",
+    "limit_train",
+    "limit_test",
+    "image_size",
+    "loader_workers",
+)
+# Config keys of the default SGD, meaningless next to an optimizer of the user's.
+_SGD_KEYS = ("lr", "momentum", "weight_decay")
 
 
 def train(
@@ -58,6 +86,7 @@ def train(
     show_progress: bool | None = None,
     echo: Callable[[str], None] | None = print,
     stop_after: int | None = None,
+    controller: BatchController | None = None,
 ) -> dict[str, Any]:
     """Train as ``config`` says, writing results to ``config.out``; return the summary.
 
@@ -66,7 +95,8 @@ def train(
     continues. Useful for time-sliced jobs and for testing exact resume.
 
     ``show_progress`` (default: when stderr is a terminal) shows a progress bar per epoch;
-    ``echo`` receives the table of epochs, one line each (None for silence).
+    ``echo`` receives the table of epochs, one line each (None for silence);
+    ``controller`` replaces the one ``config.method`` names (a replay of a schedule, say).
     """
     config.validate()
     world, device_name = setup(config.device)
@@ -84,14 +114,340 @@ def train(
             image_size=config.image_size,
         )
         spec = model_spec(config, data)
-        model = build_model(**spec)
-        parts = Parts(model=model, data=data, loss_fn=F.cross_entropy, spec=spec)
-        return run(
+        return _run(
             config,
-            parts,
+            build_model(**spec),
+            data,
             world,
             device_name,
+            spec=spec,
+            write=True,
+            controller=controller,
             show_progress=show_progress,
             echo=echo,
             stop_after=stop_after,
         )
+
+
+def fit(
+    model: nn.Module,
+    train_data: Any,
+    *,
+    eval_data: Any = None,
+    loss_fn: LossFn | None = None,
+    optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
+    out: str | Path | None = None,
+    input_range: tuple[float, float] | None = None,
+    controller: BatchController | None = None,
+    meters: Mapping[str, Meter] | None = None,
+    show_progress: bool | None = None,
+    echo: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+    verbose: bool = True,
+    **config: Any,
+) -> dict[str, Any]:
+    """Train ``model`` on ``train_data`` with the loop the command line uses; return the
+    summary (the keys of ``summary.json``).
+
+    Args:
+        model: any ``nn.Module`` taking a batch of inputs.
+        train_data, eval_data: a map-style ``torch.utils.data.Dataset`` whose items are
+            ``(input, target)`` pairs, or a pair of tensors ``(inputs, targets)``; read
+            once into memory. ``eval_data`` None skips evaluation.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean loss; default
+            cross-entropy. Accuracy is reported when the targets are integer labels and
+            the outputs are ``(batch, classes)`` logits; otherwise loss only.
+        optimizer: an optimizer over ``model``'s parameters, or a factory
+            ``params -> Optimizer``; default SGD with the config's ``lr``, ``momentum``
+            and ``weight_decay``. Every LR change multiplies each param group's own LR.
+        out: folder for ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and
+            ``checkpoint.pt`` (needed for ``resume``); None writes nothing.
+        input_range: ``(low, high)`` where adversarial examples are clamped; None: no clamp.
+        controller: a :class:`~largebatch.controllers.BatchController` of your own in
+            place of the one ``method`` names.
+        meters: extra meters by measurement name, for your controller's ``measures``.
+        show_progress: progress bar per epoch (default: when stderr is a terminal).
+        echo: receives the table of epochs, one line each; default ``print``.
+        stop_after: end the call after that many epochs, as an interruption would.
+        verbose: False silences the table and the progress bar (as Keras's ``fit``).
+        **config: keys of :class:`~largebatch.config.TrainConfig` (``method``, ``epochs``,
+            ``batch_size``, ``max_batch_size``, ``micro_batch_size``, ``seed``,
+            ``device``, ``precision``, adversarial and Hessian settings, ``resume``, ...).
+
+    Raises:
+        UsageError: bad data, config, model or optimizer (one line, before training).
+        TrainingInterrupted: Ctrl-C or SIGTERM; with ``out``, the checkpoint was saved.
+    """
+    cfg = _fit_config(model, train_data, optimizer, out, config)
+    _check_fit_objects(loss_fn, controller, meters, input_range)
+    if not verbose:
+        echo, show_progress = (lambda _line: None), False
+    elif echo is None:
+        echo = print
+    world, device_name = setup(cfg.device)
+    seed_everything(cfg.seed)
+    with run_folder(None if out is None else cfg.out, world, cfg.resume, what="out"):
+        data = as_source(
+            train_data, eval_data, name=cfg.dataset, input_range=input_range,
+            reading=deliver_interrupts,
+        )  # fmt: skip
+        return _run(
+            cfg,
+            model,
+            data,
+            world,
+            device_name,
+            spec=None,
+            write=out is not None,
+            loss_fn=loss_fn or F.cross_entropy,
+            optimizer=optimizer,
+            controller=controller,
+            meters=meters,
+            show_progress=show_progress,
+            echo=echo,
+            stop_after=stop_after,
+        )
+
+
+def _check_fit_objects(loss_fn: Any, controller: Any, meters: Any, input_range: Any) -> None:
+    """fit()'s objects are of the types it takes (before any work starts)."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise InvalidTypeError(
+            f"loss_fn is a {type(loss_fn).__name__}; pass a function (outputs, targets) -> loss"
+        )
+    if controller is not None and not isinstance(controller, BatchController):
+        hint = (
+            f" (for a built-in one, pass method={controller!r})"
+            if isinstance(controller, str)
+            else ""
+        )
+        raise InvalidTypeError(
+            f"controller is a {type(controller).__name__}; pass a "
+            f"largebatch.controllers.BatchController{hint}"
+        )
+    if meters is not None:
+        if not isinstance(meters, Mapping):
+            raise InvalidTypeError(
+                f"meters is a {type(meters).__name__}; pass a dict {{measurement name: Meter}}"
+            )
+        for name, meter in meters.items():
+            if not isinstance(name, str) or not isinstance(meter, Meter):
+                raise InvalidTypeError(
+                    f"meters[{name!r}] is a {type(meter).__name__}; each value must be a "
+                    "largebatch.meters.Meter, each key a measurement name"
+                )
+    if input_range is not None and (
+        not isinstance(input_range, (tuple, list)) or len(input_range) != 2
+    ):
+        raise InvalidTypeError(f"input_range must be a pair (low, high), got {input_range!r}")
+
+
+def _fit_config(
+    model: Any, train_data: Any, optimizer: Any, out: Any, config: dict[str, Any]
+) -> TrainConfig:
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"model is a {type(model).__name__}, not a torch.nn.Module")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise InvalidTypeError(
+            f"out must be a folder path (str or pathlib.Path), got {type(out).__name__} {out!r}"
+        )
+    for key in _RECIPE_KEYS:
+        if key in config:
+            raise ConfigError(
+                f"fit() takes no {key!r}: it trains the model and data you pass in; "
+                "use largebatch.train.train or the command line for built-in names"
+            )
+    if optimizer is not None:
+        given = [key for key in _SGD_KEYS if key in config]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} configure the default SGD; set them on your optimizer"
+            )
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r} (see largebatch.config.TrainConfig)")
+    labels = {"dataset": type(train_data).__name__, "model": type(model).__name__}
+    cfg = TrainConfig(**labels, **config, out=str(out) if out is not None else "(none)")
+    if cfg.resume and out is None:
+        raise ConfigError("resume needs out, the folder of the run to continue")
+    if cfg.tensorboard and out is None:
+        raise ConfigError("tensorboard needs out, the folder its event files go to")
+    return cfg.validate(names=False)
+
+
+def _run(
+    config: TrainConfig,
+    model: nn.Module,
+    data: DataSource,
+    world: World,
+    device_name: str,
+    *,
+    spec: dict[str, Any] | None,
+    write: bool,
+    loss_fn: LossFn = F.cross_entropy,
+    optimizer: Any = None,
+    controller: BatchController | None = None,
+    meters: Mapping[str, Meter] | None = None,
+    show_progress: bool | None = None,
+    echo: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Build the parts, check a resumed run, run the engine with the run's files; return
+    the summary. With ``write``, ``config.out`` (held by :func:`run_folder`) receives the
+    run files and the checkpoint; without, the checkpoint for rollbacks is kept in
+    memory."""
+    device = torch.device(device_name) if world.enabled else resolve_device(device_name)
+    if not world.is_main:  # only rank 0 talks and writes
+        echo, show_progress = None, False
+    say = echo or (lambda _line: None)
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    parts = build_parts(
+        config, model, data, world, device,
+        loss_fn=loss_fn, optimizer=optimizer, controller=controller, meters=meters,
+    )  # fmt: skip
+    hyper = optimizer_record(parts.optimizer)  # as the run starts
+    recorded = _config_record(config, hyper if optimizer is not None else None)
+    fingerprint = _data_fingerprint(data)
+    out = Path(config.out)
+    checkpoint = RunCheckpoint(
+        out / "checkpoint.pt" if write else None,
+        world,
+        extra={"config": recorded, "data": fingerprint, "model_spec": spec},
+    )
+    if config.resume and checkpoint.exists():
+        _check_resumable(checkpoint, recorded, fingerprint, config.epochs)
+    line = (
+        f"training {config.model} on {config.dataset} ({len(data.train_y)} samples), "
+        f"method {parts.controller.name}, device {device}"
+        + (f", {world.size} processes" if world.enabled else "")
+    )
+    scalars = ScalarLog if config.tensorboard else None
+    with RunWriter(out if write else None, recorded, world, say, scalars) as writer:
+        # Ctrl-C and SIGTERM are caught from here on: a signal never leaves a half-started
+        # run, and arrives at the loop as a stop request. The decoding workers (image
+        # folders only) start inside the engine, so they inherit the handler.
+        with StopFlag() as stop:
+            progress = run(
+                parts,
+                settings(config),
+                world=world,
+                device=device,
+                checkpoint=checkpoint,
+                resume=config.resume,
+                should_stop=stop.requested,
+                on_start=lambda progress: writer.start(progress.history, line),
+                on_record=writer.record,
+                echo=say,
+                show_progress=show_progress,
+                stop_after=stop_after,
+            )
+        result = {**summary(config, progress, parts.controller), "optimizer": hyper}
+        if progress.epoch < config.epochs:
+            say(f"stopped after epoch {progress.epoch}; continue with --resume")
+            return result
+        writer.finish(result)
+    return result
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _config_record(config: TrainConfig, users_optimizer: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``config.yaml`` and the checkpoint record: the config, and with an optimizer
+    of the user's, its record (:func:`optimizer_record`) in place of the default SGD's
+    keys."""
+    record = config_to_dict(config)
+    if users_optimizer is not None:
+        for key in _SGD_KEYS:
+            record.pop(key)
+        record["optimizer"] = users_optimizer
+    return record
+
+
+def optimizer_record(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's class and each param group's hyper-parameters (plain values)."""
+
+    def simple(value: Any) -> Any:
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            return value
+        if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
+            return list(value)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return value.item()
+        return repr(value)
+
+    groups = [
+        {key: simple(value) for key, value in group.items() if key not in ("params", BASE_LR_KEY)}
+        for group in optimizer.param_groups
+    ]
+    return {"class": type(optimizer).__name__, "param_groups": groups}
+
+
+def _data_fingerprint(data: DataSource) -> dict[str, Any]:
+    """Enough of the data to tell, on resume, that it is the same: sizes, shapes, and a
+    digest of up to 64 evenly spread training samples (in-memory data only)."""
+    count = len(data.train_y)
+    digest = None
+    if isinstance(data.train_x, torch.Tensor):
+        rows = torch.linspace(0, count - 1, min(64, count)).long()
+        hasher = hashlib.sha256()
+        for part in (data.train_x[rows], data.train_y[rows]):
+            hasher.update(part.detach().cpu().contiguous().numpy().tobytes())
+        digest = hasher.hexdigest()[:16]
+    return {
+        "train samples": count,
+        "test samples": len(data.test_y),
+        "input shape": list(data.input_shape),
+        "sample digest": digest,
+    }
+
+
+def _check_resumable(
+    checkpoint: RunCheckpoint, recorded: dict[str, Any], fingerprint: dict[str, Any], epochs: int
+) -> None:
+    """The checkpoint to resume is of the same run (config and data), and has not done
+    more than ``epochs`` epochs; checked before anything is written."""
+    saved = checkpoint.peek()
+    path = checkpoint.where
+    _check_same_config(checked_part(saved, "config", dict, path), recorded, path)
+    _check_same_data(saved.get("data"), fingerprint, path)
+    done = saved.get("run", {}).get("epoch") if isinstance(saved.get("run"), dict) else None
+    if isinstance(done, int) and done > epochs:
+        folder = Path(path).parent
+        raise UsageError(
+            f"{folder} has finished {done} epochs already; resume it with --epochs "
+            f"{done} or more (now {epochs})"
+        )
+
+
+def _check_same_config(saved: dict[str, Any], recorded: dict[str, Any], path: str | Path) -> None:
+    for key, value in recorded.items():
+        if key in _RESUMABLE_CHANGES or key not in saved:
+            continue
+        before = saved[key]
+        if key == "optimizer":  # the checkpoint restores the hyper-parameters, not the class
+            key, before, value = "optimizer class", before.get("class"), value["class"]
+        if before != value:
+            raise CheckpointError(
+                f"cannot resume {path}: it was trained with {key}={before!r}, "
+                f"not {value!r}; use another --out for a new run"
+            )
+
+
+def _check_same_data(saved: Any, fingerprint: dict[str, Any], path: str | Path) -> None:
+    """A resumed run must see the data it was trained on (checkpoints without a
+    fingerprint, from before it was recorded, are not checked)."""
+    if not isinstance(saved, dict):
+        return
+    for key, value in fingerprint.items():
+        if key in saved and saved[key] != value:
+            raise CheckpointError(
+                f"cannot resume {path}: its training data had {key} {saved[key]!r}, this "
+                f"data has {value!r}; resume with the same data or use another --out"
+            )

@@ -6,7 +6,8 @@ Two kinds of data reach the loop:
   which costs less than any loader could, so they skip the loader entirely. Train-time
   augmentation runs on the whole global batch from one generator (on the training device,
   so a GPU does its own cropping and flipping).
-- Images on disk (:class:`largebatch.imagefolder.LazyImages`): a persistent pool of
+- Images on disk (a :class:`largebatch.source.LazySplit`, such as
+  :class:`largebatch.data.imagefolder.LazyImages`): a persistent pool of
   :class:`torch.utils.data.DataLoader` worker processes decodes them. The pool is created
   once per run and reused by every epoch and every evaluation, whatever the batch size:
   the loader's items are *requests* (a chunk of sample indices and an augmentation seed)
@@ -27,9 +28,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from largebatch.data import DataSource
+from largebatch.accumulate import cuts
 from largebatch.distributed import World, shard
 from largebatch.errors import DataError
+from largebatch.source import DataSource
 
 __all__ = ["Feed", "is_lazy", "materialize", "default_workers"]
 
@@ -153,10 +155,7 @@ class Feed:
                 else:
                     local = shard(indices, self.world)
                     x, y = data.train_x[local], data.train_y[local]
-                yield (
-                    indices,
-                    [(x[b : b + micro], y[b : b + micro]) for b in range(0, len(y), micro)],
-                )
+                yield indices, [(x[piece], y[piece]) for piece in cuts(len(y), micro)]
             return
         seed = augment_seed if augment else None
         plan = []  # per update: (global indices, [(local micro-batch positions, n chunks)])
@@ -165,8 +164,8 @@ class Feed:
         for indices in batches:
             local = shard(indices, self.world)
             micros = []
-            for b in range(0, len(local), micro):
-                part = local[b : b + micro]
+            for piece in cuts(len(local), micro):
+                part = local[piece]
                 chunks = _chunks(roots[part].tolist())
                 requests.extend(("train", c, seed) for c in chunks)
                 micros.append((part, len(chunks)))

@@ -1,41 +1,114 @@
-"""User objects as the loop's inputs: datasets given in Python, and code named by import path.
+"""The data the engine reads: a :class:`DataSource`, and user data turned into one.
 
-:func:`as_source` turns what a user hands to :func:`largebatch.fit` (a map-style
-``Dataset`` of ``(input, target)`` pairs, or a pair of tensors) into the
-:class:`~largebatch.data.DataSource` the loop reads. :func:`load_callable` resolves
-``package.module:callable`` names, as given to ``--model`` and ``--dataset``.
+A :class:`DataSource` holds a train and a test split: tensors in memory, or a
+:class:`LazySplit` (images decoded on demand, such as
+:class:`largebatch.data.imagefolder.LazyImages`). :func:`as_source` turns what a user hands
+to :func:`largebatch.fit` (a map-style ``Dataset`` of ``(input, target)`` pairs, or a pair
+of tensors) into a :class:`DataSource`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import numbers
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 from tqdm import tqdm
 
-from largebatch.data import DataSource
 from largebatch.errors import UsageError, UserCodeError
-from largebatch.interrupts import deliver_interrupts
 
 __all__ = [
+    "UNIT_RANGE",
+    "DataSource",
+    "LazySplit",
     "as_source",
     "as_tensors",
-    "load_callable",
-    "call_with_accepted",
     "is_classification",
+    "user_failures",
 ]
+
+UNIT_RANGE: tuple[float, float] = (0.0, 1.0)
+
+#: What user items are read inside: a context manager factory (see :func:`as_tensors`).
+Reading = Callable[[], AbstractContextManager[object]]
+
+
+class LazySplit(Protocol):
+    """Inputs decoded on demand, indexed like a tensor (what the feed and the loop use).
+
+    It is pickled to the feed's decoding workers, so it should be cheap to pickle.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(len(self), *sample_shape)``, the shape :meth:`load` returns."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: Any) -> LazySplit:
+        """A subset (a slice, integer indices or a mask); nothing is decoded."""
+        ...
+
+    def root_indices(self) -> torch.Tensor:
+        """Positions of this subset's samples in the full split, int64 ``(len(self),)``."""
+        ...
+
+    def decode(self, root_indices: Any, augment_seed: int | None = None) -> torch.Tensor:
+        """The samples at those positions of the full split; ``augment_seed`` None means
+        no augmentation, else sample ``i`` draws from ``(augment_seed, i)``."""
+        ...
+
+    def load(self, augment_seed: int | None = None) -> torch.Tensor:
+        """Every sample of this subset: ``decode(self.root_indices(), augment_seed)``."""
+        ...
+
+
+@dataclass
+class DataSource:
+    """A loaded dataset, train and test split, as tensors in memory.
+
+    Attributes:
+        name: canonical dataset name (one of :data:`DATASETS`), or the
+            ``package.module:callable`` path or label of a user's dataset.
+        train_x, test_x: float32, shape ``(N, *input_shape)``, raw values inside
+            ``input_range`` (images scaled to [0, 1]); never normalized. For the image-folder
+            datasets a :class:`LazySplit` instead (such as
+            :class:`~largebatch.data.imagefolder.LazyImages`), indexed like a
+            tensor and decoded on demand.
+        train_y, test_y: int64 class indices in ``[0, num_classes)``, shape ``(N,)``.
+        input_shape: shape of one sample, e.g. ``(1, 28, 28)`` or ``(40,)`` for mnist1d.
+        num_classes: number of classes.
+        input_range: ``(low, high)`` of valid raw inputs, for clamping adversarial
+            examples; ``None`` means unbounded.
+        mean, std: per-channel normalization statistics (one entry per channel; a single
+            entry for 1-D inputs). The model applies ``(x - mean) / std`` as its first layer.
+        augment: optional train-time augmentation ``augment(batch, generator) -> batch`` on a
+            ``(B, C, H, W)`` batch, deterministic given the generator's state.
+    """
+
+    name: str
+    train_x: torch.Tensor | LazySplit
+    train_y: torch.Tensor
+    test_x: torch.Tensor | LazySplit
+    test_y: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+    input_range: tuple[float, float] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
-def _failures(what: str) -> Iterator[None]:
+def user_failures(what: str) -> Iterator[None]:
     """Any failure of the user's code in the block (an exception, ``sys.exit``) as one
     UserCodeError ``"{what} failed: ..."``; a UsageError passes, and Ctrl-C stays an
     interruption."""
@@ -52,57 +125,15 @@ def _failures(what: str) -> Iterator[None]:
         raise UserCodeError(f"{what} failed: {type(exc).__name__}: {exc}") from None
 
 
-def load_callable(path: str, what: str) -> Callable[..., Any]:
-    """The callable named ``package.module:attribute`` (``what`` names it in errors).
-
-    The current folder is searched first, as ``python -m`` would. The import runs with
-    Ctrl-C delivered (see :func:`largebatch.interrupts.deliver_interrupts`); any failure
-    in it is a one-line UserCodeError.
-    """
-    module_name, _, attribute = str(path).partition(":")
-    if not module_name or not attribute:
-        raise UsageError(f"{what} {path!r} must look like package.module:callable")
-    if "" not in sys.path:
-        sys.path.insert(0, "")
-    with deliver_interrupts(), _failures(f"{what} {path!r}: importing {module_name!r}"):
-        try:
-            target: Any = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise UserCodeError(f"{what} {path!r}: cannot import {module_name!r} ({exc})") from None
-    with deliver_interrupts(), _failures(f"{what} {path!r}: reading {attribute!r}"):
-        for part in attribute.split("."):
-            if not hasattr(target, part):
-                raise UserCodeError(
-                    f"{what} {path!r}: {module_name!r} has no attribute {attribute!r}"
-                )
-            target = getattr(target, part)
-    if not callable(target):
-        raise UsageError(f"{what} {path!r} is a {type(target).__name__}, not a callable")
-    return target
-
-
-def call_with_accepted(function: Callable[..., Any], what: str, **offered: Any) -> Any:
-    """Call ``function`` with those of ``offered`` that its signature accepts.
-
-    The call runs with Ctrl-C delivered; any failure inside the user's code (an
-    exception, ``sys.exit``) becomes a one-line UserCodeError naming ``what``.
-    """
-    try:
-        parameters = inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    chosen = {k: v for k, v in offered.items() if takes_any or k in parameters}
-    with deliver_interrupts(), _failures(what):
-        return function(**chosen)
-
-
-def as_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def as_tensors(
+    data: Any, what: str, *, reading: Reading = contextlib.nullcontext
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, targets)`` stacked along a first sample axis.
 
     Accepts a pair of tensors (or arrays) of equal length, a ``TensorDataset`` of two
     tensors, or any map-style ``Dataset`` whose items are ``(input, target)`` pairs; the
-    last is read once, item by item, into memory.
+    last is read once, item by item, into memory, inside ``reading()`` (the recipe passes
+    :func:`largebatch.interrupts.deliver_interrupts`, so Ctrl-C stops a slow ``__getitem__``).
     """
     if isinstance(data, IterableDataset):
         raise UsageError(
@@ -124,7 +155,7 @@ def as_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"{what} is a {type(data).__name__}; pass a map-style Dataset of (input, target) "
             "pairs or a pair of tensors (inputs, targets)"
         )
-    with deliver_interrupts():  # the user's __getitem__ may be slow: Ctrl-C stops it
+    with reading():  # the user's __getitem__ may be slow: Ctrl-C stops it
         inputs, targets = _read_items(data, what)
     shapes = {tuple(x.shape) for x in inputs}
     if len(shapes) > 1:
@@ -137,14 +168,14 @@ def as_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _read_items(data: Any, what: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every ``(input, target)`` of a map-style dataset, as tensors, item by item."""
-    with _failures(f"reading len({what})"):
+    with user_failures(f"reading len({what})"):
         count = len(data)
     if count < 1:
         raise UsageError(f"{what} is empty")
     inputs, targets = [], []
     show = count >= 10_000 and sys.stderr.isatty()
     for i in tqdm(range(count), desc=f"reading {what}", disable=not show, file=sys.stderr):
-        with _failures(f"reading {what}[{i}]"):
+        with user_failures(f"reading {what}[{i}]"):
             item = data[i]
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise UsageError(
@@ -195,17 +226,19 @@ def as_source(
     *,
     name: str = "custom",
     input_range: Sequence[float] | None = None,
+    reading: Reading = contextlib.nullcontext,
 ) -> DataSource:
-    """A :class:`DataSource` from user data (see :func:`as_tensors`); ``test`` may be None.
+    """A :class:`DataSource` from user data (see :func:`as_tensors`, which reads each split
+    inside ``reading()``); ``test`` may be None.
 
     For integer labels, ``num_classes`` is one more than the largest label of either
     split; otherwise 0 (no classes: accuracy is not reported).
     """
-    train_x, train_y = as_tensors(train, "train_data")
+    train_x, train_y = as_tensors(train, "train_data", reading=reading)
     if test is None:
         test_x, test_y = train_x[:0], train_y[:0]
     else:
-        test_x, test_y = as_tensors(test, "eval_data")
+        test_x, test_y = as_tensors(test, "eval_data", reading=reading)
         if test_x.shape[1:] != train_x.shape[1:]:
             raise UsageError(
                 f"eval_data inputs have shape {tuple(test_x.shape[1:])}, train_data "

@@ -1,0 +1,326 @@
+"""Config to engine objects: the controller, meters, optimizer, tracker, attack,
+rollback and the loop's settings.
+
+:func:`build_parts` is what :func:`largebatch.train.train` and :func:`largebatch.fit`
+call: names and config keys in, :class:`~largebatch.engine.Parts` and
+:class:`~largebatch.engine.Settings` out. The guard's cap is computed from the
+optimizer that goes into the parts, so a user's optimizer is the one it guards.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largebatch.adversarial import AdversarialShare
+from largebatch.checks import number
+from largebatch.config import TrainConfig
+from largebatch.controllers import (
+    AdaptiveBatch,
+    BatchController,
+    CurvatureGuard,
+    FixedBatch,
+    IncreaseBatchInsteadOfDecay,
+    LinearScalingWarmup,
+    NoiseScaleBatch,
+    checked_decision,
+)
+from largebatch.distributed import World, shard
+from largebatch.divergence import Rollback
+from largebatch.engine import Parts, Settings
+from largebatch.errors import ConfigError, UsageError
+from largebatch.feed import materialize
+from largebatch.hessian import EigenTracker
+from largebatch.lr import momentum_of
+from largebatch.meters import EIGENVALUE, NOISE_SCALE, CurvatureMeter, GradientNoiseMeter, Meter
+from largebatch.sampler import probe_batches, probe_seed
+from largebatch.scoring import LossFn, check_parameters
+from largebatch.source import DataSource
+
+__all__ = [
+    "build_parts",
+    "settings",
+    "make_controller",
+    "make_optimizer",
+    "make_tracker",
+    "make_meters",
+    "make_attack",
+    "make_rollback",
+    "model_spec",
+]
+
+
+def model_spec(config: TrainConfig, data: DataSource) -> dict[str, Any]:
+    """What :func:`largebatch.models.build_model` needs to rebuild the model from a checkpoint."""
+    return {
+        "name": config.model,
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+
+
+def settings(config: TrainConfig) -> Settings:
+    """The loop's knobs from the config (micro-batches default to the base batch)."""
+    return Settings(
+        epochs=config.epochs,
+        micro_batch_size=config.micro_batch_size or config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        precision=config.precision,
+        channels_last=config.channels_last,
+        augment=config.augment,
+        seed=config.seed,
+        loader_workers=config.loader_workers,
+    )
+
+
+def build_parts(
+    config: TrainConfig,
+    model: nn.Module,
+    data: DataSource,
+    world: World,
+    device: torch.device,
+    *,
+    loss_fn: LossFn = F.cross_entropy,
+    optimizer: Any = None,
+    controller: BatchController | None = None,
+    meters: Mapping[str, Meter] | None = None,
+) -> Parts:
+    """The objects of a run of ``config``: ``model`` and ``data`` as given; the optimizer,
+    controller and meters as given or built from the config; the attack and the rollback
+    from the config."""
+    check_parameters(model)
+    optimizer = make_optimizer(optimizer, model, config)
+    group = optimizer.param_groups[0]
+    controller = controller or make_controller(
+        config, len(data.train_y), float(group["lr"]), momentum_of(optimizer)
+    )
+    checked_decision(controller, controller.decision())
+    return Parts(
+        model=model,
+        data=data,
+        optimizer=optimizer,
+        controller=controller,
+        loss_fn=loss_fn,
+        meters=make_meters(controller, meters, config, data, loss_fn, device, world),
+        attack=make_attack(config, data),
+        rollback=make_rollback(config),
+    )
+
+
+def make_attack(config: TrainConfig, data: DataSource) -> AdversarialShare:
+    """The adversarial share's attack: the config's, clamped to the data's valid range
+    (or, with ``adv_clamp: batch``, to each micro-batch's min and max)."""
+    clamp = "batch" if config.adv_clamp == "batch" else data.input_range
+    return AdversarialShare(config.adv_attack, config.adv_eps, config.adv_pgd_steps, clamp)
+
+
+def make_rollback(config: TrainConfig) -> Rollback | None:
+    """``on_divergence: rollback``: restore and lower the LR; ``stop``: None."""
+    if config.on_divergence != "rollback":
+        return None
+    return Rollback(config.divergence_lr_factor, config.max_rollbacks)
+
+
+def make_controller(
+    config: TrainConfig,
+    num_samples: int | None = None,
+    lr: float | None = None,
+    momentum: float | None = None,
+) -> BatchController:
+    """The controller for ``config.method``.
+
+    ``lr`` and ``momentum``: the optimizer's (its first param group's), from which the
+    curvature guard computes its cap; default the config's ``lr`` and ``momentum``.
+    Adversarial training is on for ``absa`` and, with ``adversarial: true``, for any
+    method; ``adversarial: false`` turns it off for ``absa`` too.
+    """
+    milestones, decay = config.lr_decay_epochs, config.lr_decay
+    adversarial = config.adversarial if config.adversarial is not None else config.method == "absa"
+    adv = {
+        "adv_ratio": config.adv_ratio if adversarial else 0.0,
+        "adv_stop_epoch": int(config.epochs * config.adv_stop_fraction),
+    }
+    controller: BatchController
+    if config.method == "bl":
+        controller = FixedBatch(config.batch_size, milestones, decay, **adv)
+    elif config.method == "fb":
+        controller = LinearScalingWarmup(
+            config.batch_size,
+            config.max_batch_size,
+            milestones,
+            decay,
+            config.warmup_epochs,
+            **adv,
+        )
+    elif config.method == "gg":
+        controller = IncreaseBatchInsteadOfDecay(
+            config.batch_size, config.max_batch_size, milestones, decay, **adv
+        )
+    elif config.method in ("abs", "absa"):
+        controller = AdaptiveBatch(
+            config.batch_size,
+            config.max_batch_size,
+            milestones,
+            decay,
+            decrease_ratio=config.abs_decrease_ratio,
+            growth_factor=config.abs_growth_factor,
+            duration=config.abs_duration,
+            **adv,
+        )
+    elif config.method == "gns":
+        if num_samples is None:
+            raise ConfigError("method gns needs the number of training samples")
+        controller = NoiseScaleBatch(
+            config.batch_size,
+            config.max_batch_size,
+            milestones,
+            decay,
+            num_samples,
+            every_fraction=config.gns_every,
+            kappa=config.gns_kappa,
+            confirmations=config.gns_confirmations,
+            lr_rule=config.lr_scaling,
+            milestones_by=config.gns_milestones,
+            **adv,
+        )
+    else:
+        raise ConfigError(f"unknown method {config.method!r}")
+    controller.name = config.method
+    if config.curvature_guard:
+        every = None if num_samples is None else max(1, round(num_samples * config.guard_every))
+        inner_every = controller.decide_every
+        points = max(1, round(every / inner_every)) if every and inner_every else 1
+        controller = CurvatureGuard(
+            controller,
+            config.lr if lr is None else lr,
+            config.momentum if momentum is None else momentum,
+            config.guard_fraction,
+            every_points=points,
+            every_samples=None if inner_every else every,
+        )
+    return controller
+
+
+def make_optimizer(given: Any, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The run's optimizer: ``given`` (an optimizer over the model's parameters, or a
+    factory ``params -> Optimizer``), or SGD with the config's ``lr``, ``momentum`` and
+    ``weight_decay``. Refused: parameters that are not the model's, a ``step()`` that needs
+    a closure (LBFGS), an LR that is not finite and >= 0."""
+    if given is None:
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    optimizer = given
+    if not isinstance(given, torch.optim.Optimizer):
+        if not callable(given):
+            raise UsageError(
+                f"optimizer is a {type(given).__name__}; pass a torch.optim.Optimizer or a "
+                "factory params -> Optimizer"
+            )
+        try:
+            optimizer = given(model.parameters())
+        except Exception as exc:
+            raise UsageError(f"the optimizer factory failed: {type(exc).__name__}: {exc}") from None
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UsageError(
+                f"the optimizer factory returned a {type(optimizer).__name__}, not an Optimizer"
+            )
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for g in optimizer.param_groups for p in g["params"]):
+        raise UsageError("the optimizer holds parameters that are not the model's")
+    step = inspect.signature(optimizer.step).parameters.get("closure")
+    if step is not None and step.default is inspect.Parameter.empty:
+        raise UsageError(
+            f"{type(optimizer).__name__} needs a closure in step() (it evaluates the loss "
+            "several times per update), which a batch-size controller's loop cannot give; "
+            "use a first-order optimizer such as SGD, Adam or AdamW"
+        )
+    for i, group in enumerate(optimizer.param_groups):
+        number(group["lr"], type(optimizer).__name__, f"param_groups[{i}]['lr']", low=0.0)
+    return optimizer
+
+
+def make_tracker(
+    config: TrainConfig,
+    data: DataSource,
+    device: torch.device,
+    world: World,
+    loss_fn: LossFn,
+    samples: int | None = None,
+) -> EigenTracker:
+    """The top-eigenvalue tracker on a probe set drawn once from the training data.
+
+    Under torchrun each rank holds a slice of every probe batch and the Hessian-vector
+    products are all-reduced, so every rank gets the single-process eigenvalue.
+    """
+    if world.enabled and config.hessian_samples < world.size:
+        raise UsageError(
+            f"hessian_samples ({config.hessian_samples}) must be at least the number of "
+            f"processes ({world.size})"
+        )
+    probe = probe_batches(
+        data.train_x,
+        data.train_y,
+        samples or config.hessian_samples,
+        config.micro_batch_size or config.batch_size,
+        seed=probe_seed(config.seed),
+    )
+    probe = [
+        (shard(materialize(x), world).to(device), shard(y, world).to(device)) for x, y in probe
+    ]
+    probe = [(x, y) for x, y in probe if len(y)]
+    if config.hessian_mode == "reference":
+        return EigenTracker(loss_fn, probe, method="reference", seed=config.seed)
+    return EigenTracker(
+        loss_fn,
+        probe,
+        tol=config.hessian_tol,
+        max_matvecs=config.hessian_max_matvecs,
+        method="lanczos",
+        seed=config.seed,
+    )
+
+
+def make_meters(
+    controller: BatchController,
+    given: Mapping[str, Meter] | None,
+    config: TrainConfig,
+    data: DataSource,
+    loss_fn: LossFn,
+    device: torch.device,
+    world: World,
+) -> dict[str, Meter]:
+    """One meter per measurement the controller may ask for (``given`` ones first)."""
+    given = dict(given or {})
+    meters: dict[str, Meter] = {}
+    for name in sorted(controller.measures):
+        if name in given:
+            meters[name] = given.pop(name)
+        elif name == EIGENVALUE:
+            # the guard's ceiling needs a stable estimate: a larger probe (>= 1024 samples)
+            samples = config.guard_samples if config.curvature_guard else config.hessian_samples
+            tracker = make_tracker(config, data, device, world, loss_fn, samples)
+            meters[name] = CurvatureMeter(
+                tracker,
+                config.hessian_every,
+                strict=config.hessian_mode != "reference",
+                every_samples=config.hessian_every_samples,
+            )
+        elif name == NOISE_SCALE:
+            meters[name] = GradientNoiseMeter(config.gns_micro_batch, config.gns_decay, world)
+        else:
+            raise UsageError(
+                f"controller {controller.name!r} wants measurement {name!r}, which no meter "
+                "provides; pass meters={name: meter}"
+            )
+    return {**meters, **given}

@@ -1,0 +1,135 @@
+"""Where a run is, and the records it emits: the epoch record, decision points, changes.
+
+:class:`Progress` holds the counters that carry over across epochs and restarts (the
+checkpoint's ``run`` entry; the field names are those of the former ``RunState``, so
+older checkpoints load). :meth:`Progress.end_epoch` makes the epoch's record, the line of
+``metrics.jsonl``: its columns are fixed (the built-in meters' keys are there, null,
+when they did not measure, so records of every method line up), and a meter of the
+user's adds its own keys after them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from largebatch.controllers import Decision
+from largebatch.meters import EIGENVALUE, NOISE_SCALE, CurvatureMeter, GradientNoiseMeter, Meter
+
+__all__ = ["Progress", "RECORD_DEFAULTS", "meter_defaults"]
+
+#: the record keys every epoch record has, whether or not these meters ran
+RECORD_DEFAULTS: dict[str, Any] = {**CurvatureMeter.empty(), **GradientNoiseMeter.empty()}
+
+
+def meter_defaults(meters: Mapping[str, Meter]) -> dict[str, Any]:
+    """A decision point's numbers before any meter measured: the fixed columns, and each
+    meter's own keys (None)."""
+    defaults = dict(RECORD_DEFAULTS)
+    for meter in meters.values():
+        defaults.update(meter.empty())
+    return defaults
+
+
+@dataclass
+class Progress:
+    """Counters that carry over across epochs and restarts (cumulative)."""
+
+    epoch: int = 0  # epochs finished
+    updates: int = 0  # optimizer steps
+    samples: int = 0  # training samples processed
+    wall_s: float = 0.0  # training + evaluation time, eigenvalue time included
+    hessian_s: float = 0.0  # time spent on curvature estimates
+    measure_s: float = 0.0  # time spent by all meters (curvature included)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # An epoch interrupted part-way: samples done, their loss and accuracy sums, and the
+    # augmentation generator's state, so that resuming finishes it exactly.
+    position: int = 0
+    partial_loss: float = 0.0
+    partial_correct: int = 0
+    augment_rng: torch.Tensor | None = None
+    # Samples of the epoch in progress left out: a last batch that would give a rank a
+    # single sample, with a batch norm that cannot train on one (see engine.run).
+    dropped: int = 0
+    # Divergence guard: LR multiplier after rollbacks, and what happened.
+    lr_scale: float = 1.0
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    # Batch changes of the epoch in progress: sample count, new batch, LR factor, reason.
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    # The epoch's decision points: samples, batch, LR, noise scale and eigenvalue there.
+    points: list[dict[str, Any]] = field(default_factory=list)
+
+    def note_point(
+        self,
+        samples: int,
+        decision: Decision,
+        lr: float,
+        measured: Mapping[str, Any],
+        stability: float | None,
+    ) -> None:
+        """A decision point: the batch and LR decided there, and what was measured."""
+        self.points.append(
+            {
+                "samples": samples,
+                "batch_size": decision.batch_size,
+                "lr": lr,
+                "gns": measured.get(NOISE_SCALE),
+                "eigenvalue": measured[EIGENVALUE],
+                "stability": stability,
+            }
+        )
+
+    def note_change(self, samples: int, decision: Decision, reason: str) -> None:
+        self.changes.append(
+            {
+                "samples": samples,
+                "batch_size": decision.batch_size,
+                "lr_factor": decision.lr_factor,
+                "reason": reason or "schedule",
+            }
+        )
+
+    def end_epoch(
+        self,
+        train: Mapping[str, Any],
+        test: tuple[float | None, float | None],
+        measured: Mapping[str, Any],
+        *,
+        batch_size: int,
+        lr: float,
+        adv_ratio: float,
+        stability: float | None,
+        own_keys: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Close the epoch (its evaluation and decision point are done) and return its
+        record. ``train``: the epoch's training numbers; ``test``: test loss and
+        accuracy; ``measured``: the decision point's numbers; ``own_keys``: record keys
+        of meters other than the built-in ones."""
+        self.epoch += 1
+        self.hessian_s += measured["eig_s"]
+        record = {
+            "epoch": self.epoch,
+            "batch_size": batch_size,
+            "lr": lr,
+            **{k: measured[k] for k in CurvatureMeter.record_keys},
+            "adv_ratio": adv_ratio,
+            "updates": self.updates,
+            "samples": self.samples,
+            **train,
+            "test_loss": test[0],
+            "test_acc": test[1],
+            "wall_s": self.wall_s,
+            "hessian_s": self.hessian_s,
+            "measure_s": self.measure_s,
+            **{k: measured[k] for k in GradientNoiseMeter.record_keys if k != "gns_s"},
+            **{k: measured.get(k) for k in own_keys if not k.endswith("_s")},
+            "stability": stability,
+            "batch_changes": self.changes,
+            "points": self.points,
+        }
+        self.changes, self.points = [], []
+        self.history.append(record)
+        return record

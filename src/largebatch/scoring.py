@@ -1,0 +1,246 @@
+"""Loss and accuracy: does the model fit the data, the running sums of an epoch, and the
+evaluation pass.
+
+- :func:`check_parameters` and :func:`check_fits` run before any work: what would crash
+  or go wrong later (a model with nothing to train, outputs that are not one tensor,
+  labels beyond the output width, non-finite outputs, a detached loss) is one line here.
+- :class:`RunningScore` keeps an epoch's loss and correct-prediction sums on the device
+  (no synchronisation per update).
+- :func:`score` is the evaluation pass: mean loss and accuracy in eval mode, sums
+  all-reduced under torchrun.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largebatch.accumulate import to_device
+from largebatch.distributed import World, all_reduce_
+from largebatch.errors import UsageError
+from largebatch.feed import Feed, materialize
+from largebatch.precision import autocast
+from largebatch.source import DataSource, is_classification
+
+__all__ = ["LossFn", "Fit", "check_parameters", "check_fits", "RunningScore", "score"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_parameters(model: nn.Module) -> None:
+    """Something to train, and not on the meta device (before any work)."""
+    params = list(model.parameters())
+    if not params:
+        raise UsageError(f"the model ({type(model).__name__}) has no parameters: nothing to train")
+    if not any(p.requires_grad for p in params):
+        raise UsageError(
+            "every parameter of the model is frozen (requires_grad=False): nothing to train"
+        )
+    if any(t.is_meta for t in (*params, *model.buffers())):
+        raise UsageError(
+            "the model is on the meta device (no values yet); materialize it first, e.g. "
+            "model.to_empty(device='cpu') and initialise its weights"
+        )
+
+
+class Fit(NamedTuple):
+    """What :func:`check_fits` found out about a model on its data."""
+
+    accuracy: bool  # integer labels and (batch, classes) logits: accuracy applies
+    needs_pairs: bool  # a batch norm sees one value per channel and sample
+
+
+def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torch.device) -> Fit:
+    """Run the model and the loss on a few training samples (eval mode): the first two and
+    those with the extreme labels, then one test sample. What would crash or go wrong
+    later fails here with one line: a model or loss that does not fit the data, labels
+    beyond the output width, outputs that are not one tensor, non-finite outputs or loss,
+    a loss that no parameter's gradient reaches.
+
+    Returns whether accuracy applies (integer labels and ``(batch, classes)`` logits with
+    an output for every label), and whether a batch-norm layer sees one value per channel
+    and sample (``BatchNorm1d`` on ``(batch, features)``): in training mode that layer
+    fails on a batch of one sample."""
+    rows = _check_rows(data.train_y)
+    x = materialize(data.train_x[rows]).to(device)
+    y = data.train_y[rows].to(device)
+    classes = is_classification(data.train_y)
+    was_training = model.training
+    model.eval()
+    single_values: list[bool] = []
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda _m, inputs: single_values.append(inputs[0].shape[2:].numel() == 1)
+        )
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    try:
+        outputs, loss = _run_user_model(model, loss_fn, x, y, grad=True)
+        for hook in hooks:
+            hook.remove()
+        _check_outputs(outputs, loss)
+        if not loss.requires_grad:
+            raise UsageError(
+                "the loss does not depend on the model's parameters (detached, or computed "
+                "under torch.no_grad?); nothing would be trained"
+            )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+        if all(g is None for g in grads):
+            raise UsageError("no parameter of the model gets a gradient from the loss")
+        if len(data.test_y):
+            test_rows = _check_rows(data.test_y)[-1:]
+            x_test = materialize(data.test_x[test_rows]).to(device)
+            y_test = data.test_y[test_rows].to(device)
+            _check_outputs(*_run_user_model(model, loss_fn, x_test, y_test, False, "test"), "test")
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    accuracy = (
+        classes
+        and outputs.ndim == 2
+        and len(outputs) == len(y)
+        and data.num_classes <= outputs.shape[1]
+    )
+    return Fit(accuracy, any(single_values))
+
+
+def _check_rows(labels: torch.Tensor) -> torch.Tensor:
+    """The first two samples, and for class labels those with the smallest and largest."""
+    rows = list(range(min(2, len(labels))))
+    if is_classification(labels) and len(labels) > 2:
+        rows += [int(labels.argmin()), int(labels.argmax())]
+    return torch.tensor(rows)
+
+
+def _run_user_model(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad: bool,
+    split: str = "training",
+) -> tuple[torch.Tensor, Any]:
+    """``model(x)`` and ``loss_fn(outputs, y)``; what fails in them is one line."""
+    with torch.set_grad_enabled(grad):
+        outputs = _user_call(lambda: model(x), x, y, split)
+        if not isinstance(outputs, torch.Tensor):
+            raise UsageError(
+                f"the model returns a {type(outputs).__name__}, not one tensor; wrap it so "
+                "that forward returns what the loss takes (e.g. the logits: a forward that "
+                "returns model(x)[0])"
+            )
+        if loss_fn is F.cross_entropy and is_classification(y) and outputs.ndim == 2:
+            top = int(y.max())  # cross-entropy reads an output per class
+            if top >= outputs.shape[1]:
+                raise UsageError(
+                    f"the labels go up to {top}, but the model gives {outputs.shape[1]} outputs "
+                    f"per sample; it needs at least {top + 1} (one per class)"
+                )
+        return outputs, _user_call(lambda: loss_fn(outputs, y), x, y, split)
+
+
+def _user_call(call: Callable[[], Any], x: torch.Tensor, y: torch.Tensor, split: str) -> Any:
+    try:
+        return call()
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(
+            f"the model or loss_fn fails on {split} samples of shape {tuple(x.shape[1:])} "
+            f"with targets {tuple(y.shape[1:])} {y.dtype}: {type(exc).__name__}: "
+            + " ".join(str(exc).split())[:300]
+        ) from None
+
+
+def _check_outputs(outputs: torch.Tensor, loss: Any, split: str = "training") -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise UsageError(
+            "loss_fn(outputs, targets) must return the batch's mean loss, one number; got "
+            + (
+                f"shape {tuple(loss.shape)}"
+                if isinstance(loss, torch.Tensor)
+                else type(loss).__name__
+            )
+        )
+    if not bool(torch.isfinite(outputs.detach()).all()):
+        raise UsageError(
+            f"the model's outputs on the first {split} samples are not finite (NaN or "
+            "infinity); check its initialisation and the inputs"
+        )
+    if not bool(torch.isfinite(loss.detach())):
+        raise UsageError(f"the loss on the first {split} samples is {float(loss):g}, not finite")
+
+
+class RunningScore:
+    """The epoch's loss and correct-prediction sums, on the device (no sync per update)."""
+
+    def __init__(
+        self,
+        world: World,
+        device: torch.device,
+        accuracy: bool,
+        loss: float = 0.0,
+        correct: int = 0,
+    ) -> None:
+        """``accuracy``: count correct predictions. ``loss``, ``correct``: the sums of a
+        resumed epoch (global sums: rank 0 carries them)."""
+        self.world, self.accuracy = world, accuracy
+        self.loss = torch.tensor(loss if world.is_main else 0.0, device=device)
+        self.correct = torch.tensor(
+            correct if world.is_main else 0, device=device, dtype=torch.long
+        )
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss += loss.detach().float() * len(y)
+        if self.accuracy:
+            self.correct += (out.argmax(1) == y).sum()
+
+    def totals(self) -> tuple[float, int]:
+        """Summed over the ranks (a collective: every rank calls it)."""
+        loss = all_reduce_(self.loss.clone(), self.world)
+        correct = all_reduce_(self.correct.clone(), self.world)
+        return loss.item(), int(correct.item())
+
+
+@torch.no_grad()
+def score(
+    model: nn.Module,
+    feed: Feed,
+    batch_size: int,
+    device: torch.device,
+    split: str = "test",
+    precision: str = "fp32",
+    channels_last: bool = False,
+    loss_fn: LossFn | None = None,
+    accuracy: bool = True,
+) -> tuple[float | None, float | None]:
+    """Mean loss and accuracy (fraction) of ``model`` in eval mode on a split.
+
+    ``loss_fn`` defaults to cross-entropy; accuracy is None when ``accuracy`` is False,
+    and both are None for an empty split. Under torchrun each rank evaluates its slice
+    and the sums are all-reduced.
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    total = len(getattr(feed.data, f"{split}_y"))
+    if total == 0:
+        return None, None
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for xb, yb in feed.eval_batches(split, batch_size):
+        xb, yb = to_device(xb, device, channels_last), yb.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out = model(xb)
+        sums[0] += loss_fn(out.float(), yb).double() * len(yb)
+        if accuracy:
+            sums[1] += (out.argmax(1) == yb).sum()
+    model.train(was_training)
+    loss_sum, correct = all_reduce_(sums, feed.world).tolist()
+    return loss_sum / total, (correct / total if accuracy else None)
