@@ -183,12 +183,18 @@ def test_a_run_without_a_test_split_is_refused_by_evaluate_and_reported(tmp_path
     assert "| mycode:train_only | mycode:net | bl |" in done.stdout
 
 
-def test_the_own_loop_example_runs_and_its_batch_grows():
+def _example(name: str) -> subprocess.CompletedProcess:
+    """Run ``examples/NAME`` as a user would; it must succeed."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "own_loop.py")],
+        [sys.executable, str(ROOT / "examples" / name)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_the_own_loop_example_runs_and_its_batch_grows():
+    done = _example("own_loop.py")
     batches = [
         int(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("epoch")
     ]
@@ -198,11 +204,7 @@ def test_the_own_loop_example_runs_and_its_batch_grows():
 
 
 def test_the_gns_own_loop_example_runs_and_its_batch_follows_the_noise_scale():
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "own_loop_gns.py")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    done = _example("own_loop_gns.py")
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("epoch")]
     batches = [int(row[3]) for row in rows]
     assert len(rows) == 6 and batches[0] >= 32 and batches[-1] > 32  # it grew

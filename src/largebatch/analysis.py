@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from largebatch.config import check_number, check_seed
+from largebatch.distributed import resolve_device
 from largebatch.errors import UsageError
 from largebatch.evaluate import load_trained_with_data
 from largebatch.feed import materialize
@@ -28,7 +29,6 @@ from largebatch.hessian import TRACE_METHODS, hessian_trace, spectral_density, t
 from largebatch.io import atomic_write, atomic_write_json
 from largebatch.outputs import check_output_file
 from largebatch.sampler import probe_batches
-from largebatch.train import resolve_device
 
 __all__ = ["analyze_checkpoint", "plot_density"]
 

@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             import torch  # noqa: F401  (the heavy import, done under the hold)
 
-            from largebatch.train import TrainingInterrupted
+            from largebatch.engine import TrainingInterrupted
 
         try:
             with hold_interrupts() if args.command == "train" else contextlib.nullcontext():

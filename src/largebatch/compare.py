@@ -228,7 +228,8 @@ def _run_grid(
     show_progress: bool,
     echo: Callable[[str], None],
 ) -> dict[str, str]:
-    from largebatch.train import TrainingInterrupted, train
+    from largebatch.engine import TrainingInterrupted
+    from largebatch.train import train
 
     status: dict[str, str] = {}
     bar = tqdm(total=len(runs), desc="grid", unit="run", disable=not show_progress, file=sys.stderr)

@@ -11,12 +11,12 @@ from largebatch.adversarial import fgsm, pgd
 from largebatch.checkpoint import checked_model_spec, checked_part, load_checkpoint, load_part
 from largebatch.config import check_number, check_seed
 from largebatch.data import DataSource, load_dataset
+from largebatch.distributed import resolve_device
 from largebatch.errors import UsageError
 from largebatch.feed import Feed
 from largebatch.io import atomic_write_json
 from largebatch.models import build_model
 from largebatch.outputs import check_output_file
-from largebatch.train import resolve_device
 
 __all__ = [
     "ATTACKS",

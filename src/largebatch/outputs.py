@@ -1,9 +1,14 @@
-"""Output paths the user names: checked before any work, locked while a run writes them.
+"""The run folder and what a run writes there; output paths the user names.
 
 - :class:`RunFolder` gives one process exclusive use of a run folder. The lock is an
   ``flock`` on the folder itself, so the operating system drops it when the process ends,
   however it ends: a crashed run never leaves its folder locked. The folder is created
   if needed and removed again if the run wrote nothing into it.
+- :func:`run_folder` holds it for a run (rank 0), refusing a folder that holds a run
+  (without resume) or files that no run of ours wrote (:func:`foreign_files`).
+- :class:`RunWriter` writes ``config.yaml``, ``metrics.jsonl``, ``summary.json``
+  (:func:`summary`) and the TensorBoard scalars, and prints the table
+  (:data:`TABLE_HEADER`, :func:`format_row`).
 - :func:`check_output_file` checks, before any work, that a result file can be written.
 - :func:`describe_os_error` turns an ``OSError`` on a user's path into one line that says
   what to do; the command line prints it as ``error: ...``.
