@@ -257,3 +257,54 @@ def test_baselines_run_in_the_same_loop(tmp_path, method):
         assert [r["batch_size"] for r in records] == [32, 128, 128]
         # 32 -> 160 does not fit under 128: the batch grows 4x, the LR takes 0.2 * 4
         assert records[2]["lr"] == pytest.approx(0.05 * 0.2 * 4)
+
+
+def _losses(tmp_path, name, **changes):
+    train(_config(tmp_path, name, **changes), echo=None)
+    return read_jsonl(tmp_path / name / "metrics.jsonl")
+
+
+def test_a_run_stops_at_the_first_epoch_whose_training_loss_reaches_the_target(tmp_path):
+    reference = _losses(tmp_path, "all", epochs=4, lr_decay_epochs=[])
+    losses = [r["train_loss"] for r in reference]
+    target = losses[1]  # reached at epoch 2 at the latest
+    expected = next(i for i, loss in enumerate(losses) if loss <= target) + 1
+    config = _config(
+        tmp_path, "target", epochs=4, lr_decay_epochs=[], target_train_loss=target, max_epochs=4
+    )
+    summary = train(config, echo=None)
+    records = read_jsonl(tmp_path / "target" / "metrics.jsonl")
+    assert len(records) == expected < 4
+    assert without_times(records) == without_times(reference[:expected])
+    assert summary["reached_target"] and summary["target_epoch"] == expected
+    assert summary["target_updates"] == records[-1]["updates"]
+    assert (tmp_path / "target" / "summary.json").exists()  # the run is finished
+    # resumed part-way, it stops at the same epoch with the same records
+    config = _config(
+        tmp_path, "resumed", epochs=4, lr_decay_epochs=[], target_train_loss=target, max_epochs=4
+    )
+    train(config, echo=None, stop_after=1)
+    config.resume = True
+    assert train(config, echo=None)["target_epoch"] == expected
+    resumed = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert without_times(resumed) == without_times(records)
+    # and a finished run resumed does not go on
+    assert train(config, echo=None)["epochs"] == expected
+
+
+def test_a_target_not_reached_within_max_epochs_is_reported_as_such(tmp_path):
+    from largebatch.report import collect_runs, markdown_table, summarize
+
+    config = _config(tmp_path, "miss", target_train_loss=1e-9, max_epochs=2)
+    summary = train(config, echo=None)
+    assert summary["epochs"] == 2 and summary["reached_target"] is False
+    assert summary["target_epoch"] is None
+    (row,) = summarize(collect_runs(tmp_path))
+    assert row["reached_target"] == "0/1" and row["seeds"] == 0
+    assert row["final_test_acc"] is None  # not averaged with runs that reached it
+    assert markdown_table([row]).splitlines()[0].endswith("target reached |")
+
+
+def test_max_epochs_needs_a_target(tmp_path):
+    with pytest.raises(UsageError, match="max_epochs bounds a run to target_train_loss"):
+        train(_config(tmp_path, max_epochs=3), echo=None)

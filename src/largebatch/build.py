@@ -69,7 +69,8 @@ def model_spec(config: TrainConfig, data: DataSource) -> dict[str, Any]:
 def settings(config: TrainConfig) -> Settings:
     """The loop's knobs from the config (micro-batches default to the base batch)."""
     return Settings(
-        epochs=config.epochs,
+        epochs=config.epoch_limit,
+        target_train_loss=config.target_train_loss,
         micro_batch_size=config.micro_batch_size or config.batch_size,
         eval_batch_size=config.eval_batch_size,
         precision=config.precision,

@@ -61,6 +61,9 @@ class TrainConfig:
     method: str = "bl"
     # schedule
     epochs: int = 10
+    # train to a loss: stop at the first epoch end whose training loss is at most this
+    target_train_loss: float | None = None
+    max_epochs: int | None = None  # with target_train_loss: the most epochs (None: epochs)
     batch_size: int = 128  # base batch B0 (global, over all ranks)
     max_batch_size: int = 16384  # cap Bmax for growing / large-batch methods
     micro_batch_size: int | None = None  # largest batch run at once; None: batch_size
@@ -187,6 +190,12 @@ class TrainConfig:
             _at_least(key, getattr(self, key), 1)
         if self.loader_workers is not None:
             _at_least("loader_workers", self.loader_workers, 0)
+        if self.target_train_loss is not None and not self.target_train_loss > 0:
+            raise ConfigError(f"target_train_loss must be > 0, got {self.target_train_loss}")
+        if self.max_epochs is not None:
+            if self.target_train_loss is None:
+                raise ConfigError("max_epochs bounds a run to target_train_loss; set that too")
+            _at_least("max_epochs", self.max_epochs, 1)
         for key in (
             "micro_batch_size",
             "limit_train",
@@ -224,6 +233,12 @@ class TrainConfig:
                 f"({self.batch_size})"
             )
         return self
+
+    @property
+    def epoch_limit(self) -> int:
+        """The most epochs the run may take: ``max_epochs`` when it trains to a target
+        loss and that is set, else ``epochs``."""
+        return self.max_epochs if self.max_epochs is not None else self.epochs
 
 
 def _choice(key: str, value: Any, choices: Iterable[str]) -> None:

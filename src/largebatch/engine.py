@@ -42,7 +42,7 @@ from largebatch.sampler import EpochSampler, augment_rng_seed, augment_seed
 from largebatch.scoring import LossFn, RunningScore, check_fits, score
 from largebatch.source import DataSource
 
-__all__ = ["Parts", "Settings", "TrainingInterrupted", "run"]
+__all__ = ["Parts", "Settings", "TrainingInterrupted", "run", "reached_target"]
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -80,7 +80,9 @@ class Settings:
     """The loop's own knobs.
 
     Attributes:
-        epochs: epochs of the whole run.
+        epochs: epochs of the whole run (the most, with ``target_train_loss``).
+        target_train_loss: stop at the first epoch end whose training loss is at most
+            this (None: run all ``epochs``).
         micro_batch_size: the largest batch run at once (None: the whole update).
         eval_batch_size: batch of the evaluation pass.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 adds loss scaling).
@@ -91,6 +93,7 @@ class Settings:
     """
 
     epochs: int
+    target_train_loss: float | None = None
     micro_batch_size: int | None = None
     eval_batch_size: int = 1000
     precision: str = "fp32"
@@ -180,7 +183,7 @@ def run(
         on_start(progress)
         if not checkpoint.exists():
             checkpoint.save(saved, progress)  # a start for a rollback or a crash in epoch 1
-        while progress.epoch < last:
+        while progress.epoch < last and not reached_target(settings, progress):
             started = time.perf_counter()
             try:
                 train = epochs.train(progress, should_stop)
@@ -228,6 +231,12 @@ def run(
                     else f"{reason}: stopped after epoch {progress.epoch}"
                 )
     return progress
+
+
+def reached_target(settings: Settings, progress: Progress) -> bool:
+    """Whether the run has reached its target training loss (at its last epoch's end)."""
+    target, history = settings.target_train_loss, progress.history
+    return target is not None and bool(history) and history[-1]["train_loss"] <= target
 
 
 def _where(checkpoint: RunCheckpoint) -> str:

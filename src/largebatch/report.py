@@ -177,8 +177,12 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for run in runs:
         groups[tuple(run["config"].get(k) for k in GROUP_KEYS)].append(run)
     rows = []
-    for key, members in groups.items():
+    for key, everyone in groups.items():
         row: dict[str, Any] = dict(zip(GROUP_KEYS, key, strict=True))
+        # runs trained to a target loss that did not reach it are counted, not averaged
+        members = [m for m in everyone if m["summary"].get("reached_target") is not False]
+        if any("reached_target" in m["summary"] for m in everyone):
+            row["reached_target"] = f"{len(members)}/{len(everyone)}"
         row["seeds"] = len(members)
         summaries = [m["summary"] for m in members]
         for name in ("final_test_acc", "best_test_acc", "updates", "wall_s", "final_batch_size"):
@@ -237,11 +241,17 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The paper's table: accuracy (mean ± std over seeds, in %), cost and robustness."""
+    """The paper's table: accuracy (mean ± std over seeds, in %), cost and robustness.
+
+    Runs trained to a target loss add a column, how many runs of the group reached it;
+    the other columns average only those that did (``seeds`` counts them)."""
     header = (
         "| dataset | model | method | B0 | Bmax | adv | seeds | test acc % | updates "
         "| updates / BL | final B | wall s | Hessian % | FGSM acc % | PGD acc % | top eig |"
     )
+    targets = any("reached_target" in r for r in rows)
+    if targets:  # runs trained to a target loss: how many of each group reached it
+        header += " target reached |"
     lines = [header, "|" + "|".join([" --- "] * (header.count("|") - 1)) + "|"]
     for r in rows:
         lines.append(
@@ -253,6 +263,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {_num(None if r['hessian_share'] is None else 100 * r['hessian_share'], '.1f')} "
             f"| {_pct(r['fgsm_acc'], r['fgsm_acc_std'])} | {_pct(r['pgd_acc'], r['pgd_acc_std'])} "
             f"| {_num(r['top_eigenvalue'], '.4g')} |"
+            + (f" {r.get('reached_target', '-')} |" if targets else "")
         )
     return "\n".join(lines)
 

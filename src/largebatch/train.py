@@ -29,7 +29,7 @@ from largebatch.config import TrainConfig, config_to_dict
 from largebatch.controllers import BatchController
 from largebatch.data import load_dataset
 from largebatch.distributed import World, resolve_device, setup
-from largebatch.engine import TrainingInterrupted, run
+from largebatch.engine import TrainingInterrupted, reached_target, run
 from largebatch.errors import CheckpointError, ConfigError, InvalidTypeError, UsageError
 from largebatch.interrupts import StopFlag, deliver_interrupts
 from largebatch.lr import BASE_LR_KEY
@@ -53,6 +53,7 @@ __all__ = [
 # Keys a resumed run may change; every other key must match the checkpoint.
 _RESUMABLE_CHANGES = {
     "epochs",
+    "max_epochs",
     "out",
     "resume",
     "device",
@@ -317,7 +318,7 @@ def _run(
         extra={"config": recorded, "data": fingerprint, "model_spec": spec},
     )
     if config.resume and checkpoint.exists():
-        _check_resumable(checkpoint, recorded, fingerprint, config.epochs)
+        _check_resumable(checkpoint, recorded, fingerprint, config.epoch_limit)
     line = (
         f"training {config.model} on {config.dataset} ({len(data.train_y)} samples), "
         f"method {parts.controller.name}, device {device}"
@@ -328,10 +329,11 @@ def _run(
         # Ctrl-C and SIGTERM are caught from here on: a signal never leaves a half-started
         # run, and arrives at the loop as a stop request. The decoding workers (image
         # folders only) start inside the engine, so they inherit the handler.
+        plan = settings(config)
         with StopFlag() as stop:
             progress = run(
                 parts,
-                settings(config),
+                plan,
                 world=world,
                 device=device,
                 checkpoint=checkpoint,
@@ -344,11 +346,26 @@ def _run(
                 stop_after=stop_after,
             )
         result = {**summary(config, progress, parts.controller), "optimizer": hyper}
-        if progress.epoch < config.epochs:
+        if config.target_train_loss is not None:
+            result.update(_target_record(config.target_train_loss, progress.history))
+        if progress.epoch < config.epoch_limit and not reached_target(plan, progress):
             say(f"stopped after epoch {progress.epoch}; continue with --resume")
             return result
         writer.finish(result)
     return result
+
+
+def _target_record(target: float, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """When the run reached its target training loss: the epoch, updates and samples
+    there (None each when it did not)."""
+    first = next((r for r in history if r["train_loss"] <= target), None)
+    return {
+        "target_train_loss": target,
+        "reached_target": first is not None,
+        "target_epoch": first["epoch"] if first else None,
+        "target_updates": first["updates"] if first else None,
+        "target_samples": first["samples"] if first else None,
+    }
 
 
 def seed_everything(seed: int) -> None:
