@@ -873,3 +873,65 @@ def test_the_curvature_guard_caps_the_lr_of_the_users_optimizer(tmp_path):
     cap = 0.5 * 2.0 * (1 + 0.0) / first["eigenvalue"]
     assert cap < 2.0  # the cap binds here
     assert second["lr"] == pytest.approx(cap, rel=1e-6)
+
+
+def test_a_later_decision_below_two_samples_for_batch_norm_is_refused_naming_it():
+    controller = GivesBatch(batch=1, at_step=1)  # 8, then 1 from the second epoch
+    with pytest.raises(UsageError, match="GivesBatch decided a batch of 1") as caught:
+        largebatch.fit(BatchNormNet(), _blobs(32), controller=controller, epochs=3, verbose=False)
+    assert "\n" not in str(caught.value)
+
+
+def test_batch_norm_with_the_noise_meter_never_runs_a_single_sample_piece():
+    # a noise-meter micro-batch of 1 would cut the measured updates into single samples
+    summary = largebatch.fit(
+        BatchNormNet(), _blobs(64), method="gns", gns_micro_batch=1, gns_every=0.25,
+        epochs=2, batch_size=8, verbose=False,
+    )  # fmt: skip
+    assert summary["epochs"] == 2 and math.isfinite(summary["final_train_loss"])
+
+
+def test_a_stop_asked_during_start_up_writes_nothing(tmp_path):
+    from largebatch.build import build_parts, settings
+    from largebatch.checkpoint import RunCheckpoint
+    from largebatch.config import TrainConfig
+    from largebatch.distributed import World
+    from largebatch.engine import TrainingInterrupted, run
+    from largebatch.source import as_source
+
+    config = TrainConfig(dataset="blobs", model="mlp", epochs=1, batch_size=8, device="cpu")
+    data = as_source(_blobs(32))
+    parts = build_parts(config, _mlp(), data, World(), torch.device("cpu"))
+    checkpoint = RunCheckpoint(tmp_path / "checkpoint.pt", World())
+    started = []
+    with pytest.raises(TrainingInterrupted, match="SIGINT: stopped before the run started"):
+        run(
+            parts, settings(config), world=World(), device=torch.device("cpu"),
+            checkpoint=checkpoint, should_stop=lambda: "SIGINT", on_start=started.append,
+        )  # fmt: skip
+    assert started == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_model_with_nan_weights_is_refused_before_any_work(tmp_path):
+    model = _mlp()
+    with torch.no_grad():
+        model[0].bias[0] = float("nan")
+    with pytest.raises(UsageError, match="NaN or infinity before training"):
+        largebatch.fit(model, _blobs(32), out=tmp_path / "run", verbose=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("share", "field"), [(dict(eps=float("nan")), "eps"), (dict(steps=0), "steps")]
+)
+def test_an_adversarial_share_refuses_bad_settings(share, field):
+    from largebatch.adversarial import AdversarialShare
+
+    _assert_refused(
+        lambda: AdversarialShare("pgd", **share), InvalidValueError, "AdversarialShare", field
+    )
+
+
+def test_fit_refuses_an_input_range_of_strings():
+    with pytest.raises(UsageError, match="input_range must be two numbers"):
+        largebatch.fit(_mlp(), _blobs(32), input_range=("a", "b"), verbose=False)

@@ -28,6 +28,7 @@ out, gate, release, held = (None if a == "-" else Path(a) for a in sys.argv[1:5]
 if gate is not None:
     real = fcntl.flock
     def slow(fd, op):
+        gate.with_name(gate.name + ".waiting").write_text("")  # it has opened the folder
         while not gate.exists():
             time.sleep(0.005)
         return real(fd, op)
@@ -90,7 +91,7 @@ def test_the_loser_of_the_creation_race_removes_nothing(tmp_path):
     out = tmp_path / "run"
     gate, release, held = tmp_path / "gate", tmp_path / "release", tmp_path / "held"
     loser = _claim(out, gate=gate)  # makes the folder, then waits before locking
-    _wait_for(out)
+    _wait_for(tmp_path / "gate.waiting")
     winner = _claim(out, release=release, held=held)  # finds it and locks it at once
     _wait_for(held)
     gate.write_text("go")  # the loser tries to lock now, fails
@@ -109,7 +110,7 @@ def test_a_process_that_locks_a_folder_removed_under_it_starts_over(tmp_path):
     first = _claim(out, release=release, held=held)
     _wait_for(held)
     late = _claim(out, gate=gate)  # opens the folder, then waits before locking
-    time.sleep(1.0)
+    _wait_for(tmp_path / "gate.waiting")
     release.write_text("go")
     assert first.wait(timeout=60) == 0
     assert not out.exists()  # removed by its holder on leaving
@@ -128,6 +129,8 @@ def test_leaving_removes_only_what_this_process_made(tmp_path):
 
 def test_foreign_files_are_all_but_our_own(tmp_path):
     assert foreign_files(tmp_path) == []
+    (tmp_path / "error.txt").write_text("DataError: ...")  # compare: failed before writing
+    assert foreign_files(tmp_path) == []  # so the grid point is retried
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     (tmp_path / "config.yaml").write_text("lr: 0.1\n")  # a user's own: no header
     (tmp_path / ".checkpoint.pt.abcd1234.tmp").write_text("ours, cut short")

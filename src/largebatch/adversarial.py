@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largebatch import checks
 from largebatch.errors import InvalidValueError
 
 __all__ = ["fgsm", "pgd", "eval_mode", "AdversarialShare"]
@@ -134,7 +135,9 @@ class AdversarialShare:
     ) -> None:
         if attack not in ("fgsm", "pgd"):
             raise InvalidValueError(f"AdversarialShare: attack must be fgsm or pgd, not {attack!r}")
-        self.attack, self.eps, self.steps, self.clamp = attack, eps, steps, clamp
+        self.attack, self.clamp = attack, clamp
+        self.eps = checks.number(eps, "AdversarialShare", "eps", low=0.0)
+        self.steps = checks.integer(steps, "AdversarialShare", "steps", minimum=1)
 
     def __call__(
         self,

@@ -351,8 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from largebatch.outputs import describe_os_error
 
         return _error(describe_os_error(exc), debug)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+    except KeyboardInterrupt as exc:  # the message names the user's code it landed in
+        sys.stderr.write(f"interrupted: {exc}\n" if str(exc) else "interrupted\n")
         return 130
     if _Stdout.closed:
         return _error("standard output was closed before the end (broken pipe)", debug)

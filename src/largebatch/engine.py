@@ -11,8 +11,8 @@ differ only in the controller.
 The engine takes objects (:class:`Parts`, :class:`Settings`, a
 :class:`~largebatch.checkpoint.RunCheckpoint`) and returns data (the
 :class:`~largebatch.progress.Progress`); it names no config key, file, signal or meter
-class. :mod:`largebatch.build` makes the objects from a config, :mod:`largebatch.train`
-holds the run folder and writes the files.
+class. :mod:`largebatch.build` makes the objects from a config; :mod:`largebatch.train`
+holds the run folder and hands the records to :class:`largebatch.outputs.RunWriter`.
 """
 
 from __future__ import annotations
@@ -180,6 +180,9 @@ def run(
         order = EpochSampler(len(data.train_y), settings.seed)
         epochs = _Epochs(parts, settings, feed, update, lr, order, world, fits, show_progress)
         broadcast_object(None, world)  # every rank has read the checkpoint before any write
+        reason = should_stop()
+        if reason is not None:  # a signal during start-up: stop before anything is written
+            raise TrainingInterrupted(f"{reason}: stopped before the run started; nothing written")
         on_start(progress)
         if not checkpoint.exists():
             checkpoint.save(saved, progress)  # a start for a rollback or a crash in epoch 1
@@ -347,7 +350,7 @@ class _Epochs:
         finally:
             bar.close()
         loss, correct = running.totals()
-        dropped, seen = progress.dropped, order.num_samples - progress.dropped
+        dropped, seen = progress.dropped, max(order.num_samples - progress.dropped, 1)
         progress.position, progress.partial_loss, progress.partial_correct = 0, 0.0, 0
         progress.augment_rng, progress.dropped = None, 0
         return {
@@ -369,6 +372,12 @@ class _Epochs:
         settings, order, controller = self.settings, self.order, self.controller
         decision = checked_decision(controller, controller.decision())
         global_batch = decision.batch_size
+        if self.needs_pairs and global_batch < 2 * self.world.size:
+            raise UsageError(
+                f"{type(controller).__name__} decided a batch of {global_batch}, but the "
+                f"model's batch norm needs at least 2 samples per process "
+                f"({2 * self.world.size} with {self.world.size} process(es))"
+            )
         micro = min(settings.micro_batch_size or global_batch, global_batch)
         # each meter says which updates it measures (every stride-th of the run) and the
         # micro-batches those run in
@@ -390,6 +399,8 @@ class _Epochs:
             self.lr.apply(decision.lr_factor * progress.lr_scale * warmup)
             due = [(meter, size) for meter, size, stride in plans if progress.updates % stride == 0]
             size = min((size for _, size in due), default=micro)
+            if self.needs_pairs:
+                size = max(size, 2)  # batch norm cannot normalise a single sample
             if size < micro:
                 pieces = _recut(pieces, size)
             if self.needs_pairs:

@@ -4,8 +4,9 @@ A KeyboardInterrupt raised at an arbitrary point of start-up can land in the mid
 an import or a torch call: a library's broad ``except`` may swallow it (the run then goes
 on), or it is thrown through a pybind11 callback, which aborts the process. While
 :func:`hold_interrupts` is active, SIGINT is only noted; :func:`raise_if_held` raises
-it as KeyboardInterrupt at a point the caller chose. The training loop installs its own
-handler (stop after the current update) and calls :func:`raise_if_held` first.
+it as KeyboardInterrupt at a point the caller chose. The recipe then enters a
+:class:`StopFlag` (stop after the current update), which calls :func:`raise_if_held`
+first; the training loop polls it.
 
 The user's own code (a ``--model``/``--dataset`` module imported and called during
 start-up) runs under :func:`deliver_interrupts`: there Ctrl-C raises at once, so an

@@ -63,8 +63,8 @@ _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")
 class RunFolder:
     """Exclusive use of folder ``path`` for one run (a context manager).
 
-    Entering creates the folder (with its parents), checks that files can be written
-    there, and takes the lock; a second process on the same folder gets a UsageError at
+    Entering creates the folder (with its parents), takes the lock, and checks that files
+    can be written there; a second process on the same folder gets a UsageError at
     once and touches nothing. Leaving releases the lock, and removes the folder if this
     process created it, still holds it and left it empty (a run that failed before
     writing anything leaves no trace).
@@ -89,11 +89,14 @@ class RunFolder:
         path = self.path
         if self.empty:
             raise UsageError(f"{self.what} must name a folder, got an empty string")
+        created: list[Path] = []
         for _ in range(self._ATTEMPTS):
+            if path.is_symlink() and not path.exists():
+                raise UsageError(f"{self.what} {path} is a link to nothing; choose a folder")
             if path.exists() and not path.is_dir():
                 raise UsageError(f"{self.what} {path} is a file, not a folder; choose a folder")
             try:
-                created = _make_folders(path)
+                created = [*_make_folders(path), *created]  # innermost first
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             except FileNotFoundError:
                 continue  # a parent was removed by another process as we made it: again
@@ -159,6 +162,9 @@ def run_folder(
             except UsageError as exc:
                 held.close()
                 problem = str(exc)
+            except OSError as exc:  # a folder we may not list, say: one line, on every rank
+                held.close()
+                problem = describe_os_error(exc, f"{what} {out}")
         problem = broadcast_object(problem, world)
         if problem is not None:
             raise UsageError(problem)
@@ -169,6 +175,11 @@ def _check_claim(out: Path, resume: bool, what: str) -> None:
     if resume and (out / "checkpoint.pt").exists():
         return  # the run's own folder: only our files are rewritten
     if (out / "checkpoint.pt").exists() or (out / "summary.json").exists():
+        if resume:  # a summary without the checkpoint to continue from
+            raise UsageError(
+                f"{out} holds a finished run's summary.json but no checkpoint.pt to resume "
+                f"from; choose another {what}"
+            )
         resume_it = "--resume" if what == "--out" else "resume=True"
         raise UsageError(
             f"{out} already holds a run; pass {resume_it} to continue it or choose another {what}"
@@ -296,6 +307,7 @@ def foreign_files(folder: str | Path) -> list[str]:
         name
         for name in names
         if not (name in ours and run_was_here)
+        and name != "error.txt"  # compare's note of a run that failed before writing
         and not _own_temporary(name, ours)
         and not (name == "tensorboard" and _only_events(folder / name))
     ]

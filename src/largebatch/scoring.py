@@ -45,6 +45,12 @@ def check_parameters(model: nn.Module) -> None:
             "the model is on the meta device (no values yet); materialize it first, e.g. "
             "model.to_empty(device='cpu') and initialise its weights"
         )
+    state = model.state_dict().values()
+    if not all(bool(torch.isfinite(t).all()) for t in state if t.is_floating_point()):
+        raise UsageError(
+            "the model's weights or buffers hold NaN or infinity before training; check "
+            "its initialisation"
+        )
 
 
 class Fit(NamedTuple):

@@ -32,6 +32,7 @@ __all__ = [
     "as_tensors",
     "is_classification",
     "user_failures",
+    "UserInterrupt",
 ]
 
 UNIT_RANGE: tuple[float, float] = (0.0, 1.0)
@@ -107,6 +108,11 @@ class DataSource:
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
 
+class UserInterrupt(KeyboardInterrupt):
+    """Ctrl-C (or a KeyboardInterrupt) inside the user's own code; its message names
+    the code."""
+
+
 @contextlib.contextmanager
 def user_failures(what: str) -> Iterator[None]:
     """Any failure of the user's code in the block (an exception, ``sys.exit``) as one
@@ -114,8 +120,10 @@ def user_failures(what: str) -> Iterator[None]:
     interruption."""
     try:
         yield
-    except (UsageError, KeyboardInterrupt):
+    except UsageError:
         raise
+    except KeyboardInterrupt:  # Ctrl-C stays an interruption, but says where it landed
+        raise UserInterrupt(f"{what} was interrupted") from None
     except SystemExit as exc:
         raise UserCodeError(
             f"{what} failed: it called sys.exit({exc.code!r}); code run by largebatch must "
@@ -253,7 +261,12 @@ def as_source(
             raise UsageError("class labels must be >= 0")
         classes = int(labels.max()) + 1
     if input_range is not None:
-        low, high = (float(v) for v in input_range)
+        try:
+            low, high = (float(v) for v in input_range)
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"input_range must be two numbers (low, high), got {input_range!r}"
+            ) from None
         if not low < high:
             raise UsageError(f"input_range must be (low, high) with low < high, got {input_range}")
         input_range = (low, high)
