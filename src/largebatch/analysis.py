@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from largebatch.accumulate import cuts
 from largebatch.config import check_number, check_seed
 from largebatch.distributed import resolve_device
 from largebatch.errors import UsageError
@@ -75,8 +76,7 @@ class _WholeSet:
         return -(-len(self.y) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(0, len(self.y), self.batch_size):
-            rows = slice(i, i + self.batch_size)
+        for rows in cuts(len(self.y), self.batch_size):
             yield materialize(self.x[rows]).to(self.device), self.y[rows].to(self.device)
 
 

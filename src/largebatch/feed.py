@@ -193,19 +193,18 @@ class Feed:
         mine = shard(torch.arange(len(y)), self.world)
         x, y = (x[mine[0] : mine[-1] + 1] if len(mine) else x[:0]), y[mine]
         if not is_lazy(x):
-            for b in range(0, len(y), batch_size):
-                yield x[b : b + batch_size], y[b : b + batch_size]
+            for piece in cuts(len(y), batch_size):
+                yield x[piece], y[piece]
             return
         roots = x.root_indices()
         requests, counts = [], []
-        for b in range(0, len(y), batch_size):
-            chunks = _chunks(roots[b : b + batch_size].tolist())
+        for piece in cuts(len(y), batch_size):
+            chunks = _chunks(roots[piece].tolist())
             requests.extend((split, c, None) for c in chunks)
-            counts.append(len(chunks))
+            counts.append((piece, len(chunks)))
         decoded = self._run(requests)
-        for i, n in enumerate(counts):
-            b = i * batch_size
-            yield self._join([next(decoded) for _ in range(n)]), y[b : b + batch_size]
+        for piece, n in counts:
+            yield self._join([next(decoded) for _ in range(n)]), y[piece]
 
     # ---------------------------------------------------------------- the pool
 
@@ -242,4 +241,4 @@ class Feed:
 
 
 def _chunks(indices: Sequence[int]) -> list[tuple[int, ...]]:
-    return [tuple(indices[i : i + CHUNK]) for i in range(0, len(indices), CHUNK)]
+    return [tuple(indices[piece]) for piece in cuts(len(indices), CHUNK)]
