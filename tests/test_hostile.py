@@ -516,31 +516,34 @@ def test_the_loser_of_a_folder_race_leaves_the_winners_run_alone(tmp_path):
     (tmp_path / "slowdata.py").write_text(_SLOW_DATA)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["train", "--device", "cpu", "--quiet", "--epochs", "1", "--out", "run"]
-    loser = subprocess.Popen(
-        [sys.executable, "-c", _GATED_TRAIN, *args, "--dataset", "synthetic", "--model", "mlp"],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    tiny = [*args, "--dataset", "synthetic", "--model", "mlp"]
+    slow = [*args, "--dataset", "slowdata:data", "--model", "mlp"]
+    options = dict(cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "run").exists():  # the loser has made the folder
-        assert time.monotonic() < deadline and loser.poll() is None
-        time.sleep(0.01)
-    winner = subprocess.Popen(
-        [sys.executable, "-m", "largebatch", *args, "--dataset", "slowdata:data", "--model", "mlp"],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-    while not (tmp_path / "held").exists():  # the winner holds the folder, reads its data
-        assert time.monotonic() < deadline and winner.poll() is None
-        time.sleep(0.01)
-    (tmp_path / "gate").write_text("")
-    assert loser.wait(timeout=120) == 2
-    _assert_one_error_line(loser.stderr.read(), "in use by another largebatch process")
-    assert (tmp_path / "run").is_dir()  # still the winner's, and still held:
-    third = subprocess.run(
-        [sys.executable, "-m", "largebatch", *args, "--dataset", "synthetic", "--model", "mlp"],
-        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert third.returncode == 2, third.stderr  # a third run would have got its own folder
-    _assert_one_error_line(third.stderr, "in use by another largebatch process")
-    (tmp_path / "release").write_text("")
-    assert winner.wait(timeout=300) == 0, winner.stderr.read()
-    assert (tmp_path / "run" / "summary.json").exists()
+    procs = [subprocess.Popen([sys.executable, "-c", _GATED_TRAIN, *tiny], **options)]
+    try:
+        loser = procs[0]
+        while not (tmp_path / "run").exists():  # the loser has made the folder
+            assert time.monotonic() < deadline and loser.poll() is None
+            time.sleep(0.01)
+        procs.append(subprocess.Popen([sys.executable, "-m", "largebatch", *slow], **options))
+        winner = procs[1]
+        while not (tmp_path / "held").exists():  # the winner holds the folder, reads its data
+            assert time.monotonic() < deadline and winner.poll() is None
+            time.sleep(0.01)
+        (tmp_path / "gate").write_text("")
+        assert loser.wait(timeout=120) == 2
+        _assert_one_error_line(loser.stderr.read(), "in use by another largebatch process")
+        assert (tmp_path / "run").is_dir()  # still the winner's, and still held:
+        third = subprocess.run(
+            [sys.executable, "-m", "largebatch", *tiny],
+            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert third.returncode == 2, third.stderr  # a third run would have got its own folder
+        _assert_one_error_line(third.stderr, "in use by another largebatch process")
+        (tmp_path / "release").write_text("")
+        assert winner.wait(timeout=300) == 0, winner.stderr.read()
+        assert (tmp_path / "run" / "summary.json").exists()
+    finally:
+        for proc in procs:
+            proc.kill()

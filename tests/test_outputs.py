@@ -53,12 +53,28 @@ except UsageError as exc:
 """
 
 
+_SPAWNED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap():
+    """No claimant outlives its test, even one whose assertion failed while it waited."""
+    yield
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def _claim(out: Path, gate=None, release=None, held=None) -> subprocess.Popen:
     args = [str(p) if p is not None else "-" for p in (out, gate, release, held)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-c", _CLAIM, *args], stderr=subprocess.PIPE, text=True, env=env
     )
+    _SPAWNED.append(proc)
+    return proc
 
 
 def _wait_for(path: Path, timeout: float = 60.0) -> None:
