@@ -14,6 +14,7 @@ from largebatch.hessian import (
     spectral_density,
     top_eigenvalues,
 )
+from largebatch.hessian.eigen import error_bounds
 
 # torch.func's first jvp scripts some decompositions with the deprecated torch.jit.script.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -87,12 +88,16 @@ def test_lanczos_restarts_converge_with_a_small_basis():
 def test_warm_start_needs_far_fewer_products():
     spectrum = torch.cat([torch.tensor([6.0, 5.0]), torch.linspace(-1, 4.5, 198)])
     matrix = symmetric_matrix(spectrum, seed=4)
-    cold = top_eigenvalues(matrix, k=2, tol=1e-6, max_iter=500, seed=0)
+    # Vectors to residual 1e-6 (the error-bound rule's are accurate to about sqrt(tol)).
+    cold = top_eigenvalues(matrix, k=2, tol=1e-6, max_iter=500, seed=0, stop="residual")
     nearby = matrix + 1e-4 * symmetric_matrix(torch.linspace(-1, 1, 200), seed=5)
     warm = top_eigenvalues(nearby, k=2, tol=1e-6, max_iter=500, init=cold.vectors, seed=0)
     recold = top_eigenvalues(nearby, k=2, tol=1e-6, max_iter=500, seed=0)
     assert warm.converged and recold.converged
-    torch.testing.assert_close(warm.values, recold.values, rtol=1e-8, atol=0)
+    # tol bounds each eigenvalue's relative error
+    truth = torch.linalg.eigvalsh(nearby).flip(0)[:2]
+    for result in (warm, recold):
+        torch.testing.assert_close(result.values, truth, rtol=1e-6, atol=0)
     assert warm.matvecs * 3 <= recold.matvecs
     power_warm = top_eigenvalues(
         nearby, k=2, tol=1e-6, max_iter=500, method="power", init=cold.vectors, seed=0
@@ -123,6 +128,8 @@ def test_inputs_that_do_not_fit_are_refused(model_hessian):
         top_eigenvalues(truth, k=100)
     with pytest.raises(ValueError):
         top_eigenvalues(truth, method="arnoldi")
+    with pytest.raises(ValueError):
+        top_eigenvalues(truth, stop="change")
 
 
 def test_hutchinson_trace_is_within_three_standard_errors(model_hessian):
@@ -259,18 +266,30 @@ def test_cold_lanczos_does_not_stop_on_the_second_of_a_close_pair(seed):
     matrix = close_pair_hiding_from(seed)
     # The bare residual test (no minimum Krylov dimension) stops early on 9.9: its Ritz
     # pair has a tiny residual, and the top eigenvector has not emerged yet.
-    early = top_eigenvalues(matrix, tol=1e-3, seed=seed, min_steps=1)
+    early = top_eigenvalues(matrix, tol=1e-3, seed=seed, min_steps=1, stop="residual")
     assert early.converged and early.matvecs <= 15
     assert early.values[0].item() == pytest.approx(9.9, abs=1e-3)
-    # A cold start fills its first basis before it may stop, and finds 10.0.
+    # The bare error-bound test (the default rule) is fooled the same way, and sooner.
+    bare = top_eigenvalues(matrix, tol=1e-3, seed=seed, min_steps=1)
+    assert bare.converged and bare.matvecs <= early.matvecs
+    assert bare.values[0].item() == pytest.approx(9.9, rel=1e-3)
+    # A cold start fills its first basis before it may stop, and finds 10.0, with the
+    # error-bound rule in no more products than with the residual rule.
     cold = top_eigenvalues(matrix, tol=1e-3, seed=seed)
     assert cold.converged and cold.values[0].item() == pytest.approx(10.0, rel=1e-6)
+    today = top_eigenvalues(matrix, tol=1e-3, seed=seed, stop="residual")
+    assert today.converged and today.values[0].item() == pytest.approx(10.0, rel=1e-6)
+    assert cold.matvecs <= today.matvecs
     # The margin is for cold starts only: a warm start from a good vector stays cheap.
     noise = torch.randn(cold.vectors.shape, generator=torch.Generator().manual_seed(seed))
     nearby = cold.vectors + 1e-2 * noise.double() / noise.norm()
-    warm = top_eigenvalues(matrix, tol=1e-3, init=nearby, seed=seed)
+    warm = top_eigenvalues(matrix, tol=1e-3, init=nearby, seed=seed, stop="residual")
     assert warm.converged and warm.matvecs <= 5 and warm.matvecs * 4 <= cold.matvecs
     assert warm.values[0].item() == pytest.approx(10.0, rel=1e-6)
+    # The error-bound rule: no more products, and the 1e-3 asked.
+    warm_error = top_eigenvalues(matrix, tol=1e-3, init=nearby, seed=seed)
+    assert warm_error.converged and warm_error.matvecs <= warm.matvecs
+    assert warm_error.values[0].item() == pytest.approx(10.0, rel=1e-3)
 
 
 def test_cold_lanczos_stops_early_on_a_well_separated_spectrum():
@@ -300,3 +319,103 @@ def test_residuals_from_the_lanczos_relation_match_true_products():
         torch.testing.assert_close(
             relation.residuals, true / relation.values.abs(), rtol=1e-6, atol=1e-14
         )
+
+
+@pytest.fixture(scope="module")
+def separated_hessian():
+    """The dense Hessian of a small regression MLP whose top eigenvalue is well separated
+    (5.39, then 3.37, 1.48, 1.47, 1.29; the spectrum spans [-0.78, 5.39], 97 parameters),
+    and its eigenvalues, largest first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1)).double()
+    scale = torch.tensor([3.0, 1, 1, 1, 1, 1], dtype=torch.float64)
+    x = torch.randn(200, 6, dtype=torch.float64) * scale
+    y = torch.randn(200, 1, dtype=torch.float64)
+    truth = dense_hessian(model, F.mse_loss, (x, y))
+    return truth, torch.linalg.eigvalsh(truth).flip(0)
+
+
+def _relative_errors(result, eigenvalues):
+    return (result.values - eigenvalues[: len(result.values)]).abs() / eigenvalues.abs()[
+        : len(result.values)
+    ]
+
+
+def _check_reported(result, matrix, eigenvalues):
+    # The residuals are the true ones, and the error bounds bound the true errors.
+    vectors = result.vectors.double()
+    true = (vectors @ matrix - result.values[:, None] * vectors).norm(dim=1) / result.values.abs()
+    torch.testing.assert_close(result.residuals, true, rtol=1e-6, atol=1e-14)
+    assert (_relative_errors(result, eigenvalues) <= result.error_bounds + 1e-12).all()
+    assert (result.error_bounds <= result.residuals).all()
+
+
+def test_error_rule_stops_in_fewer_products_at_the_same_accuracy(separated_hessian):
+    matrix, eigenvalues = separated_hessian
+    _, eigenvectors = torch.linalg.eigh(matrix)
+    top = eigenvectors[:, -1]
+
+    def near_top(seed):  # a warm start, as a previous estimate gives
+        noise = torch.randn(top.shape, generator=torch.Generator().manual_seed(seed))
+        return top + 0.05 * noise.double() / noise.norm()
+
+    settings = {
+        # the stopping rule alone: no cold-start margin against a hidden eigenvalue
+        "bare": lambda seed: {"min_steps": 1},
+        "warm": lambda seed: {"init": near_top(seed)},
+        "cold": lambda seed: {},
+    }
+    products = {}
+    for name, options in settings.items():
+        for stop in ("error", "residual"):
+            runs = [
+                top_eigenvalues(matrix, tol=1e-3, seed=seed, stop=stop, **options(seed))
+                for seed in range(10)
+            ]
+            # both rules give the top eigenvalue to the 1e-3 asked
+            assert all(r.converged and _relative_errors(r, eigenvalues)[0] <= 1e-3 for r in runs)
+            for r in runs:
+                _check_reported(r, matrix, eigenvalues)
+            products[name, stop] = [r.matvecs for r in runs]
+    for name in settings:
+        assert all(
+            e <= r for e, r in zip(products[name, "error"], products[name, "residual"], strict=True)
+        )
+    # Measured: bare 68 against 80 products over the 10 seeds; warm 3 against 4-5 each.
+    assert sum(products["bare", "error"]) < sum(products["bare", "residual"])
+    assert all(
+        e < r for e, r in zip(products["warm", "error"], products["warm", "residual"], strict=True)
+    )
+    # From a cold start the margin against a hidden larger eigenvalue (12-13 products
+    # here) outlasts both rules at 1e-3, so they stop together.
+    assert products["cold", "error"] == products["cold", "residual"]
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_top_5_to_the_asked_tolerance(separated_hessian, tol):
+    matrix, eigenvalues = separated_hessian
+    runs = {
+        stop: [top_eigenvalues(matrix, k=5, tol=tol, seed=seed, stop=stop) for seed in range(5)]
+        for stop in ("error", "residual")
+    }
+    for results in runs.values():
+        for r in results:
+            assert r.converged and (_relative_errors(r, eigenvalues) <= tol).all()
+            _check_reported(r, matrix, eigenvalues)
+    # Measured over seeds 0-4: 121 against 127 products at 1e-3, 134 against 155 at 1e-6.
+    error, residual = ([r.matvecs for r in runs[stop]] for stop in ("error", "residual"))
+    assert all(e <= r for e, r in zip(error, residual, strict=True)) and sum(error) < sum(residual)
+
+
+def test_error_bounds_of_ritz_values():
+    theta = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    residuals = torch.tensor([0.1, 0.2, 0.01], dtype=torch.float64)
+    # The gap of 5 is half its distance to 2 less 2's residual: r^2 / 1.4.
+    bounds = error_bounds(theta, residuals, 1)
+    torch.testing.assert_close(bounds, torch.tensor([0.01**2 / 1.4], dtype=torch.float64))
+    # A gap no larger than the residual is not trusted; no gap at all gives the residual.
+    close = torch.tensor([4.9, 5.0], dtype=torch.float64)
+    wide = torch.tensor([0.05, 0.2], dtype=torch.float64)
+    torch.testing.assert_close(error_bounds(close, wide, 2), wide)
+    single = error_bounds(theta[-1:], residuals[-1:], 1)
+    torch.testing.assert_close(single, residuals[-1:])

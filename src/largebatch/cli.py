@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="training samples in the loss, or 'all' (the whole training set, streamed)",
     )
     hs.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues")
-    hs.add_argument("--tol", type=float, default=1e-3, help="relative residual target")
+    hs.add_argument(
+        "--tol", type=float, default=1e-3, help="relative accuracy of each eigenvalue (bounded)"
+    )
     hs.add_argument("--trace", action="store_true", help="also estimate the trace")
     hs.add_argument(
         "--trace-probes", type=int, default=30, help="probes (the least with --trace-tol)"

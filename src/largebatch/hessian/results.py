@@ -24,9 +24,14 @@ class EigenResult:
             measured with true products (Lanczos with ``verify=False``: from the Lanczos
             relation, exact up to rounding).
         matvecs: Hessian-vector products spent, the final check (if any) included.
-        converged: every residual is within the tolerance (method ``"reference"``: the
-            relative change of the eigenvalue fell below it).
+        converged: every pair meets the stopping rule: its error bound (``stop="error"``,
+            the default) or its residual (``stop="residual"``) is within the tolerance
+            (method ``"reference"``: the relative change of the eigenvalue fell below it).
         method: the solver used.
+        error_bounds: float64, shape ``(k,)``, the bound on each eigenvalue's relative
+            error, ``min(r, r^2 / gap) / |value|`` with ``r`` the residual norm and the
+            gap estimated from the other Ritz values (see :func:`top_eigenvalues`); the
+            residuals themselves for power iteration. ``None`` when not computed.
     """
 
     values: torch.Tensor
@@ -35,12 +40,14 @@ class EigenResult:
     matvecs: int
     converged: bool
     method: str
+    error_bounds: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain numbers for JSON, without the vectors."""
         return {
             "values": self.values.tolist(),
             "residuals": self.residuals.tolist(),
+            "error_bounds": None if self.error_bounds is None else self.error_bounds.tolist(),
             "matvecs": self.matvecs,
             "converged": self.converged,
             "method": self.method,

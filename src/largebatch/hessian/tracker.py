@@ -250,4 +250,7 @@ class EigenTracker:
             "method": "lanczos",
             "verify": self.verify,
             "min_steps": self.min_steps,
+            # the tracker's tol is a residual (its records and CurvatureMeter's strict
+            # test rely on that meaning), not top_eigenvalues' default error bound
+            "stop": "residual",
         }
