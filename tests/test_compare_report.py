@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import with_alarm
@@ -189,3 +190,112 @@ def test_a_group_of_one_run_shows_no_spread(finished_grid, tmp_path):
     acc = 100 * runs[0]["summary"]["final_test_acc"]
     assert f"| {acc:.2f} |" in table
     assert "±" in markdown_table(summarize(collect_runs(out)))  # two seeds: mean ± std
+
+
+def test_bundles_set_several_keys_together(tmp_path):
+    grid = {"adversarial": [False], "point": [{"batch_size": 32, "lr": 0.02},
+                                               {"batch_size": 64, "lr": 0.03}]}  # fmt: skip
+    runs = expand_grid(load_experiment(_experiment(tmp_path, grid)), tmp_path)
+    assert [(n, c.batch_size, c.lr) for n, c in runs] == [
+        ("advFalse-b32-lr0.02", 32, 0.02),
+        ("advFalse-b64-lr0.03", 64, 0.03),
+    ]
+    for bad, match in (
+        ({"point": [{"batch_size": 32}, 64]}, "mixes mappings"),
+        ({"point": [{}]}, "each bundle"),
+        ({"batch_size": [32], "point": [{"batch_size": 64}]}, "batch_size is set twice"),
+        ({"point": [{"batch_sise": 64}]}, "batch_sise"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_experiment(_experiment(tmp_path, bad))
+
+
+def test_hessian_and_evaluate_sections_are_checked_before_any_run(tmp_path):
+    for extra, match in (
+        ({"hessian": {"samples": "most"}}, "samples"),
+        ({"hessian": {"density": "yes"}}, "density must be true or false"),
+        ({"hessian": {"trace": True, "trace_probes": 2}}, "hutch\\+\\+ needs trace_probes"),
+        ({"hessian": {"lanczos_step": 3}}, "unknown keys \\['hessian.lanczos_step'\\]"),
+        ({"evaluate": {"eps": []}}, "non-empty list"),
+        ({"evaluate": {"eps": [0.1, -1]}}, "eps"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_experiment(_experiment(tmp_path, {"seed": [0]}, **extra))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def study_grid(tmp_path_factory):
+    """Two batch sizes trained to one training loss, each final model evaluated at two eps
+    and analysed over its whole training set (eigenvalues, trace, density)."""
+    tmp = tmp_path_factory.mktemp("study")
+    base = {**BASE, "epochs": 8, "target_train_loss": 1.5, "limit_train": 128}
+    spec = {
+        "base": base,
+        "grid": {"point": [{"batch_size": 16, "lr": 0.05}, {"batch_size": 64, "lr": 0.1}]},
+        "evaluate": {"attacks": ["fgsm", "pgd"], "eps": [0.05, 0.2], "pgd_steps": 2},
+        "hessian": {"samples": "all", "batch_size": 64, "top_k": 2, "trace": True,
+                    "trace_probes": 6, "trace_tol": 0, "density": True,
+                    "density_probes": 2, "lanczos_steps": 12},
+    }  # fmt: skip
+    path = tmp / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp / "out"
+    status = run_experiment(load_experiment(path), out, show_progress=False, echo=lambda _: None)
+    return path, spec, out, status
+
+
+def test_each_attack_runs_at_each_eps_and_the_gap_is_measured(study_grid):
+    from largebatch.data import load_dataset
+    from largebatch.evaluate import load_trained
+
+    _, _, out, status = study_grid
+    assert set(status.values()) == {"done"}
+    run = out / "runs/b16-lr0.05"
+    robust = json.loads((run / "robust.json").read_text())
+    assert [row["eps"] for row in robust["by_eps"]] == [0.05, 0.2]
+    assert robust["fgsm_acc"] == robust["by_eps"][0]["fgsm_acc"]
+    # a larger budget never helps the model (the same samples, a stronger attack)
+    assert robust["by_eps"][1]["pgd_acc"] <= robust["by_eps"][0]["pgd_acc"] + 1e-12
+    # the training-set accuracy and loss, recomputed from the checkpoint by hand
+    model, saved = load_trained(run / "checkpoint.pt", torch.device("cpu"))
+    config = saved["config"]
+    data = load_dataset(config["dataset"], None, seed=config["seed"], limit_train=128)
+    with torch.no_grad():
+        logits = model(data.train_x)
+    assert len(data.train_y) == 128
+    expected = (logits.argmax(1) == data.train_y).double().mean().item()
+    assert robust["train_acc"] == pytest.approx(expected, abs=1e-12)
+    loss = torch.nn.functional.cross_entropy(logits, data.train_y).item()
+    assert robust["train_loss"] == pytest.approx(loss, rel=1e-5)
+    assert robust["generalization_gap"] == pytest.approx(robust["train_acc"] - robust["clean_acc"])
+
+
+def test_the_analysis_covers_the_whole_training_set(study_grid):
+    _, _, out, _ = study_grid
+    hessian = json.loads((out / "runs/b64-lr0.1/hessian.json").read_text())
+    assert hessian["samples"] == 128 and len(hessian["eigenvalues"]["values"]) == 2
+    density = hessian["density"]
+    assert density["probes"] == 2 and 0 <= density["negative_mass"] <= 1
+    assert density["min_eigenvalue"] == min(density["nodes"])
+    assert hessian["trace"]["matvecs"] == 6  # a fixed budget: trace_tol 0
+
+
+def test_a_changed_evaluation_evaluates_again_without_training(study_grid, tmp_path):
+    path, spec, out, _ = study_grid
+    run = out / "runs/b16-lr0.05"
+    records = (run / "metrics.jsonl").read_text()
+    stamp = (run / "checkpoint.pt").stat().st_mtime_ns
+    hessian_stamp = (run / "hessian.json").stat().st_mtime_ns
+    changed = tmp_path / "exp.yaml"
+    changed.write_text(yaml.safe_dump({**spec, "evaluate": {**spec["evaluate"], "eps": [0.1]}}))
+    status = run_experiment(load_experiment(changed), out, show_progress=False, echo=lambda _: None)
+    assert set(status.values()) == {"done"}
+    robust = json.loads((run / "robust.json").read_text())
+    assert [row["eps"] for row in robust["by_eps"]] == [0.1]
+    # not trained again: the checkpoint untouched, the records the same
+    assert (run / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert (run / "metrics.jsonl").read_text() == records
+    assert (run / "hessian.json").stat().st_mtime_ns != hessian_stamp  # analysed again
+    status = run_experiment(load_experiment(changed), out, show_progress=False, echo=lambda _: None)
+    assert set(status.values()) == {"skipped"}

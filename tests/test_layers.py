@@ -62,7 +62,7 @@ LAYER_OF = {
         "recipe",
     ),
     **dict.fromkeys(
-        ("evaluate", "analysis", "compare", "report", "cli", "demo", "__main__"), "apps"
+        ("evaluate", "analysis", "compare", "claims", "report", "cli", "demo", "__main__"), "apps"
     ),
 }
 #: the package's own ``__init__`` (it imports ``fit`` lazily)

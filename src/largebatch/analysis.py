@@ -31,7 +31,7 @@ from largebatch.io import atomic_write, atomic_write_json
 from largebatch.outputs import check_output_file
 from largebatch.sampler import probe_batches
 
-__all__ = ["analyze_checkpoint", "plot_density"]
+__all__ = ["analyze_checkpoint", "check_analysis", "plot_density"]
 
 #: Lanczos steps (Hessian-vector products) for the top eigenvalues; also the most of them.
 EIGEN_STEPS = 300
@@ -110,24 +110,11 @@ def analyze_checkpoint(
     spectral density. ``show_progress``: a bar of samples and products on stderr (default:
     when stderr is a terminal).
     """
-    if samples != "all":
-        check_number("samples", samples, low=1, integer=True)
-    for key, value in (
-        ("top_k", top_k),
-        ("batch_size", batch_size),
-        ("trace_probes", trace_probes),
-        ("density_probes", density_probes),
-    ):
-        check_number(key, value, low=1, integer=True)
-    check_number("lanczos_steps", lanczos_steps, low=2, integer=True)
-    check_number("tol", tol, low=0, high=1, open_low=True)
-    if trace_tol is not None:
-        check_number("trace_tol", trace_tol, low=0, high=1)
-        trace_tol = trace_tol or None  # 0: a fixed number of probes
-    if trace_method not in TRACE_METHODS:
-        raise UsageError(f"trace_method must be one of {', '.join(TRACE_METHODS)}")
-    if trace_method == "hutch++" and trace_probes < 3:
-        raise UsageError("trace_method hutch++ needs trace_probes >= 3")
+    check_analysis(
+        samples, batch_size, top_k, tol, trace, trace_probes, density, density_probes,
+        lanczos_steps, trace_tol, trace_method,
+    )  # fmt: skip
+    trace_tol = trace_tol or None  # 0: a fixed number of probes
     check_seed(seed)
     check_output_file(out)
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -205,12 +192,7 @@ def analyze_checkpoint(
                 seed=seed, operator_options=options,
             ),
         )  # fmt: skip
-        result["density"] = {
-            "grid": sd.grid.tolist(),
-            "density": sd.density.tolist(),
-            "seconds": seconds,
-            "matvecs": sd.matvecs,
-        }
+        result["density"] = {**sd.as_dict(), "seconds": seconds}
     if out is not None:
         out = Path(out)
         atomic_write_json(out, result)
@@ -224,6 +206,42 @@ def analyze_checkpoint(
             )
             result["density_png"] = str(png)
     return result
+
+
+def check_analysis(
+    samples: int | Literal["all"] = 256,
+    batch_size: int = 128,
+    top_k: int = 1,
+    tol: float = 1e-3,
+    trace: bool = False,
+    trace_probes: int = 30,
+    density: bool = False,
+    density_probes: int = 2,
+    lanczos_steps: int = 80,
+    trace_tol: float | None = 0.01,
+    trace_method: str = "hutch++",
+) -> None:
+    """The settings of :func:`analyze_checkpoint`, checked before any work."""
+    if samples != "all":
+        check_number("samples", samples, low=1, integer=True)
+    for key, value in (
+        ("top_k", top_k),
+        ("batch_size", batch_size),
+        ("trace_probes", trace_probes),
+        ("density_probes", density_probes),
+    ):
+        check_number(key, value, low=1, integer=True)
+    check_number("lanczos_steps", lanczos_steps, low=2, integer=True)
+    check_number("tol", tol, low=0, high=1, open_low=True)
+    for key, flag in (("trace", trace), ("density", density)):
+        if not isinstance(flag, bool):
+            raise UsageError(f"{key} must be true or false, got {flag!r}")
+    if trace_tol is not None:
+        check_number("trace_tol", trace_tol, low=0, high=1)
+    if trace_method not in TRACE_METHODS:
+        raise UsageError(f"trace_method must be one of {', '.join(TRACE_METHODS)}")
+    if trace_method == "hutch++" and trace_probes < 3:
+        raise UsageError("trace_method hutch++ needs trace_probes >= 3")
 
 
 def _check_fits(needs: list[tuple[str, int, int]], device: torch.device) -> None:

@@ -10,12 +10,21 @@ An experiment file is YAML::
       method: [bl, fb, gg, abs, absa]
       max_batch_size: [4096]
       seed: [0, 1, 2]
+      point:                   # a mapping sets several keys together (a bundle)
+        - {batch_size: 32, lr: 0.02}
+        - {batch_size: 1024, lr: 0.113}
     evaluate:                  # robustness of each final model (optional)
       attacks: [fgsm, pgd]
-      eps: 0.02
+      eps: 0.02                # or a list: every attack at every eps
       pgd_steps: 10
-    hessian:                   # top eigenvalue of each final model (optional)
-      samples: 256
+    hessian:                   # curvature of each final model (optional)
+      samples: 256             # or all: the whole training set, streamed
+      top_k: 1
+      trace: false
+      density: false           # with the negative mass and most negative eigenvalue
+
+A grid key whose values are mappings (``point`` above) is a bundle: each mapping's keys
+are set together, and the run's name shows their values (``b32-lr0.02``).
 
 Each run trains into ``OUT/runs/<name>/``. A finished run (its summary and evaluations
 written) is skipped, an interrupted one resumed, and a failed one recorded in its
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -35,6 +45,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from largebatch.analysis import analyze_checkpoint, check_analysis
 from largebatch.config import TrainConfig, apply_overrides, check_number, read_yaml
 from largebatch.errors import ConfigError, UsageError
 from largebatch.evaluate import check_evaluation
@@ -56,17 +67,34 @@ _SHORT = {
 }
 
 
+#: Options of the ``hessian`` section (those of :func:`~largebatch.analysis.analyze_checkpoint`).
+HESSIAN_OPTIONS = (
+    "samples", "batch_size", "top_k", "tol", "trace", "trace_probes", "trace_tol", "density",
+    "density_probes", "lanczos_steps",
+)  # fmt: skip
+
+
 @dataclass
 class Experiment:
-    """A grid of runs: ``base`` config keys, ``grid`` keys with value lists, evaluations."""
+    """A grid of runs: ``base`` config keys, ``grid`` keys with value lists, evaluations.
+
+    ``eps``: every attack runs at each of them. ``hessian``: the options of
+    :func:`~largebatch.analysis.analyze_checkpoint` for each final model (None: no
+    analysis).
+    """
 
     base: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     attacks: list[str] = field(default_factory=lambda: ["fgsm"])
-    eps: float = 0.02
+    eps: list[float] = field(default_factory=lambda: [0.02])
     pgd_steps: int = 10
     eval_limit: int | None = None
-    hessian_samples: int | None = None
+    hessian: dict[str, Any] | None = None
+
+    def evaluation(self) -> dict[str, Any]:
+        """The evaluation settings, as ``robust.json`` records them."""
+        return {"attacks": self.attacks, "eps": self.eps, "pgd_steps": self.pgd_steps,
+                "limit": self.eval_limit}  # fmt: skip
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
@@ -80,17 +108,13 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise ConfigError(
             f"experiment file {path} must be a mapping with sections {sorted(_SECTIONS)}"
         )
-    grid = raw.get("grid") or {}
-    if not isinstance(grid, dict) or not all(
-        isinstance(k, str) and isinstance(v, list) and v for k, v in grid.items()
-    ):
-        raise ConfigError(f"{path}: grid must map config keys to non-empty lists of values")
+    grid = _checked_grid(raw.get("grid") or {}, path)
     evaluate = raw.get("evaluate") or {}
     hessian = raw.get("hessian") or {}
     if not isinstance(evaluate, dict) or not isinstance(hessian, dict):
         raise ConfigError(f"{path}: evaluate and hessian must be mappings")
     unknown = set(evaluate) - {"attacks", "eps", "pgd_steps", "limit"}
-    unknown |= {f"hessian.{k}" for k in set(hessian) - {"samples"}}
+    unknown |= {f"hessian.{k}" for k in set(hessian) - set(HESSIAN_OPTIONS)}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     base = raw.get("base") or {}
@@ -108,27 +132,51 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     bad = set(attacks) - {"fgsm", "pgd"}
     if bad:
         raise ConfigError(f"{path}: unknown attacks {sorted(bad)}; choose from fgsm, pgd")
+    eps = evaluate.get("eps", 0.02)
+    eps = eps if isinstance(eps, list) else [eps]
     experiment = Experiment(
         base={**base, **(overrides or {})},
         grid=grid,
         attacks=list(attacks),
-        eps=evaluate.get("eps", 0.02),
+        eps=eps,
         pgd_steps=evaluate.get("pgd_steps", 10),
         eval_limit=evaluate.get("limit"),
-        hessian_samples=hessian.get("samples"),
+        hessian=dict(hessian) or None,
     )
     try:
-        check_evaluation("none", experiment.eps, experiment.pgd_steps)
+        if not eps:
+            raise ConfigError("eps must be a number or a non-empty list of numbers")
+        for value in eps:
+            check_evaluation("none", value, experiment.pgd_steps)
         if experiment.eval_limit is not None:
             check_number("limit", experiment.eval_limit, low=1, integer=True)
-        if experiment.hessian_samples is not None:
-            check_number("samples", experiment.hessian_samples, low=1, integer=True)
-    except ConfigError as exc:
+        if experiment.hessian is not None:
+            check_analysis(**experiment.hessian)
+    except (ConfigError, UsageError) as exc:
         raise ConfigError(f"{path}: evaluate/hessian section: {exc}") from None
-    experiment.eps = float(experiment.eps)
+    experiment.eps = [float(e) for e in eps]
     for _, config in expand_grid(experiment, Path(".")):
         config.validate()
     return experiment
+
+
+def _checked_grid(grid: Any, path: Path) -> dict[str, list[Any]]:
+    """The grid section: config keys (or bundle names) to non-empty lists of values; a
+    bundle lists mappings of config keys only."""
+    if not isinstance(grid, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and v for k, v in grid.items()
+    ):
+        raise ConfigError(f"{path}: grid must map config keys to non-empty lists of values")
+    for key, values in grid.items():
+        bundles = [isinstance(v, dict) for v in values]
+        if any(bundles) and not all(bundles):
+            raise ConfigError(
+                f"{path}: grid.{key} mixes mappings and plain values; a bundle key lists "
+                "mappings of config keys only"
+            )
+        if bundles[0] and any(not v or not all(isinstance(k, str) for k in v) for v in values):
+            raise ConfigError(f"{path}: grid.{key}: each bundle must map config keys to values")
+    return grid
 
 
 def run_name(values: dict[str, Any]) -> str:
@@ -136,6 +184,9 @@ def run_name(values: dict[str, Any]) -> str:
     not hidden, with characters other than letters, digits and ``._+,=-`` as ``_``."""
     parts = []
     for key, value in values.items():
+        if isinstance(value, dict):  # a bundle: its keys' values, not the bundle's name
+            parts.append(run_name(value))
+            continue
         text = "-".join(str(v) for v in value) if isinstance(value, list) else str(value)
         parts.append(f"{_SHORT.get(key, key.replace('_', ''))}{text}")
     name = _UNSAFE.sub("_", "-".join(parts)).lstrip(".")
@@ -150,7 +201,7 @@ def expand_grid(experiment: Experiment, out: Path) -> list[tuple[str, TrainConfi
     for combo in itertools.product(*(experiment.grid[k] for k in keys)):
         values = dict(zip(keys, combo, strict=True))
         name = run_name(values)
-        config = apply_overrides(base, values)
+        config = apply_overrides(base, _flatten(values))
         config = dataclasses.replace(config, out=str(out / "runs" / name), resume=True)
         runs.append((name, config))
     names = [n for n, _ in runs]
@@ -159,38 +210,74 @@ def expand_grid(experiment: Experiment, out: Path) -> list[tuple[str, TrainConfi
     return runs
 
 
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """A grid point's config keys, a bundle's keys set in place of the bundle."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        for name, item in value.items() if isinstance(value, dict) else [(key, value)]:
+            if name in flat:
+                raise ConfigError(f"grid: {name} is set twice in one grid point (by {key})")
+            flat[name] = item
+    return flat
+
+
 def _finished(run: Path, experiment: Experiment) -> bool:
-    wanted = ["summary.json", "robust.json"]
-    if experiment.hessian_samples:
-        wanted.append("hessian.json")
-    return all((run / name).exists() for name in wanted)
+    """Whether ``run`` is trained and evaluated as ``experiment`` now asks: a changed
+    ``evaluate`` or ``hessian`` section evaluates again (without training again)."""
+    if not (run / "summary.json").exists():
+        return False
+    robust = _stored(run / "robust.json")
+    if robust is None or robust.get("settings") != experiment.evaluation():
+        return False
+    if experiment.hessian is None:
+        return True
+    hessian = _stored(run / "hessian.json")
+    return hessian is not None and hessian.get("settings") == experiment.hessian
+
+
+def _stored(path: Path) -> dict[str, Any] | None:
+    """A JSON mapping written by an earlier evaluation; None when absent or unreadable."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _evaluate_run(run: Path, experiment: Experiment) -> None:
+    """``robust.json``: clean test accuracy, each attack at each eps (the first eps also
+    as ``<attack>_acc``), and the eval-mode accuracy and loss on the training set and the
+    test set with their gap; ``hessian.json``: the analysis of the final model."""
     from largebatch.evaluate import evaluate_checkpoint
 
     ckpt = run / "checkpoint.pt"
-    results: dict[str, Any] = {}
-    for attack in experiment.attacks:
-        result = evaluate_checkpoint(
-            ckpt,
-            attack=attack,
-            eps=experiment.eps,
-            steps=experiment.pgd_steps,
-            limit=experiment.eval_limit,
-        )
-        results["clean_acc"] = result["clean_acc"]
-        results[f"{attack}_acc"] = result["adv_acc"]
-    if not experiment.attacks:
-        results["clean_acc"] = evaluate_checkpoint(ckpt, limit=experiment.eval_limit)["clean_acc"]
-    results.update(eps=experiment.eps, pgd_steps=experiment.pgd_steps)
+    limit = experiment.eval_limit
+    clean = evaluate_checkpoint(ckpt, limit=limit)
+    train = evaluate_checkpoint(ckpt, split="train")
+    results: dict[str, Any] = {
+        "clean_acc": clean["clean_acc"],
+        "test_loss": clean["clean_loss"],
+        "train_acc": train["clean_acc"],
+        "train_loss": train["clean_loss"],
+        "generalization_gap": train["clean_acc"] - clean["clean_acc"],
+        "by_eps": [],
+    }
+    for eps in experiment.eps:
+        row: dict[str, Any] = {"eps": eps}
+        for attack in experiment.attacks:
+            result = evaluate_checkpoint(
+                ckpt, attack=attack, eps=eps, steps=experiment.pgd_steps, limit=limit
+            )
+            row[f"{attack}_acc"] = result["adv_acc"]
+        results["by_eps"].append(row)
+    first = results["by_eps"][0]
+    results.update({f"{a}_acc": first[f"{a}_acc"] for a in experiment.attacks})
+    results.update(eps=first["eps"], pgd_steps=experiment.pgd_steps)
+    results["settings"] = experiment.evaluation()
     atomic_write_json(run / "robust.json", results)
-    if experiment.hessian_samples:
-        from largebatch.analysis import analyze_checkpoint
-
-        result = analyze_checkpoint(
-            ckpt, samples=experiment.hessian_samples, say=lambda _line: None
-        )
+    if experiment.hessian is not None:
+        result = analyze_checkpoint(ckpt, **experiment.hessian, say=lambda _line: None)
+        result["settings"] = experiment.hessian
         atomic_write_json(run / "hessian.json", result)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from largebatch.adversarial import fgsm, pgd
 from largebatch.checkpoint import checked_model_spec, checked_part, load_checkpoint, load_part
@@ -78,22 +79,29 @@ def evaluate_checkpoint(
     device: str = "auto",
     seed: int = 0,
     out: str | Path | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """Test accuracy of ``checkpoint``, clean and under ``attack`` (``none|fgsm|pgd``).
+    """Accuracy of ``checkpoint`` on its test set (``split="train"``: on its training set,
+    as the run used it), clean and under ``attack`` (``none|fgsm|pgd``).
 
     ``eps`` is the L-inf budget in raw input units; PGD takes ``steps`` steps of ``alpha``
-    (default ``2.5 * eps / steps``) from a random start. Returns and optionally writes
-    ``{"clean_acc", "adv_acc", "attack", "eps", "steps", "samples", ...}``.
+    (default ``2.5 * eps / steps``) from a random start. ``limit``: the first samples of
+    the split only. Returns and optionally writes ``{"clean_acc", "clean_loss" (mean
+    cross-entropy), "adv_acc", "attack", "eps", "steps", "samples", ...}``.
     """
     check_evaluation(attack, eps, steps, alpha)
+    if split not in ("train", "test"):
+        raise UsageError(f"split must be train or test, got {split!r}")
     check_number("batch_size", batch_size, low=1, integer=True)
     if limit is not None:
         check_number("limit", limit, low=1, integer=True)
     check_seed(seed)
     check_output_file(out)
     dev = resolve_device(device)
-    model, config, data = load_trained_with_data(checkpoint, dev, data_dir, limit_test=limit)
-    if len(data.test_y) == 0:
+    model, config, data = load_trained_with_data(
+        checkpoint, dev, data_dir, **{f"limit_{split}": limit}
+    )
+    if len(getattr(data, f"{split}_y")) == 0:
         raise UsageError(
             f"the run's dataset has no test split; to evaluate {checkpoint}, its dataset "
             f"{config['dataset']!r} must return (train, test) with a test set"
@@ -102,15 +110,17 @@ def evaluate_checkpoint(
     generator = torch.Generator().manual_seed(seed)
     clamp = data.input_range
     clean = adv = 0
+    loss = 0.0
     with Feed(data, dev) as feed:
-        for x, y in feed.eval_batches("test", batch_size):
+        for x, y in feed.eval_batches(split, batch_size):
             x, y = x.to(dev), y.to(dev)
-            clean_batch, adv_batch = _accuracy_counts(
+            clean_batch, adv_batch, loss_batch = _accuracy_counts(
                 model, x, y, attack, eps, step, steps, clamp, generator
             )
             clean += clean_batch
             adv += adv_batch
-    n = len(data.test_y)
+            loss += loss_batch
+    n = len(getattr(data, f"{split}_y"))
     result = {
         "checkpoint": str(checkpoint),
         "dataset": config["dataset"],
@@ -120,8 +130,10 @@ def evaluate_checkpoint(
         "eps": eps,
         "steps": steps if attack == "pgd" else None,
         "alpha": step if attack == "pgd" else None,
+        "split": split,
         "samples": n,
         "clean_acc": clean / n,
+        "clean_loss": loss / n,
         "adv_acc": adv / n if attack != "none" else None,
     }
     if out is not None:
@@ -150,16 +162,19 @@ def _accuracy_counts(
     steps: int,
     clamp: tuple[float, float] | None,
     generator: torch.Generator,
-) -> tuple[int, int]:
-    """Correct predictions on ``(x, y)``, clean and under ``attack`` (0 for none)."""
+) -> tuple[int, int, float]:
+    """Correct predictions on ``(x, y)``, clean and under ``attack`` (0 for none), and
+    the summed clean cross-entropy."""
     with torch.no_grad():
-        clean = int((model(x).argmax(1) == y).sum().item())
+        logits = model(x)
+        clean = int((logits.argmax(1) == y).sum().item())
+        loss = float(F.cross_entropy(logits.float(), y, reduction="sum"))
     if attack == "fgsm":
         x_adv = fgsm(model, x, y, eps, clamp=clamp)
     elif attack == "pgd":
         x_adv = pgd(model, x, y, eps, step, steps, clamp=clamp, generator=generator)
     else:
-        return clean, 0
+        return clean, 0, loss
     with torch.no_grad():
         adv = int((model(x_adv).argmax(1) == y).sum().item())
-    return clean, adv
+    return clean, adv, loss

@@ -409,7 +409,9 @@ def plot_curvature_vs_batch(rows: list[dict[str, Any]], path: str | Path, title:
 
 
 def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``report.md`` and its PNG figures into ``out`` (default ``folder``)."""
+    """Write ``report.md`` and its PNG figures into ``out`` (default ``folder``), and
+    ``claims.md`` with its figures when the runs form a batch-size study
+    (:func:`largebatch.claims.write_claims`)."""
     folder = Path(folder)
     out = Path(out) if out is not None else folder
     runs = collect_runs(folder)
@@ -438,6 +440,13 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
         if len(bl_batches) > 1:
             plot_curvature_vs_batch(group_rows, out / f"{stem}-curvature-vs-batch.png", title)
             sections += [f"![curvature and robustness]({stem}-curvature-vs-batch.png)", ""]
+    from largebatch.claims import write_claims
+
+    if write_claims(runs, out, folder=str(folder)) is not None:
+        sections += [
+            "The analysis paper's claims, judged from these runs: [claims.md](claims.md).",
+            "",
+        ]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(sections))
     return path

@@ -8,7 +8,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["DensityResult", "EigenResult", "TraceResult"]
+__all__ = ["DensityResult", "EigenResult", "TraceResult", "NEGATIVE_THRESHOLD"]
+
+#: :meth:`DensityResult.negative_mass` counts nodes below this share of the spectral
+#: radius, negated: eigenvalues of the bulk near zero are not counted as negative.
+NEGATIVE_THRESHOLD = 0.01
 
 
 @dataclass
@@ -109,6 +113,24 @@ class DensityResult:
     matvecs: int
     probes: int
 
+    @property
+    def min_eigenvalue(self) -> float:
+        """The smallest node. A Ritz value never lies below the smallest eigenvalue and
+        the extremes converge first, so this approaches the most negative eigenvalue from
+        above (exact when the Krylov space is the whole space)."""
+        return float(self.nodes.min())
+
+    def negative_mass(self, below: float = NEGATIVE_THRESHOLD) -> float:
+        """The estimated share of eigenvalues below ``-below * r``, where r is the
+        largest node magnitude (the spectral radius, estimated): the quadrature weight
+        of the nodes there. The weights are unsmoothed: the Gaussian kernel would spill
+        the bulk of eigenvalues near zero to both sides. ``below=0`` counts every
+        negative node, including a bulk near zero whose sign is rounding."""
+        if not below >= 0:
+            raise ValueError(f"below must be >= 0, got {below}")
+        radius = float(self.nodes.abs().max())
+        return float(self.weights[self.nodes < -below * radius].sum())
+
     def as_dict(self) -> dict[str, Any]:
         """Plain numbers for JSON."""
         return {
@@ -119,4 +141,7 @@ class DensityResult:
             "sigma": self.sigma,
             "matvecs": self.matvecs,
             "probes": self.probes,
+            "min_eigenvalue": self.min_eigenvalue,
+            "negative_mass": self.negative_mass(),
+            "negative_threshold": NEGATIVE_THRESHOLD,
         }
