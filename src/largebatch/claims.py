@@ -120,8 +120,9 @@ def welch(a: list[float], b: list[float]) -> float | None:
         return None
     from scipy import stats
 
-    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
-        return 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
+    scale = max(abs(v) for v in a + b) or 1.0
+    if max(statistics.pvariance(a), statistics.pvariance(b)) <= (1e-12 * scale) ** 2:
+        return 1.0 if math.isclose(statistics.fmean(a), statistics.fmean(b)) else 0.0
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
@@ -357,8 +358,11 @@ def _correlation_claim(cells: list[Cell]) -> Claim:
         )
     from scipy import stats
 
-    result = stats.spearmanr([e for e, _ in pairs], [a for _, a in pairs])
-    rho, p = float(result.statistic), float(result.pvalue)
+    if len({e for e, _ in pairs}) < 2 or len({a for _, a in pairs}) < 2:
+        rho, p = 0.0, 1.0  # a constant side: no rank correlation to speak of
+    else:
+        result = stats.spearmanr([e for e, _ in pairs], [a for _, a in pairs])
+        rho, p = float(result.statistic), float(result.pvalue)
     if p < SIGNIFICANCE and rho != 0:
         verdict = "shown" if rho < 0 else "contradicted"
     else:
