@@ -12,7 +12,12 @@ STUDIES = sorted(p.parent.name for p in (ROOT / "docs" / "results").glob("*/repo
 
 
 def test_the_committed_studies_are_found():
-    assert {"cpu-fashion-mnist-c1", "cpu-analysis-fashion-mnist"} <= set(STUDIES)
+    assert {
+        "cpu-fashion-mnist-c1",
+        "cpu-analysis-fashion-mnist",
+        "study-fashion-mnist",
+        "study-digits",
+    } <= set(STUDIES)
 
 
 @pytest.mark.parametrize("study", STUDIES)
@@ -23,5 +28,9 @@ def test_a_committed_report_regenerates_from_its_committed_runs(study, tmp_path,
     assert all(r["history"] and r["robust"] for r in runs), "per-run files are missing"
     path = write_report(folder, out=tmp_path)
     assert path.read_text() == (folder / "report.md").read_text()
+    # a batch-size study's verdicts too, and only there
+    assert (tmp_path / "claims.md").exists() == (folder / "claims.md").exists()
+    if (folder / "claims.md").exists():
+        assert (tmp_path / "claims.md").read_text() == (folder / "claims.md").read_text()
     for figure in (folder).glob("*.png"):
         assert (tmp_path / figure.name).exists(), figure.name

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,9 +80,12 @@ def measures(run: dict[str, Any]) -> dict[str, float | None]:
         "eval_train_loss": robust.get("train_loss"),
         "test_acc": _pct(summary.get("final_test_acc")),
     }
-    for row in robust.get("by_eps") or []:
+    rows = robust.get("by_eps")
+    if rows is None and robust.get("eps") is not None:  # one eps (an older robust.json)
+        rows = [{k: v for k, v in robust.items() if k in ("eps", "fgsm_acc", "pgd_acc")}]
+    for row in rows or []:
         for key, value in row.items():
-            if key.endswith("_acc"):
+            if key.endswith("_acc") and value is not None:
                 out[f"{key[:-4]}@{row['eps']:g}"] = _pct(value)
     return out
 
@@ -232,11 +235,20 @@ def _spectrum_claim(small: Cell | None, large: Cell | None, span: str) -> Claim:
         reason += f"; the trace: {agrees}" + (f" (p {trace.p:.2g})" if trace.p is not None else "")
     return Claim(
         "Large-batch training converges to points with a larger Hessian spectrum",
-        "top eigenvalue (and trace) over the whole training set, standard training",
+        f"top eigenvalue (and trace) on {_samples(small, large)}, standard training",
         [eig.text(".3g"), trace.text(".4g")],
         verdict,
         reason,
     )
+
+
+def _samples(*cells: Cell | None) -> str:
+    """The training samples the analysis used, as words."""
+    counts = {r["hessian"].get("samples") for c in cells if c for r in c.runs}
+    counts.discard(None)
+    if not counts:
+        return "the training samples analysed"
+    return " / ".join(f"{n} training samples" for n in sorted(counts))
 
 
 def _robustness_claim(small: Cell | None, large: Cell | None, span: str) -> Claim:
@@ -385,6 +397,8 @@ def _reason(verdict: str, claimed: str, opposite: str, finding: Finding) -> str:
         return f"{claimed}, p {p}"
     if verdict == "contradicted":
         return f"{opposite}, p {p}"
+    if finding.p is None:
+        return "fewer than two seeds a side: no test"
     return f"the difference is within the spread over seeds (p {p})"
 
 
@@ -451,13 +465,8 @@ def claims_markdown(setting: tuple[str, str], cells: list[Cell], stem: str) -> l
             f"| {claim.reason} |"
         )
     lines += [""]
-    for figure, caption in (
-        ("spectrum", "top eigenvalue and trace against batch size"),
-        ("robustness", "clean, FGSM and PGD accuracy against batch size"),
-        ("negative", "negative part of the spectrum against batch size"),
-        ("densities", "spectral densities of the seed-0 models"),
-    ):
-        lines += [f"![{caption}]({stem}-claims-{figure}.png)", ""]
+    for figure in _figures(cells):
+        lines += [f"![{FIGURES[figure][1]}]({stem}-claims-{figure}.png)", ""]
     return lines
 
 
@@ -486,10 +495,8 @@ def write_claims(runs: list[dict[str, Any]], out: str | Path, folder: str = "") 
         stem = f"{setting[0]}-{setting[1]}"
         lines += claims_markdown(setting, cells, stem)
         title = f"{setting[1]} on {setting[0]}"
-        plot_spectrum(cells, out / f"{stem}-claims-spectrum.png", title)
-        plot_robustness(cells, out / f"{stem}-claims-robustness.png", title)
-        plot_negative(cells, out / f"{stem}-claims-negative.png", title)
-        plot_densities(cells, out / f"{stem}-claims-densities.png", title)
+        for figure in _figures(cells):
+            FIGURES[figure][0](cells, out / f"{stem}-claims-{figure}.png", title)
     path = out / "claims.md"
     atomic_write_text(path, "\n".join(lines))
     return path
@@ -539,8 +546,13 @@ def _batch_axes(axes: Iterable[Any], title: str, fig: Any) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (log scale)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
     fig.suptitle(title)
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
 
 
 def plot_spectrum(cells: list[Cell], path: Path, title: str) -> None:
@@ -607,6 +619,26 @@ def plot_densities(cells: list[Cell], path: Path, title: str) -> None:
         ax.set_ylabel("density (log scale)")
         ax.set_ylim(bottom=1e-8)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
     fig.suptitle(title)
     _save(fig, path)
+
+
+#: The figures of a study: what draws each, its caption.
+FIGURES: dict[str, tuple[Callable[[list[Cell], Path, str], None], str]] = {
+    "spectrum": (plot_spectrum, "top eigenvalue and trace against batch size"),
+    "robustness": (plot_robustness, "clean, FGSM and PGD accuracy against batch size"),
+    "negative": (plot_negative, "negative part of the spectrum against batch size"),
+    "densities": (plot_densities, "spectral densities of the seed-0 models"),
+}
+
+
+def _figures(cells: list[Cell]) -> list[str]:
+    """The figures that ``cells`` have data for."""
+    runs = [r for c in cells for r in c.runs]
+    names = ["spectrum"]
+    if any("@" in k for r in runs for k in measures(r)):
+        names.append("robustness")
+    if any((r["hessian"].get("density") or {}).get("negative_mass") is not None for r in runs):
+        names += ["negative", "densities"]
+    return names
