@@ -296,6 +296,13 @@ def test_a_changed_evaluation_evaluates_again_without_training(study_grid, tmp_p
     # not trained again: the checkpoint untouched, the records the same
     assert (run / "checkpoint.pt").stat().st_mtime_ns == stamp
     assert (run / "metrics.jsonl").read_text() == records
-    assert (run / "hessian.json").stat().st_mtime_ns != hessian_stamp  # analysed again
+    assert (run / "hessian.json").stat().st_mtime_ns == hessian_stamp  # its settings held
     status = run_experiment(load_experiment(changed), out, show_progress=False, echo=lambda _: None)
     assert set(status.values()) == {"skipped"}
+    # a new final model (here: its checkpoint rewritten) is evaluated and analysed again
+    robust_stamp = (run / "robust.json").stat().st_mtime_ns
+    (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes())
+    status = run_experiment(load_experiment(changed), out, show_progress=False, echo=lambda _: None)
+    assert status["b16-lr0.05"] == "done"
+    assert (run / "robust.json").stat().st_mtime_ns != robust_stamp
+    assert (run / "hessian.json").stat().st_mtime_ns != hessian_stamp

@@ -224,15 +224,37 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
 def _finished(run: Path, experiment: Experiment) -> bool:
     """Whether ``run`` is trained and evaluated as ``experiment`` now asks: a changed
     ``evaluate`` or ``hessian`` section evaluates again (without training again)."""
-    if not (run / "summary.json").exists():
-        return False
+    return (run / "summary.json").exists() and not _missing(run, experiment)
+
+
+def _missing(run: Path, experiment: Experiment) -> list[str]:
+    """The evaluations of ``run`` not yet made with ``experiment``'s settings."""
+    missing, model = [], _model_stamp(run)
     robust = _stored(run / "robust.json")
-    if robust is None or robust.get("settings") != experiment.evaluation():
-        return False
-    if experiment.hessian is None:
-        return True
-    hessian = _stored(run / "hessian.json")
-    return hessian is not None and hessian.get("settings") == experiment.hessian
+    if (
+        robust is None
+        or robust.get("settings") != experiment.evaluation()
+        or (robust.get("model") != model)
+    ):
+        missing.append("robust.json")
+    if experiment.hessian is not None:
+        hessian = _stored(run / "hessian.json")
+        if (
+            hessian is None
+            or hessian.get("settings") != experiment.hessian
+            or (hessian.get("model") != model)
+        ):
+            missing.append("hessian.json")
+    return missing
+
+
+def _model_stamp(run: Path) -> list[int] | None:
+    """Which final model an evaluation was made of: the checkpoint's size and time."""
+    try:
+        stat = (run / "checkpoint.pt").stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _stored(path: Path) -> dict[str, Any] | None:
@@ -247,10 +269,22 @@ def _stored(path: Path) -> dict[str, Any] | None:
 def _evaluate_run(run: Path, experiment: Experiment) -> None:
     """``robust.json``: clean test accuracy, each attack at each eps (the first eps also
     as ``<attack>_acc``), and the eval-mode accuracy and loss on the training set and the
-    test set with their gap; ``hessian.json``: the analysis of the final model."""
+    test set with their gap; ``hessian.json``: the analysis of the final model. Each is
+    made again only when its settings changed."""
+    ckpt = run / "checkpoint.pt"
+    missing = _missing(run, experiment)
+    if "robust.json" in missing:
+        _evaluate_robustness(ckpt, run, experiment)
+    if "hessian.json" in missing:
+        assert experiment.hessian is not None
+        result = analyze_checkpoint(ckpt, **experiment.hessian, say=lambda _line: None)
+        result.update(settings=experiment.hessian, model=_model_stamp(run))
+        atomic_write_json(run / "hessian.json", result)
+
+
+def _evaluate_robustness(ckpt: Path, run: Path, experiment: Experiment) -> None:
     from largebatch.evaluate import evaluate_checkpoint
 
-    ckpt = run / "checkpoint.pt"
     limit = experiment.eval_limit
     clean = evaluate_checkpoint(ckpt, limit=limit)
     train = evaluate_checkpoint(ckpt, split="train")
@@ -273,12 +307,8 @@ def _evaluate_run(run: Path, experiment: Experiment) -> None:
     first = results["by_eps"][0]
     results.update({f"{a}_acc": first[f"{a}_acc"] for a in experiment.attacks})
     results.update(eps=first["eps"], pgd_steps=experiment.pgd_steps)
-    results["settings"] = experiment.evaluation()
+    results.update(settings=experiment.evaluation(), model=_model_stamp(run))
     atomic_write_json(run / "robust.json", results)
-    if experiment.hessian is not None:
-        result = analyze_checkpoint(ckpt, **experiment.hessian, say=lambda _line: None)
-        result["settings"] = experiment.hessian
-        atomic_write_json(run / "hessian.json", result)
 
 
 def run_experiment(
