@@ -186,6 +186,46 @@ def test_lr_scaling_rules_have_their_closed_forms():
     assert scaling_factor("adascale", 4, None, 100) == 1.0
 
 
+def _adascale_gain(scale, grad_sq, trace, base_batch):
+    """AdaScale's definition: (sigma^2 + mu^2) / (sigma^2 / S + mu^2), with the base
+    batch's gradient variance sigma^2 = tr(Sigma) / B0 and mu^2 = |G|^2 each clamped at 0
+    (Johnson et al. 2020); 1 when both vanish."""
+    sigma_sq, mu_sq = max(trace, 0.0) / base_batch, max(grad_sq, 0.0)
+    if sigma_sq + mu_sq == 0:
+        return 1.0
+    return (sigma_sq + mu_sq) / (sigma_sq / scale + mu_sq)
+
+
+@pytest.mark.parametrize(
+    "grad_sq, trace",
+    [(2.0, 300.0), (1e-3, 50.0), (5.0, 0.5), (0.0, 300.0), (-0.7, 300.0), (2.0, -40.0)],
+)
+@pytest.mark.parametrize("scale", [1, 2, 16])
+def test_the_adascale_gain_follows_its_definition_at_the_limits(grad_sq, trace, scale):
+    # the meter's noise scale from the same estimates: tr / |G|^2, inf when |G|^2 <= 0
+    phi = trace / grad_sq if grad_sq > 0 else math.inf
+    expected = _adascale_gain(scale, grad_sq, trace, 64)
+    assert scaling_factor("adascale", scale, phi, 64) == pytest.approx(expected, rel=1e-12)
+    if grad_sq <= 0:  # pure noise: the gain is the scale itself
+        assert scaling_factor("adascale", scale, phi, 64) == scale
+
+
+def test_gns_keeps_a_pure_noise_reading_for_the_adascale_gain_but_does_not_grow_on_it():
+    controller = NoiseScaleBatch(
+        64, 1024, [], 1.0, num_samples=1000, every_fraction=0.25, lr_rule="adascale",
+        confirmations=1,
+    )  # fmt: skip
+    controller.batch_size = 256  # scale 4
+    controller.step({"gns": math.inf, "samples": 250})
+    assert controller.batch_size == 256 and controller.decision().lr_factor == 4.0
+    state = controller.state_dict()
+    again = NoiseScaleBatch(64, 1024, [], 1.0, num_samples=1000, lr_rule="adascale")
+    again.load_state_dict(state)
+    assert again.noise_scale == math.inf and again.decision().lr_factor == 4.0
+    controller.step({"gns": -5.0, "samples": 500})  # a trace measured below 0: no noise
+    assert controller.decision().lr_factor == 1.0
+
+
 def test_gns_doubles_after_two_agreeing_points_and_only_grows():
     controller = NoiseScaleBatch(
         128, 1024, [], 1.0, num_samples=1000, every_fraction=0.25, lr_rule="adascale"

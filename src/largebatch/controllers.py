@@ -51,6 +51,13 @@ _FRACTION: Check = partial(checks.number, low=0.0, high=1.0)
 _POSITIVE: Check = partial(checks.number, low=0.0, low_open=True)
 
 
+def _noise_scale(value: Any, who: str, field: str) -> float:
+    """A noise scale: a number >= 0, or infinity (the reading of pure noise)."""
+    if isinstance(value, float) and value == math.inf:
+        return value
+    return checks.number(value, who, field, low=0.0)
+
+
 def _optional(check: Check) -> Check:
     """``check``, with None allowed."""
     return lambda value, who, field: None if value is None else check(value, who, field)
@@ -413,7 +420,7 @@ class NoiseScaleBatch(BatchController):
     state_fields = (
         *BatchController.state_fields,
         ("batch_size", _SIZE),
-        ("noise_scale", _optional(_POSITIVE)),  # None until the first measurement
+        ("noise_scale", _optional(_noise_scale)),  # None until the first measurement
         ("agreeing", _COUNT),
         ("progress", partial(checks.number, low=0.0)),
         ("samples", _COUNT),
@@ -483,8 +490,11 @@ class NoiseScaleBatch(BatchController):
         self.progress += advance * (self._gain() / scale if self.lr_rule == "adascale" else 1)
         self.samples = samples
         phi = measured.get("gns")
+        if phi is not None and not math.isnan(phi):
+            # inf (|G|^2 measured at or below 0) and 0 (a trace at or below 0) are kept
+            # for adascale's gain at its limits; only a finite positive reading grows
+            self.noise_scale = max(float(phi), 0.0)
         if phi is not None and math.isfinite(phi) and phi > 0:
-            self.noise_scale = float(phi)
             if self.batch_size < self.max_batch and self.batch_size <= self.kappa * phi:
                 self.agreeing += 1
                 if self.agreeing >= self.confirmations:

@@ -49,8 +49,12 @@ def scaling_factor(rule: str, scale: float, noise_scale: float | None, base_batc
     - ``sqrt``: ``sqrt(scale)`` (Krizhevsky; Hoffer et al.);
     - ``adascale``: the gain ``r = scale (phi + B0) / (phi + scale B0)`` with ``phi`` the
       gradient noise scale (Johnson et al., AdaScale): close to ``scale`` while the batch
-      is small against ``phi``, close to 1 once it is far above. Without a measured
-      ``phi`` (None, negative or not finite) it is 1.
+      is small against ``phi``, close to 1 once it is far above. It is AdaScale's
+      ``(sigma^2 + |G|^2) / (sigma^2 / scale + |G|^2)`` with ``sigma^2 = tr(Sigma) / B0``
+      and ``phi = tr(Sigma) / |G|^2``, each estimate clamped at 0 as AdaScale does. So at
+      the limits: ``phi = inf`` (the meter's reading when the measured ``|G|^2`` is zero
+      or negative: pure noise) gives ``scale``; ``phi <= 0`` (a trace measured at zero or
+      below) gives 1. Without a measurement (None or NaN) it is 1.
 
     ``scale`` must be finite and > 0, ``base_batch`` an integer >= 1.
     """
@@ -61,8 +65,10 @@ def scaling_factor(rule: str, scale: float, noise_scale: float | None, base_batc
         return scale
     if rule == "sqrt":
         return math.sqrt(scale)
-    if noise_scale is None or not math.isfinite(noise_scale) or noise_scale < 0:  # adascale
+    if noise_scale is None or math.isnan(noise_scale) or noise_scale <= 0:  # adascale
         return 1.0
+    if math.isinf(noise_scale):  # |G|^2 clamped at 0: all noise
+        return scale
     return scale * (noise_scale + base_batch) / (noise_scale + scale * base_batch)
 
 
