@@ -123,20 +123,29 @@ def test_regression_with_mse_reports_loss_only(tmp_path):
     assert summary["final_batch_size"] > 32
 
 
-def test_per_group_learning_rates_keep_their_ratio_as_the_batch_grows():
+@pytest.mark.parametrize(
+    "rule, optimizer_class, factor",
+    [("auto", torch.optim.Adam, 2.0), ("linear", torch.optim.Adam, 4.0),
+     ("auto", torch.optim.SGD, 4.0), ("sqrt", torch.optim.SGD, 2.0)],
+)  # fmt: skip
+def test_per_group_learning_rates_keep_their_ratio_as_the_batch_grows(
+    rule, optimizer_class, factor
+):
     train, test = _data()
     model = _model()
     head = list(model.body[3].parameters())
     rest = [p for p in model.parameters() if all(p is not h for h in head)]
-    optimizer = torch.optim.Adam([{"params": rest, "lr": 1e-3}, {"params": head, "lr": 4e-3}])
+    optimizer = optimizer_class([{"params": rest, "lr": 1e-3}, {"params": head, "lr": 4e-3}])
     summary = largebatch.fit(
         model, train, optimizer=optimizer, method="abs", abs_duration=1, hessian_samples=64,
-        epochs=4, batch_size=32, max_batch_size=128, device="cpu",
+        epochs=4, batch_size=32, max_batch_size=128, device="cpu", lr_scaling=rule,
     )  # fmt: skip
     assert summary["final_batch_size"] == 128  # the first estimate is the reference
+    # auto: square-root scaling for Adam, linear for SGD
+    assert summary["lr_scaling"] == ("sqrt" if factor == 2.0 else "linear")
     lrs = [g["lr"] for g in optimizer.param_groups]
-    # linear scaling: the batch grew 4x, so each group's LR did too, ratio kept
-    assert lrs == pytest.approx([4e-3, 16e-3])
+    # the batch grew 4x: each group's LR by the rule's factor, the ratio kept
+    assert lrs == pytest.approx([factor * 1e-3, factor * 4e-3])
 
 
 def test_an_optimizer_factory_and_its_config_keys(tmp_path):

@@ -74,3 +74,30 @@ def test_momentum_of_reads_the_first_group_and_is_zero_without_one():
     assert momentum_of(torch.optim.SGD(params, lr=0.1, momentum=0.9)) == 0.9
     assert momentum_of(torch.optim.SGD(params, lr=0.1)) == 0.0
     assert momentum_of(torch.optim.Adam(params, lr=0.1)) == 0.0
+
+
+class _Lion(torch.optim.Optimizer):
+    """An optimizer of a user's, with Adam's betas in its defaults."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99)):
+        super().__init__(params, {"lr": lr, "betas": betas})
+
+    def step(self, closure=None):
+        return None
+
+
+class _MyAdamW(torch.optim.AdamW):
+    pass
+
+
+def test_auto_picks_the_rule_of_the_optimizers_family():
+    from largebatch.lr import rule_for
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert rule_for("auto", torch.optim.SGD(params, lr=0.1)) == "linear"
+    assert rule_for("auto", None) == "linear"  # the default SGD
+    for adaptive in (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, _MyAdamW, _Lion):
+        assert rule_for("auto", adaptive(params, lr=1e-3)) == "sqrt", adaptive.__name__
+    assert rule_for("adascale", torch.optim.Adam(params)) == "adascale"  # as asked
+    with pytest.raises(ValueError, match="rule"):
+        rule_for("cubic", None)

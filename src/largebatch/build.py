@@ -36,7 +36,7 @@ from largebatch.engine import Parts, Settings
 from largebatch.errors import ConfigError, UsageError
 from largebatch.feed import materialize
 from largebatch.hessian import EigenTracker
-from largebatch.lr import momentum_of
+from largebatch.lr import momentum_of, rule_for
 from largebatch.meters import EIGENVALUE, NOISE_SCALE, CurvatureMeter, GradientNoiseMeter, Meter
 from largebatch.sampler import probe_batches, probe_seed
 from largebatch.scoring import LossFn, check_parameters
@@ -100,8 +100,9 @@ def build_parts(
     optimizer = make_optimizer(optimizer, model, config)
     group = optimizer.param_groups[0]
     controller = controller or make_controller(
-        config, len(data.train_y), float(group["lr"]), momentum_of(optimizer)
-    )
+        config, len(data.train_y), float(group["lr"]), momentum_of(optimizer),
+        lr_rule=rule_for(config.lr_scaling, optimizer),
+    )  # fmt: skip
     checked_decision(controller, controller.decision())
     return Parts(
         model=model,
@@ -134,15 +135,20 @@ def make_controller(
     num_samples: int | None = None,
     lr: float | None = None,
     momentum: float | None = None,
+    lr_rule: str | None = None,
 ) -> BatchController:
     """The controller for ``config.method``.
 
     ``lr`` and ``momentum``: the optimizer's (its first param group's), from which the
     curvature guard computes its cap; default the config's ``lr`` and ``momentum``.
+    ``lr_rule``: the LR scaling rule of ``abs``, ``absa`` and ``gns``, resolved for the
+    optimizer (:func:`~largebatch.lr.rule_for`); default ``config.lr_scaling`` resolved
+    for SGD.
     Adversarial training is on for ``absa`` and, with ``adversarial: true``, for any
     method; ``adversarial: false`` turns it off for ``absa`` too.
     """
     milestones, decay = config.lr_decay_epochs, config.lr_decay
+    lr_rule = lr_rule or rule_for(config.lr_scaling, None)
     adversarial = config.adversarial if config.adversarial is not None else config.method == "absa"
     adv = {
         "adv_ratio": config.adv_ratio if adversarial else 0.0,
@@ -173,6 +179,7 @@ def make_controller(
             decrease_ratio=config.abs_decrease_ratio,
             growth_factor=config.abs_growth_factor,
             duration=config.abs_duration,
+            lr_rule=lr_rule,
             **adv,
         )
     elif config.method == "gns":
@@ -187,7 +194,7 @@ def make_controller(
             every_fraction=config.gns_every,
             kappa=config.gns_kappa,
             confirmations=config.gns_confirmations,
-            lr_rule=config.lr_scaling,
+            lr_rule=lr_rule,
             milestones_by=config.gns_milestones,
             **adv,
         )

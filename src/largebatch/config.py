@@ -84,7 +84,7 @@ class TrainConfig:
     gns_confirmations: int = 2  # ... on this many decision points in a row
     gns_micro_batch: int | None = None  # noise meter's micro-batch (None: the run's, or half)
     gns_decay: float = 0.95  # per-update decay of the meter's moving averages
-    lr_scaling: str = "linear"  # gns LR rule: linear | sqrt | adascale
+    lr_scaling: str = "auto"  # abs/gns LR rule: auto (by optimizer) | linear | sqrt | adascale
     gns_milestones: str = "samples"  # gns: lr_decay_epochs count samples, or progress
     # curvature guard (any method): lr <= guard_fraction * 2 (1 + momentum) / eigenvalue
     curvature_guard: bool = False
@@ -144,7 +144,12 @@ class TrainConfig:
         _choice("adv_clamp", self.adv_clamp, ("range", "batch"))
         _choice("hessian_mode", self.hessian_mode, ("tracker", "reference"))
         _choice("on_divergence", self.on_divergence, ("stop", "rollback"))
-        _choice("lr_scaling", self.lr_scaling, ("adascale", "linear", "sqrt"))
+        _choice("lr_scaling", self.lr_scaling, ("adascale", "auto", "linear", "sqrt"))
+        if self.lr_scaling == "adascale" and self.method in ("abs", "absa"):
+            raise ConfigError(
+                f"lr_scaling adascale needs the gradient noise scale, which method "
+                f"{self.method} does not measure; use gns, or linear, sqrt or auto"
+            )
         _choice("gns_milestones", self.gns_milestones, ("samples", "progress"))
         for key in ("gns_every", "guard_every"):
             if not 0 < getattr(self, key) <= 1:

@@ -315,10 +315,11 @@ class AdaptiveBatch(BatchController):
     measured ``eigenvalue``: the first one becomes the reference; one at most
     ``reference / decrease_ratio`` becomes the new reference and the batch grows by
     ``growth_factor``; after ``duration`` epochs without growth the batch grows anyway
-    (the reference stays). Each growth scales the LR by the batch ratio (linear scaling)
-    and divides the adversarial fraction by the growth factor; at the cap the adversarial
-    fraction is zero and no more eigenvalues are asked for. Milestone LR decay multiplies
-    on top. Adversarial training stops for good from epoch ``adv_stop_epoch``.
+    (the reference stays). Each growth scales the LR by the batch ratio (``lr_rule``
+    ``linear``, the paper's; ``sqrt``: by its square root, the rule for Adam-type
+    optimizers) and divides the adversarial fraction by the growth factor; at the cap the
+    adversarial fraction is zero and no more eigenvalues are asked for. Milestone LR decay
+    multiplies on top. Adversarial training stops for good from epoch ``adv_stop_epoch``.
     A missing or non-finite eigenvalue keeps the batch and the reference as they are.
     """
 
@@ -344,9 +345,11 @@ class AdaptiveBatch(BatchController):
         duration: int = 10,
         adv_ratio: float = 0.0,
         adv_stop_epoch: int | None = None,
+        lr_rule: str = "linear",
     ) -> None:
         super().__init__(adv_ratio, adv_stop_epoch)
         who = type(self).__name__
+        self.lr_rule = checks.choice(lr_rule, who, "lr_rule", ("linear", "sqrt"))
         self.base_batch, self.max_batch = _batches(who, base_batch, max_batch)
         self.milestones, self.decay = _schedule(who, milestones, decay)
         self.decrease_ratio = _POSITIVE(decrease_ratio, who, "decrease_ratio")
@@ -363,7 +366,9 @@ class AdaptiveBatch(BatchController):
         return self.measures if self.batch_size < self.max_batch else frozenset()
 
     def decision(self) -> Decision:
-        gain = scaling_factor("linear", self.batch_size / self.base_batch, None, self.base_batch)
+        gain = scaling_factor(
+            self.lr_rule, self.batch_size / self.base_batch, None, self.base_batch
+        )
         lr_factor = gain * step_decay(self.epoch, self.milestones, self.decay)
         return Decision(self.batch_size, lr_factor, self.current_adv_ratio())
 

@@ -26,7 +26,9 @@ __all__ = [
     "LRScaler",
     "BASE_LR_KEY",
     "SCALING_RULES",
+    "ADAPTIVE_OPTIMIZERS",
     "scaling_factor",
+    "rule_for",
     "milestones_reached",
     "step_decay",
     "stability_limit",
@@ -40,6 +42,28 @@ BASE_LR_KEY = "base_lr"
 
 #: LR scaling rules for a batch ``scale`` times the base batch (see :func:`scaling_factor`)
 SCALING_RULES = ("linear", "sqrt", "adascale")
+
+#: Optimizers that divide by a running second moment of the gradient (Adam's family and
+#: its relatives). Their LR scales with the square root of the batch: the SDE view of
+#: adaptive methods (Malladi et al. 2022) gives sqrt scaling where it gives linear for SGD.
+ADAPTIVE_OPTIMIZERS = (
+    "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SparseAdam", "Adafactor", "Adagrad",
+    "Adadelta", "RMSprop",
+)  # fmt: skip
+
+
+def rule_for(rule: str, optimizer: torch.optim.Optimizer | None) -> str:
+    """The LR scaling rule in force: ``rule`` itself, or for ``"auto"`` the rule of the
+    optimizer's family: ``sqrt`` for an adaptive optimizer (one of
+    :data:`ADAPTIVE_OPTIMIZERS`, a subclass of one, or any optimizer whose defaults carry
+    Adam's ``betas``), ``linear`` for SGD and anything else (None: the default SGD)."""
+    if rule != "auto":
+        return checks.choice(rule, "rule_for", "rule", SCALING_RULES)
+    if optimizer is None:
+        return "linear"
+    family = {cls.__name__ for cls in type(optimizer).__mro__}
+    adaptive = bool(family & set(ADAPTIVE_OPTIMIZERS)) or "betas" in optimizer.defaults
+    return "sqrt" if adaptive else "linear"
 
 
 def scaling_factor(rule: str, scale: float, noise_scale: float | None, base_batch: int) -> float:

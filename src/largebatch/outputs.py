@@ -440,4 +440,6 @@ def summary(config: TrainConfig, state: Any, controller: BatchController) -> dic
         "base_batch_size": config.batch_size,
         "rollbacks": len(state.rollbacks),
         "max_batch_size": config.max_batch_size,
+        # the LR scaling rule in force (lr_scaling auto resolved by optimizer), if any
+        "lr_scaling": getattr(getattr(controller, "inner", controller), "lr_rule", None),
     }
