@@ -11,9 +11,12 @@ from largebatch.controllers import (
     IncreaseBatchInsteadOfDecay,
     LinearScalingWarmup,
     NoiseScaleBatch,
+    ScheduledBatch,
+    Seesaw,
     checked_decision,
+    parse_schedule,
 )
-from largebatch.errors import StateError
+from largebatch.errors import ConfigError, InvalidValueError, StateError
 from largebatch.lr import scaling_factor
 
 
@@ -57,8 +60,10 @@ def _drive(controller, eigenvalues):
 
 @pytest.mark.parametrize(
     "method, changes",
-    [(m, {}) for m in ("bl", "fb", "gg", "abs", "absa", "gns")]
-    + [("gns", {"curvature_guard": True}), ("bl", {"curvature_guard": True})],
+    [(m, {}) for m in ("bl", "fb", "gg", "abs", "absa", "gns", "seesaw")]
+    + [("gns", {"curvature_guard": True}), ("bl", {"curvature_guard": True})]
+    + [("schedule", {"batch_schedule": "0:128 100k:256 250k:1024"})]
+    + [("schedule", {"batch_schedule": "0:128 100k:256", "lr_scaling": "sqrt"})],
 )
 def test_every_controller_conforms(method, changes):
     """The shared contract: valid decisions, and a state_dict that resumes exactly."""
@@ -308,3 +313,75 @@ def test_gg_and_gns_count_the_milestones_through_lr():
         gns.step({"samples": samples, "epoch_end": False})
         factors.append(gns.decision().lr_factor)
     assert factors == [1.0, 1.0, 0.1, 0.1**2]
+
+
+def _at_epochs(controller, epochs):
+    """Decisions at the start of epochs 0..epochs-1 (epoch-end steps in between)."""
+    decisions = [controller.decision()]
+    for _ in range(epochs - 1):
+        decisions.append(controller.step({"epoch_end": True}))
+    return decisions
+
+
+def test_seesaw_trades_each_decay_for_a_growth_and_sqrt_of_it():
+    c = Seesaw(64, 64 * 16, milestones=[2, 4, 6], decay=0.5)
+    d = _at_epochs(c, 8)
+    assert [x.batch_size for x in d] == [64, 64, 128, 128, 256, 256, 512, 512]
+    half = 0.5**0.5
+    assert [x.lr_factor for x in d] == pytest.approx([1, 1, half, half, 0.5, 0.5, half**3, half**3])
+    # lr / sqrt(batch), Adam's noise temperature, follows the step schedule's path
+    for x, decays in zip(d, [0, 0, 1, 1, 2, 2, 3, 3], strict=True):
+        assert x.lr_factor / (x.batch_size / 64) ** 0.5 == pytest.approx(0.5**decays)
+
+
+def test_seesaw_at_the_cap_decays_the_lr():
+    c = Seesaw(100, 300, milestones=[1, 2, 3], decay=0.5)
+    d = _at_epochs(c, 4)
+    assert [x.batch_size for x in d] == [100, 200, 300, 300]
+    # a growth by 1.5 of the 2 it wanted: LR x 0.5 sqrt(1.5); then a plain decay
+    assert d[2].lr_factor == pytest.approx(0.5**0.5 * 0.5 * 1.5**0.5)
+    assert d[3].lr_factor == pytest.approx(d[2].lr_factor * 0.5)
+    assert d[3].lr_factor / (300 / 100) ** 0.5 == pytest.approx(0.5**3)
+    with pytest.raises(InvalidValueError, match="decay must be < 1"):
+        Seesaw(100, 300, milestones=[1], decay=1.0)
+
+
+def test_a_schedule_keyed_on_samples_changes_the_batch_at_its_points():
+    c = ScheduledBatch("0:32 1k:64 3k:128", 32, 256, [], 1.0, num_samples=2000)
+    assert c.decide_every == 1000  # the gcd of the points
+    seen = [0, 999, 1000, 2000, 2999, 3016, 10_000]
+    batches = [c.step({"samples": n, "epoch_end": False}).batch_size for n in seen]
+    assert batches == [32, 32, 64, 64, 64, 128, 128]
+    assert c.decision().lr_factor == 4.0  # linear: 128 / 32
+    assert c.last_reason == ""
+    again = ScheduledBatch("0:32 1k:64 3k:128", 32, 256, [], 1.0, num_samples=2000)
+    again.load_state_dict(c.state_dict())
+    assert again.decision() == c.decision()
+    sqrt = ScheduledBatch("0:32 1k:128", 32, 256, [1], 0.5, num_samples=500, lr_rule="sqrt")
+    assert sqrt.decide_every == 500  # at most an epoch
+    assert sqrt.step({"samples": 1000}).lr_factor == pytest.approx(2.0 * 0.5)  # epoch 1
+    assert sqrt.last_reason == "schedule at 1000 samples"
+
+
+def test_bad_schedules_are_refused_in_one_line():
+    assert parse_schedule("0:32 200k:64 1.5M:128") == [(0, 32), (200_000, 64), (1_500_000, 128)]
+    for text, match in (
+        ("32:8", "first entry must be at 0"),
+        ("0:8 5k:16 5k:32", "increasing order"),
+        ("0:8 ten:16", "is not AT:BATCH"),
+        ("0:8 1.5:9", "whole AT"),
+        ("0:0", "batch must be >= 1"),
+        ("", "empty"),
+    ):
+        with pytest.raises(InvalidValueError, match=match):
+            parse_schedule(text)
+    with pytest.raises(InvalidValueError, match="above the cap"):
+        ScheduledBatch("0:32 1k:512", 32, 256, [], 1.0, num_samples=100)
+    with pytest.raises(ConfigError, match="set both, or neither"):
+        _config("schedule")
+    with pytest.raises(ConfigError, match="set both, or neither"):
+        _config("bl", batch_schedule="0:128")
+    with pytest.raises(ConfigError, match="above max_batch_size"):
+        _config("schedule", batch_schedule="0:128 1k:4096")
+    with pytest.raises(ConfigError, match="not AT:BATCH"):
+        _config("schedule", batch_schedule="0:128 1k")

@@ -28,6 +28,8 @@ from largebatch.controllers import (
     IncreaseBatchInsteadOfDecay,
     LinearScalingWarmup,
     NoiseScaleBatch,
+    ScheduledBatch,
+    Seesaw,
     checked_decision,
 )
 from largebatch.distributed import World, shard
@@ -179,6 +181,21 @@ def make_controller(
             decrease_ratio=config.abs_decrease_ratio,
             growth_factor=config.abs_growth_factor,
             duration=config.abs_duration,
+            lr_rule=lr_rule,
+            **adv,
+        )
+    elif config.method == "seesaw":
+        controller = Seesaw(config.batch_size, config.max_batch_size, milestones, decay, **adv)
+    elif config.method == "schedule":
+        if num_samples is None:
+            raise ConfigError("method schedule needs the number of training samples")
+        controller = ScheduledBatch(
+            config.batch_schedule or "",
+            config.batch_size,
+            config.max_batch_size,
+            milestones,
+            decay,
+            num_samples,
             lr_rule=lr_rule,
             **adv,
         )

@@ -39,7 +39,7 @@ __all__ = [
     "CONFIG_HEADER",
 ]
 
-METHODS: tuple[str, ...] = ("bl", "fb", "gg", "abs", "absa", "gns")
+METHODS: tuple[str, ...] = ("bl", "fb", "gg", "abs", "absa", "gns", "seesaw", "schedule")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
@@ -84,6 +84,7 @@ class TrainConfig:
     gns_confirmations: int = 2  # ... on this many decision points in a row
     gns_micro_batch: int | None = None  # noise meter's micro-batch (None: the run's, or half)
     gns_decay: float = 0.95  # per-update decay of the meter's moving averages
+    batch_schedule: str | None = None  # schedule: "0:32 200k:64 800k:128" (samples)
     lr_scaling: str = "auto"  # abs/gns LR rule: auto (by optimizer) | linear | sqrt | adascale
     gns_milestones: str = "samples"  # gns: lr_decay_epochs count samples, or progress
     # curvature guard (any method): lr <= guard_fraction * 2 (1 + momentum) / eigenvalue
@@ -145,7 +146,25 @@ class TrainConfig:
         _choice("hessian_mode", self.hessian_mode, ("tracker", "reference"))
         _choice("on_divergence", self.on_divergence, ("stop", "rollback"))
         _choice("lr_scaling", self.lr_scaling, ("adascale", "auto", "linear", "sqrt"))
-        if self.lr_scaling == "adascale" and self.method in ("abs", "absa"):
+        if (self.method == "schedule") != (self.batch_schedule is not None):
+            raise ConfigError(
+                'method schedule follows batch_schedule (e.g. "0:32 200k:64 800k:128"): '
+                "set both, or neither"
+            )
+        if self.batch_schedule is not None:
+            from largebatch.controllers import parse_schedule
+
+            try:
+                schedule = parse_schedule(self.batch_schedule)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            largest = max(b for _, b in schedule)
+            if largest > self.max_batch_size:
+                raise ConfigError(
+                    f"batch_schedule reaches batch {largest}, above max_batch_size "
+                    f"{self.max_batch_size}"
+                )
+        if self.lr_scaling == "adascale" and self.method in ("abs", "absa", "schedule"):
             raise ConfigError(
                 f"lr_scaling adascale needs the gradient noise scale, which method "
                 f"{self.method} does not measure; use gns, or linear, sqrt or auto"

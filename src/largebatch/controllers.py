@@ -38,6 +38,9 @@ __all__ = [
     "IncreaseBatchInsteadOfDecay",
     "AdaptiveBatch",
     "NoiseScaleBatch",
+    "Seesaw",
+    "ScheduledBatch",
+    "parse_schedule",
     "CurvatureGuard",
     "step_decay",
     "checked_decision",
@@ -306,6 +309,150 @@ class IncreaseBatchInsteadOfDecay(BatchController):
             lr_factor *= self.decay * grown / batch
             batch = grown
         return Decision(int(round(batch)), lr_factor, self.current_adv_ratio())
+
+
+class Seesaw(BatchController):
+    """``seesaw`` (Meterez et al. 2024): where the step schedule would multiply the LR by
+    ``decay``, the batch grows by ``1 / decay`` and the LR is multiplied by
+    ``sqrt(decay)`` (halving the LR becomes doubling the batch with the LR over sqrt 2).
+
+    It keeps ``lr / sqrt(batch)``, the noise temperature of Adam-type optimizers, on the
+    step schedule's path, at fewer updates. When only part of a growth fits under the
+    cap, the LR takes the rest: a growth by ``g <= 1 / decay`` multiplies the LR by
+    ``decay * sqrt(g)``, so at the cap the schedule is a plain decay. Batches are rounded
+    to whole samples. For SGD the same idea with the LR kept is ``gg``.
+    """
+
+    name = "seesaw"
+
+    def __init__(
+        self,
+        base_batch: int,
+        max_batch: int,
+        milestones: Sequence[int],
+        decay: float,
+        **adversarial: Any,
+    ) -> None:
+        super().__init__(**adversarial)
+        who = type(self).__name__
+        self.base_batch, self.max_batch = _batches(who, base_batch, max_batch)
+        self.milestones, self.decay = _schedule(who, milestones, decay)
+        if not self.decay < 1:
+            raise InvalidValueError(f"{who}: decay must be < 1 to grow the batch, got {decay}")
+
+    def decision(self) -> Decision:
+        batch, lr_factor = float(self.base_batch), 1.0
+        for _ in range(milestones_reached(self.epoch, self.milestones)):
+            grown = min(batch / self.decay, float(self.max_batch))
+            lr_factor *= self.decay * math.sqrt(grown / batch)
+            batch = grown
+        return Decision(int(round(batch)), lr_factor, self.current_adv_ratio())
+
+
+#: Multipliers of :func:`parse_schedule`'s sample counts.
+_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_schedule(text: str | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """A batch schedule: ``"0:32 200k:64 800k:128"`` (or pairs) to ``[(at, batch), ...]``.
+
+    ``at`` counts samples from the start of the run, with an optional ``k``, ``M``, ``G``
+    or ``T`` (10^3 ... 10^12); the first entry is at 0 and each later one is further on.
+    """
+    who = "batch_schedule"
+    if isinstance(text, str):
+        pairs = []
+        for item in text.split():
+            at, sep, batch = item.partition(":")
+            suffix = at[-1:] if at[-1:] in _SUFFIXES and at[-1:] else ""
+            number = at[: len(at) - len(suffix)]
+            try:
+                value = float(number) * _SUFFIXES[suffix]
+                size = int(batch)
+            except ValueError:
+                raise InvalidValueError(
+                    f"{who}: {item!r} is not AT:BATCH (e.g. 200k:64); "
+                    f'write the schedule as "0:32 200k:64 800k:128"'
+                ) from None
+            if not sep or not math.isfinite(value) or value != int(value):
+                raise InvalidValueError(f"{who}: {item!r} is not AT:BATCH with a whole AT")
+            pairs.append((int(value), size))
+    elif isinstance(text, Sequence):
+        pairs = [tuple(p) for p in text]  # type: ignore[misc]
+    else:
+        raise InvalidTypeError(f"{who} must be a string such as \"0:32 200k:64\", got "
+                               f"{type(text).__name__}")  # fmt: skip
+    if not pairs:
+        raise InvalidValueError(f"{who}: the schedule is empty")
+    checked = []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise InvalidValueError(f"{who}: entry {i} must be (at, batch), got {pair!r}")
+        at = checks.integer(pair[0], who, f"entry {i} at", minimum=0)
+        size = _SIZE(pair[1], who, f"entry {i} batch")
+        checked.append((at, size))
+    if checked[0][0] != 0:
+        raise InvalidValueError(f"{who}: the first entry must be at 0, got {checked[0][0]}")
+    if any(b[0] <= a[0] for a, b in zip(checked, checked[1:], strict=False)):
+        raise InvalidValueError(f"{who}: the points must be in increasing order of samples")
+    return checked
+
+
+class ScheduledBatch(BatchController):
+    """``schedule``: the batch follows a schedule keyed on samples seen
+    (``"0:32 200k:64 800k:128"``, :func:`parse_schedule`), the LR scaled by ``lr_rule``
+    from ``base_batch`` (at which the LR is given), with the step decay on top.
+
+    Decision points fall every ``gcd`` of the schedule's points (at most an epoch), so
+    each change comes at the first update boundary at or past its point.
+    """
+
+    name = "schedule"
+    state_fields = (*BatchController.state_fields, ("samples", _COUNT))
+
+    def __init__(
+        self,
+        schedule: str | Sequence[tuple[int, int]],
+        base_batch: int,
+        max_batch: int,
+        milestones: Sequence[int],
+        decay: float,
+        num_samples: int,
+        lr_rule: str = "linear",
+        **adversarial: Any,
+    ) -> None:
+        super().__init__(**adversarial)
+        who = type(self).__name__
+        self.schedule = parse_schedule(schedule)
+        self.base_batch, self.max_batch = _batches(who, base_batch, max_batch)
+        largest = max(b for _, b in self.schedule)
+        if largest > self.max_batch:
+            raise InvalidValueError(
+                f"{who}: the schedule's batch {largest} is above the cap {self.max_batch}"
+            )
+        self.milestones, self.decay = _schedule(who, milestones, decay)
+        self.num_samples = _SIZE(num_samples, who, "num_samples")
+        self.lr_rule = checks.choice(lr_rule, who, "lr_rule", ("linear", "sqrt"))
+        points = [at for at, _ in self.schedule[1:]]
+        self.decide_every = min(math.gcd(*points), self.num_samples) if points else None
+        self.samples = 0  # samples seen at the last decision point
+
+    def batch_at(self, samples: int) -> int:
+        """The scheduled batch once ``samples`` samples have been seen."""
+        return [b for at, b in self.schedule if at <= samples][-1]
+
+    def decision(self) -> Decision:
+        batch = self.batch_at(self.samples)
+        gain = scaling_factor(self.lr_rule, batch / self.base_batch, None, self.base_batch)
+        lr_factor = gain * step_decay(self.epoch, self.milestones, self.decay)
+        return Decision(batch, lr_factor, self.current_adv_ratio())
+
+    def step(self, measurements: Mapping[str, Any] | None = None) -> Decision:
+        before = self.batch_at(self.samples)
+        self.samples = int((measurements or {}).get("samples", self.samples))
+        after = self.batch_at(self.samples)
+        self.last_reason = f"schedule at {self.samples} samples" if after != before else ""
+        return super().step(measurements)
 
 
 class AdaptiveBatch(BatchController):
