@@ -62,7 +62,8 @@ LAYER_OF = {
         "recipe",
     ),
     **dict.fromkeys(
-        ("evaluate", "analysis", "compare", "claims", "report", "cli", "demo", "__main__"), "apps"
+        ("evaluate", "analysis", "cbs", "compare", "claims", "report", "cli", "demo", "__main__"),
+        "apps",
     ),
 }
 #: the package's own ``__init__`` (it imports ``fit`` lazily)

@@ -1,4 +1,4 @@
-"""Command line: ``largebatch train|evaluate|hessian ...`` (also ``python -m largebatch``).
+"""Command line: ``largebatch train|evaluate|hessian|cbs ...`` (also ``python -m largebatch``).
 
 Bad input ends with one ``error: ...`` line on stderr and exit status 2, no traceback
 (``--debug`` shows it). Ctrl-C ends with exit status 130.
@@ -170,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     hs.add_argument("--out", help="write the result as JSON here (the density PNG beside it)")
     hs.set_defaults(func=_cmd_hessian)
 
+    cb = sub.add_parser(
+        "cbs",
+        help="measure the critical batch size from a checkpoint",
+        description="Branch short runs at several batch sizes from a checkpoint and report "
+        "the loss each reaches, the critical batch and the gradient noise scale.",
+    )
+    cb.add_argument("--checkpoint", required=True)
+    cb.add_argument("--batch-sizes", type=int, nargs="+", required=True, metavar="B")
+    cb.add_argument("--samples", type=int, required=True, help="samples each branch trains on")
+    cb.add_argument("--out", required=True, help="folder for cbs.json, cbs.md and cbs.png")
+    cb.add_argument(
+        "--tolerance", type=float, default=0.02,
+        help="relative loss above the best batch's still counted as critical (0.02)",
+    )  # fmt: skip
+    cb.add_argument("--lr-scaling", choices=("linear", "sqrt"), help="default: the run's rule")
+    cb.add_argument("--points", type=int, default=4, help="loss measurements per branch")
+    cb.add_argument("--probe-samples", type=int, default=2048)
+    cb.add_argument("--seed", type=int, default=0, help="sample order and probe seed")
+    cb.add_argument("--data-dir", help="dataset folder, if not the one used in training")
+    cb.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    cb.set_defaults(func=_cmd_cbs)
+
     cmp = sub.add_parser(
         "compare",
         help="run a grid of experiments",
@@ -266,6 +288,22 @@ def _cmd_hessian(args: argparse.Namespace) -> int:
         _say(f"spectral density: {result['density_png']}")
     if args.out:
         _say(f"written: {args.out}")
+    return 0
+
+
+def _cmd_cbs(args: argparse.Namespace) -> int:
+    from largebatch.cbs import measure_critical_batch
+
+    result = _call_with_args(measure_critical_batch, args)
+    for branch in result["branches"]:
+        _say(f"batch {branch['batch_size']:>6}: loss {branch['final_loss']:.4f} "
+             f"({branch['updates']} updates, lr {branch['lr']:.4g})")  # fmt: skip
+    phi = result["noise_scale"]
+    _say(
+        f"critical batch {result['critical_batch']} (within {100 * result['tolerance']:g}% of "
+        f"the best loss); noise scale "
+        f"{'not measured' if phi is None else f'{phi:.4g}'}; written: {args.out}/cbs.md"
+    )
     return 0
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "EIGENVALUE",
     "NOISE_SCALE",
     "time_of",
+    "noise_estimates",
 ]
 
 #: the measurement the curvature meter provides
@@ -350,9 +351,7 @@ class GradientNoiseMeter(Meter):
         if not grads or count < 2 or sizes != size * world or not 0 < size < batch:
             self.seconds += time.perf_counter() - started
             return
-        mean_sq, b = sum_sq / count, size
-        grad_sq = (batch * full_sq - b * mean_sq) / (batch - b)
-        trace = b * batch * (mean_sq - full_sq) / (batch - b)
+        grad_sq, trace = noise_estimates(full_sq, sum_sq / count, size, batch)
         if math.isfinite(grad_sq) and math.isfinite(trace):
             decay = self.decay**self._stride
             self.grad_sq = decay * self.grad_sq + (1 - decay) * grad_sq
@@ -397,6 +396,16 @@ class GradientNoiseMeter(Meter):
         weight = checks.number(state["weight"], where, "weight", low=0.0)
         updates = checks.integer(state["updates"], where, "updates", minimum=0)
         self.grad_sq, self.trace, self.weight, self.updates = grad_sq, trace, weight, updates
+
+
+def noise_estimates(full_sq: float, mean_sq: float, micro: int, batch: int) -> tuple[float, float]:
+    """Unbiased ``(|G|^2, tr(Sigma))`` from one update (McCandlish et al. 2018): the squared
+    norm ``full_sq`` of its mean gradient over ``batch`` samples and the mean ``mean_sq``
+    of the squared norms of its gradients over micro-batches of ``micro`` samples
+    (``0 < micro < batch``). Their ratio estimates the noise scale ``tr(Sigma) / |G|^2``."""
+    grad_sq = (batch * full_sq - micro * mean_sq) / (batch - micro)
+    trace = micro * batch * (mean_sq - full_sq) / (batch - micro)
+    return grad_sq, trace
 
 
 def _optional_int(value: Any, who: str, field: str, minimum: int) -> int | None:

@@ -1,0 +1,295 @@
+"""The critical batch size, measured directly: ``largebatch cbs``.
+
+From a checkpoint of ``largebatch train``, short runs branch at several batch sizes, each
+from the same weights and optimizer state, each for the same number of samples in the
+same order, with the LR scaled from the checkpoint's by the run's rule (``lr_scaling``,
+resolved for its SGD: linear unless set). The loss each reaches (mean cross-entropy of a
+fixed probe of training samples, eval mode) is measured at evenly spaced sample counts.
+The critical batch is the largest batch whose final loss is within ``tolerance``
+(relative) of the best final loss of any batch: up to it, a larger batch costs no samples
+(Merrill et al., "Critical batch size revisited", measure it this way). The best rather
+than the smallest batch's, since a small batch whose LR was scaled down with it can fall
+behind in few samples. The gradient noise scale
+``tr(Sigma) / |G|^2`` at the checkpoint, which ``gns`` follows, is measured beside it.
+
+Writes ``cbs.json`` (everything), ``cbs.md`` (the table) and ``cbs.png`` (loss against
+samples for each batch, and the final loss against the batch).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from largebatch.accumulate import accumulate, cuts
+from largebatch.checkpoint import checked_part, load_checkpoint, load_part
+from largebatch.config import TrainConfig, check_number, check_seed
+from largebatch.distributed import resolve_device
+from largebatch.errors import UsageError
+from largebatch.evaluate import load_trained_with_data
+from largebatch.feed import materialize
+from largebatch.io import atomic_write, atomic_write_json, atomic_write_text
+from largebatch.lr import rule_for, scaling_factor
+from largebatch.meters import noise_estimates
+
+__all__ = ["measure_critical_batch", "DEFAULT_TOLERANCE"]
+
+#: A batch is within the critical batch while its loss is at most this much (relative)
+#: above the best batch's, at the same samples.
+DEFAULT_TOLERANCE = 0.02
+
+
+def measure_critical_batch(
+    checkpoint: str | Path,
+    batch_sizes: Sequence[int],
+    samples: int,
+    out: str | Path,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    lr_scaling: str | None = None,
+    points: int = 4,
+    probe_samples: int = 2048,
+    noise_batches: int = 8,
+    seed: int = 0,
+    device: str = "auto",
+    data_dir: str | None = None,
+    show_progress: bool | None = None,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Branch a run of ``samples`` samples at each of ``batch_sizes`` from ``checkpoint``;
+    return (and write into ``out``) the losses, the critical batch and the noise scale."""
+    sizes = _checked_sizes(batch_sizes)
+    check_number("samples", samples, low=sizes[-1], integer=True)
+    check_number("tolerance", tolerance, low=0, open_low=True)
+    check_number("points", points, low=1, integer=True)
+    check_number("probe_samples", probe_samples, low=1, integer=True)
+    check_number("noise_batches", noise_batches, low=1, integer=True)
+    check_seed(seed)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    for name in ("cbs.json", "cbs.md", "cbs.png"):
+        if (out / name).exists():
+            raise UsageError(f"{out / name} exists; give a new folder, or remove it first")
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    show = sys.stderr.isatty() if show_progress is None else show_progress
+    dev = resolve_device(device)
+    model, config_dict, data = load_trained_with_data(checkpoint, dev, data_dir)
+    saved = load_checkpoint(checkpoint)
+    known = TrainConfig.__dataclass_fields__
+    config = TrainConfig(**{k: v for k, v in config_dict.items() if k in known})
+    history = (saved.get("run") or {}).get("history") or []
+    batch_at = int(history[-1]["batch_size"]) if history else config.batch_size
+    lr_at = float(history[-1]["lr"]) if history else config.lr
+    rule = rule_for(lr_scaling or config.lr_scaling, None)
+    if rule == "adascale":
+        raise UsageError("cbs scales the LR by linear or sqrt; adascale needs a noise scale")
+    n = len(data.train_y)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-samples // n))])
+    probe = torch.randperm(n, generator=generator)[: min(probe_samples, n)]
+    model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer_state = checked_part(saved, "optimizer", dict, Path(checkpoint))
+
+    def branch(batch: int) -> dict[str, Any]:
+        model.load_state_dict(model_state)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )  # fmt: skip
+        load_part(optimizer, optimizer_state, Path(checkpoint), "optimizer state")
+        lr = lr_at * scaling_factor(rule, batch / batch_at, None, batch_at)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = min(config.micro_batch_size or batch, batch)
+        updates = samples // batch
+        marks = sorted({max(1, round(updates * (i + 1) / points)) for i in range(points)})
+        curve, started = [], time.perf_counter()
+        bar = tqdm(total=updates, desc=f"batch {batch}", unit="update", disable=not show,
+                   file=sys.stderr, leave=False)  # fmt: skip
+        for step in range(1, updates + 1):
+            rows = order[(step - 1) * batch : step * batch]
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            x, y = materialize(data.train_x[rows]).to(dev), data.train_y[rows].to(dev)
+            accumulate(model, F.cross_entropy, x, y, micro)
+            optimizer.step()
+            bar.update(1)
+            if step in marks:
+                curve.append({"samples": step * batch, "updates": step,
+                              "loss": _probe_loss(model, data, probe, dev)})  # fmt: skip
+        bar.close()
+        final = curve[-1]["loss"]
+        if not math.isfinite(final):
+            say(f"cbs: batch {batch} diverged (lr {lr:.4g}); its loss counts as infinite")
+            final = math.inf
+        return {"batch_size": batch, "lr": lr, "updates": updates, "curve": curve,
+                "final_loss": final, "seconds": time.perf_counter() - started}  # fmt: skip
+
+    start_loss = _probe_loss(model, data, probe, dev)
+    phi, grad_sq, trace = _noise_scale(model, data, sizes, noise_batches, generator, dev)
+    say(f"cbs: noise scale at the checkpoint {phi:.4g}" if phi is not None else
+        "cbs: the noise scale could not be measured")  # fmt: skip
+    branches = []
+    for batch in sizes:
+        branches.append(branch(batch))
+        say(f"cbs: batch {batch}: loss {branches[-1]['final_loss']:.4f} after {samples} samples")
+    model.load_state_dict(model_state)
+    reference = min(b["final_loss"] for b in branches)
+    limit = reference + tolerance * abs(reference)
+    within = [b["batch_size"] for b in branches if b["final_loss"] <= limit]
+    result = {
+        "checkpoint": str(checkpoint),
+        "dataset": config.dataset,
+        "model": config.model,
+        "samples": samples,
+        "tolerance": tolerance,
+        "lr_scaling": rule,
+        "checkpoint_batch_size": batch_at,
+        "checkpoint_lr": lr_at,
+        "start_loss": start_loss,
+        "probe_samples": len(probe),
+        "critical_batch": max(within),
+        "noise_scale": phi,
+        "noise_grad_sq": grad_sq,
+        "noise_trace": trace,
+        "branches": branches,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "cbs.json", result)
+    atomic_write_text(out / "cbs.md", _markdown(result))
+    _plot(result, out / "cbs.png")
+    return result
+
+
+def _checked_sizes(batch_sizes: Sequence[int]) -> list[int]:
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence):
+        raise UsageError("batch_sizes must be a list of batch sizes, e.g. 32 64 128")
+    for size in batch_sizes:
+        check_number("batch size", size, low=1, integer=True)
+    sizes = sorted(set(batch_sizes))
+    if len(sizes) < 2:
+        raise UsageError("give at least two batch sizes to compare")
+    return sizes
+
+
+def _probe_loss(model: torch.nn.Module, data: Any, probe: torch.Tensor, dev: torch.device) -> float:
+    """Mean cross-entropy of the probe samples, eval mode, in chunks."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for rows in cuts(len(probe), 1024):
+            index = probe[rows]
+            x, y = materialize(data.train_x[index]).to(dev), data.train_y[index].to(dev)
+            total += float(F.cross_entropy(model(x).float(), y, reduction="sum"))
+    model.train()
+    return total / len(probe)
+
+
+def _noise_scale(
+    model: torch.nn.Module,
+    data: Any,
+    sizes: list[int],
+    batches: int,
+    generator: torch.Generator,
+    dev: torch.device,
+) -> tuple[float | None, float | None, float | None]:
+    """``(tr(Sigma) / |G|^2, |G|^2, tr(Sigma))`` at the model's weights from ``batches``
+    batches of the largest size, each cut into micro-batches of the smallest (train
+    mode, as training computes them); the estimates are averaged over batches first."""
+    micro, batch = sizes[0], sizes[-1] - sizes[-1] % sizes[0]
+    n = len(data.train_y)
+    if batch // micro < 2 or batch > n:
+        return None, None, None
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_sqs, traces = [], []
+    model.train()
+    for _ in range(batches):
+        rows = torch.randperm(n, generator=generator)[:batch]
+        pieces = []
+        for part in cuts(batch, micro):
+            index = rows[part]
+            x, y = materialize(data.train_x[index]).to(dev), data.train_y[index].to(dev)
+            loss = F.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss, params)
+            pieces.append(torch.cat([g.reshape(-1) for g in grads]).double())
+        stacked = torch.stack(pieces)
+        mean_sq = float(stacked.square().sum(1).mean())
+        full_sq = float(stacked.mean(0).square().sum())
+        grad_sq, trace = noise_estimates(full_sq, mean_sq, micro, batch)
+        grad_sqs.append(grad_sq)
+        traces.append(trace)
+    grad_sq, trace = sum(grad_sqs) / batches, sum(traces) / batches
+    return (trace / grad_sq if grad_sq > 0 else math.inf), grad_sq, trace
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Critical batch size: {result['model']} on {result['dataset']}",
+        "",
+        f"From `{result['checkpoint']}` (batch {result['checkpoint_batch_size']}, lr "
+        f"{result['checkpoint_lr']:.4g}, probe loss {result['start_loss']:.4f}): one branch per "
+        f"batch size, {result['samples']} samples each, the LR scaled by the "
+        f"{result['lr_scaling']} rule. Loss: mean cross-entropy of "
+        f"{result['probe_samples']} training samples, eval mode.",
+        "",
+        "| batch | lr | updates | final loss | vs the best | seconds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    reference = min(b["final_loss"] for b in result["branches"])
+    for b in result["branches"]:
+        ratio = b["final_loss"] / reference - 1 if reference else math.nan
+        lines.append(
+            f"| {b['batch_size']} | {b['lr']:.4g} | {b['updates']} | {b['final_loss']:.4f} "
+            f"| {100 * ratio:+.1f}% | {b['seconds']:.1f} |"
+        )
+    phi = result["noise_scale"]
+    lines += [
+        "",
+        f"Critical batch (the largest within {100 * result['tolerance']:g}% of the best "
+        f"loss): **{result['critical_batch']}**. Gradient noise scale at the "
+        f"checkpoint: {'not measured' if phi is None else f'{phi:.4g}'}.",
+        "",
+        "![loss against samples and batch](cbs.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for b in result["branches"]:
+        xs = [0] + [p["samples"] for p in b["curve"]]
+        ys = [result["start_loss"]] + [p["loss"] for p in b["curve"]]
+        axes[0].plot(xs, ys, marker="o", label=f"B {b['batch_size']}")
+    axes[0].set_xlabel("samples")
+    axes[0].set_ylabel("probe loss")
+    axes[0].legend(fontsize=8)
+    sizes = [b["batch_size"] for b in result["branches"]]
+    axes[1].plot(sizes, [b["final_loss"] for b in result["branches"]], marker="o")
+    axes[1].axvline(result["critical_batch"], color="tab:red", ls="--", label="critical batch")
+    if result["noise_scale"] is not None and 0 < result["noise_scale"] < math.inf:
+        axes[1].axvline(result["noise_scale"], color="grey", ls=":", label="noise scale")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("batch size (log scale)")
+    axes[1].set_ylabel(f"probe loss after {result['samples']} samples")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{result['model']} on {result['dataset']}: critical batch")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
