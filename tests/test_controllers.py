@@ -342,8 +342,7 @@ def test_seesaw_at_the_cap_decays_the_lr():
     assert d[2].lr_factor == pytest.approx(0.5**0.5 * 0.5 * 1.5**0.5)
     assert d[3].lr_factor == pytest.approx(d[2].lr_factor * 0.5)
     assert d[3].lr_factor / (300 / 100) ** 0.5 == pytest.approx(0.5**3)
-    with pytest.raises(InvalidValueError, match="decay must be < 1"):
-        Seesaw(100, 300, milestones=[1], decay=1.0)
+    assert [x.batch_size for x in _at_epochs(Seesaw(100, 300, [1], decay=1.0), 3)] == [100] * 3
 
 
 def test_a_schedule_keyed_on_samples_changes_the_batch_at_its_points():

@@ -26,8 +26,9 @@ from largebatch.distributed import resolve_device
 from largebatch.errors import UsageError
 from largebatch.evaluate import load_trained_with_data
 from largebatch.feed import materialize
+from largebatch.figures import pyplot, save
 from largebatch.hessian import TRACE_METHODS, hessian_trace, spectral_density, top_eigenvalues
-from largebatch.io import atomic_write, atomic_write_json
+from largebatch.io import atomic_write_json
 from largebatch.outputs import check_output_file
 from largebatch.sampler import probe_batches
 
@@ -270,18 +271,11 @@ def _total_memory(device: torch.device) -> int | None:
 
 def plot_density(grid: list[float], density: list[float], path: str | Path, title: str) -> None:
     """Write a PNG of the smoothed eigenvalue density (log scale: the bulk sits near 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6, 4), dpi=120)
     ax.semilogy(grid, [max(d, 1e-12) for d in density], color="tab:blue")
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (log scale)")
     ax.set_title(title)
     ax.set_ylim(bottom=max(1e-8, min(d for d in density if d > 0) if any(density) else 1e-8))
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    save(fig, path)

@@ -36,7 +36,8 @@ from largebatch.distributed import resolve_device
 from largebatch.errors import UsageError
 from largebatch.evaluate import load_trained_with_data
 from largebatch.feed import materialize
-from largebatch.io import atomic_write, atomic_write_json, atomic_write_text
+from largebatch.figures import pyplot, save
+from largebatch.io import atomic_write_json, atomic_write_text
 from largebatch.lr import rule_for, scaling_factor
 from largebatch.meters import noise_estimates
 
@@ -265,12 +266,7 @@ def _markdown(result: dict[str, Any]) -> str:
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4), dpi=120)
     for b in result["branches"]:
         xs = [0] + [p["samples"] for p in b["curve"]]
         ys = [result["start_loss"]] + [p["loss"] for p in b["curve"]]
@@ -290,6 +286,4 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     for ax in axes:
         ax.grid(True, alpha=0.3)
     fig.suptitle(f"{result['model']} on {result['dataset']}: critical batch")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    save(fig, path)

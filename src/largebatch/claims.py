@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from largebatch.figures import pyplot, save
 from largebatch.hessian.results import NEGATIVE_THRESHOLD
-from largebatch.io import atomic_write, atomic_write_text
+from largebatch.io import atomic_write_text
 
 __all__ = ["Cell", "study_cells", "judge", "write_claims", "SIGNIFICANCE", "NEGATIVE_SHARE"]
 
@@ -502,21 +503,6 @@ def write_claims(runs: list[dict[str, Any]], out: str | Path, folder: str = "") 
     return path
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    _pyplot().close(fig)
-
-
 _TAGS = ((False, "-", "standard training"), (True, "--", "adversarial training"))
 
 
@@ -557,7 +543,7 @@ def _legend(ax: Any) -> None:
 
 def plot_spectrum(cells: list[Cell], path: Path, title: str) -> None:
     """Top eigenvalue and trace against batch size (mean and std over seeds)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     for group, style, tag in _by_training(cells):
         _errorbars(axes[0], group, "eig", tag, style)
@@ -565,7 +551,7 @@ def plot_spectrum(cells: list[Cell], path: Path, title: str) -> None:
     axes[0].set_ylabel("top Hessian eigenvalue")
     axes[1].set_ylabel("Hessian trace")
     _batch_axes(axes, title, fig)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_robustness(cells: list[Cell], path: Path, title: str) -> None:
@@ -573,7 +559,7 @@ def plot_robustness(cells: list[Cell], path: Path, title: str) -> None:
     keys = sorted({k for c in cells for r in c.runs for k in measures(r) if "@" in k},
                   key=lambda k: (k.split("@")[0], float(k.split("@")[1])))  # fmt: skip
     attacks = sorted({k.split("@")[0] for k in keys}) or ["clean"]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 4), dpi=120)
     axes = list(axes) if len(attacks) > 1 else [axes]
     for ax, attack in zip(axes, attacks, strict=True):
@@ -583,13 +569,13 @@ def plot_robustness(cells: list[Cell], path: Path, title: str) -> None:
                 _errorbars(ax, group, key, f"eps {key.split('@')[1]}, {tag}", style)
         ax.set_ylabel(f"{attack.upper()} accuracy (%)")
     _batch_axes(axes, title, fig)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_negative(cells: list[Cell], path: Path, title: str) -> None:
     """The negative part of the spectrum against batch size: its mass and the most
     negative eigenvalue relative to the top one."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     for group, style, tag in _by_training(cells):
         _errorbars(axes[0], group, "negative_mass", tag, style, scale=100.0)
@@ -598,12 +584,12 @@ def plot_negative(cells: list[Cell], path: Path, title: str) -> None:
     axes[0].set_ylabel(f"% of spectrum below -{NEGATIVE_THRESHOLD:g} x radius")
     axes[1].set_ylabel("most negative eigenvalue / top eigenvalue")
     _batch_axes(axes, title, fig)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_densities(cells: list[Cell], path: Path, title: str) -> None:
     """The spectral density of each cell's first run (lowest seed), one panel per training."""
-    plt = _pyplot()
+    plt = pyplot()
     trainings = list(_by_training(cells))
     fig, axes = plt.subplots(1, len(trainings), figsize=(5.5 * len(trainings), 4), dpi=120)
     axes = list(axes) if len(trainings) > 1 else [axes]
@@ -621,7 +607,7 @@ def plot_densities(cells: list[Cell], path: Path, title: str) -> None:
         ax.grid(True, alpha=0.3)
         _legend(ax)
     fig.suptitle(title)
-    _save(fig, path)
+    save(fig, path)
 
 
 #: The figures of a study: what draws each, its caption.

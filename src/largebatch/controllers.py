@@ -306,12 +306,17 @@ class IncreaseBatchInsteadOfDecay(BatchController):
         batch, lr_factor = float(self.base_batch), 1.0
         for _ in range(milestones_reached(self.epoch, self.milestones)):
             grown = min(batch / self.decay, float(self.max_batch))
-            lr_factor *= self.decay * grown / batch
+            lr_factor *= self._lr_step(grown, batch)
             batch = grown
         return Decision(int(round(batch)), lr_factor, self.current_adv_ratio())
 
+    def _lr_step(self, grown: float, batch: float) -> float:
+        """The LR factor of one milestone whose growth took the batch from ``batch`` to
+        ``grown``: the decay the growth did not make, keeping LR / batch on schedule."""
+        return self.decay * grown / batch
 
-class Seesaw(BatchController):
+
+class Seesaw(IncreaseBatchInsteadOfDecay):
     """``seesaw`` (Meterez et al. 2024): where the step schedule would multiply the LR by
     ``decay``, the batch grows by ``1 / decay`` and the LR is multiplied by
     ``sqrt(decay)`` (halving the LR becomes doubling the batch with the LR over sqrt 2).
@@ -320,33 +325,14 @@ class Seesaw(BatchController):
     step schedule's path, at fewer updates. When only part of a growth fits under the
     cap, the LR takes the rest: a growth by ``g <= 1 / decay`` multiplies the LR by
     ``decay * sqrt(g)``, so at the cap the schedule is a plain decay. Batches are rounded
-    to whole samples. For SGD the same idea with the LR kept is ``gg``.
+    to whole samples (a decay of 1 changes nothing). ``gg`` is the same with LR / batch
+    kept, the rule for SGD.
     """
 
     name = "seesaw"
 
-    def __init__(
-        self,
-        base_batch: int,
-        max_batch: int,
-        milestones: Sequence[int],
-        decay: float,
-        **adversarial: Any,
-    ) -> None:
-        super().__init__(**adversarial)
-        who = type(self).__name__
-        self.base_batch, self.max_batch = _batches(who, base_batch, max_batch)
-        self.milestones, self.decay = _schedule(who, milestones, decay)
-        if not self.decay < 1:
-            raise InvalidValueError(f"{who}: decay must be < 1 to grow the batch, got {decay}")
-
-    def decision(self) -> Decision:
-        batch, lr_factor = float(self.base_batch), 1.0
-        for _ in range(milestones_reached(self.epoch, self.milestones)):
-            grown = min(batch / self.decay, float(self.max_batch))
-            lr_factor *= self.decay * math.sqrt(grown / batch)
-            batch = grown
-        return Decision(int(round(batch)), lr_factor, self.current_adv_ratio())
+    def _lr_step(self, grown: float, batch: float) -> float:
+        return self.decay * math.sqrt(grown / batch)
 
 
 #: Multipliers of :func:`parse_schedule`'s sample counts.

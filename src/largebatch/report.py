@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from largebatch.errors import UsageError
-from largebatch.io import atomic_write, atomic_write_text, read_jsonl
+from largebatch.figures import pyplot, save
+from largebatch.io import atomic_write_text, read_jsonl
 
 __all__ = [
     "collect_runs",
@@ -277,29 +278,14 @@ def _label(config: dict[str, Any]) -> str:
     return text
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    _pyplot().close(fig)
-
-
 def _colors(labels: Iterable[str]) -> dict[str, Any]:
-    cmap = _pyplot().get_cmap("tab10")
+    cmap = pyplot().get_cmap("tab10")
     return {label: cmap(i % 10) for i, label in enumerate(sorted(set(labels)))}
 
 
 def plot_accuracy_vs_updates(runs: list[dict[str, Any]], path: str | Path, title: str) -> None:
     """Test accuracy against optimizer updates (log scale), one colour per method."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     colors = _colors(_label(r["config"]) for r in runs)
     shown = set()
@@ -327,12 +313,12 @@ def plot_accuracy_vs_updates(runs: list[dict[str, Any]], path: str | Path, title
     ax.grid(True, which="both", alpha=0.3)
     if shown:
         ax.legend(fontsize=8)
-    _save(fig, Path(path))
+    save(fig, Path(path))
 
 
 def plot_schedules(runs: list[dict[str, Any]], path: str | Path, title: str) -> None:
     """Batch size, learning rate and top eigenvalue against epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=120)
     colors = _colors(_label(r["config"]) for r in runs)
     shown = set()
@@ -360,13 +346,13 @@ def plot_schedules(runs: list[dict[str, Any]], path: str | Path, title: str) -> 
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    _save(fig, Path(path))
+    save(fig, Path(path))
 
 
 def plot_curvature_vs_batch(rows: list[dict[str, Any]], path: str | Path, title: str) -> None:
     """The analysis paper's figure: top eigenvalue and robust accuracy against batch size,
     for fixed-batch runs with and without adversarial training."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     for adversarial, style in ((False, "-"), (True, "--")):
         group = sorted(
@@ -405,7 +391,7 @@ def plot_curvature_vs_batch(rows: list[dict[str, Any]], path: str | Path, title:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    _save(fig, Path(path))
+    save(fig, Path(path))
 
 
 def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
