@@ -324,11 +324,12 @@ def _saddle_claim(standard: dict[int, Cell]) -> Claim:
         verdict, reason = "not shown", "no spectral density was computed"
     elif not significant:
         verdict = "shown"
+        grows = _compare("gap", standard[batches[0]], standard[batches[-1]], "gap").says(+1)
         reason = (
             f"at every batch size (up to {batches[-1]}) at most {100 * NEGATIVE_SHARE:g}% of "
-            f"the spectrum lies below -{NEGATIVE_THRESHOLD:g} x the spectral radius, "
-            "so the final points are minima up to a negligible negative part and the gap "
-            "between batch sizes is not explained by saddle points"
+            f"the spectrum lies below -{NEGATIVE_THRESHOLD:g} x the spectral radius: the "
+            "final points are minima up to a negligible negative part, so saddle points "
+            f"do not explain whatever gap there is (the gap grows with the batch: {grows})"
         )
     else:
         grows = _compare("gap", standard[batches[0]], standard[batches[-1]], "gap").says(+1)
