@@ -15,6 +15,7 @@ from helpers import assert_runs_close, free_port, threads_like_a_rank, with_alar
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.distributed import teardown
+from largebatch.errors import ConfigError
 from largebatch.io import read_jsonl
 from largebatch.train import TrainingInterrupted, train
 
@@ -178,3 +179,38 @@ def test_a_signal_on_one_rank_stops_all_mid_epoch_and_one_process_resumes(tmp_pa
     _train_here(values)
     _train_here(_values(tmp_path, "one", model="mlp"))
     _assert_same_run(tmp_path / "one", tmp_path / "cut")
+
+
+def test_threads_per_process_divide_the_cores_among_the_local_processes():
+    from largebatch.distributed import threads_for
+
+    assert threads_for(None, {}, cores=16) is None  # one process: torch's own choice
+    assert threads_for(None, {"LOCAL_WORLD_SIZE": "4"}, cores=16) == 4
+    assert threads_for(None, {"LOCAL_WORLD_SIZE": "3"}, cores=2) == 1  # at least one
+    # OMP_NUM_THREADS (the user's, or torchrun's 1 for several processes) is followed
+    assert threads_for(None, {"LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "2"}, cores=16) is None
+    assert threads_for(3, {"OMP_NUM_THREADS": "1"}, cores=16) == 3  # asked for: as asked
+
+
+def test_a_run_uses_the_threads_asked_for_and_puts_the_count_back(tmp_path):
+    from largebatch.distributed import thread_count
+
+    before = torch.get_num_threads()
+    asked = 3 if before != 3 else 2  # a count other than the present one
+    seen = []
+    original = train_module.run
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    config = TrainConfig(dataset="synthetic", model="mlp", epochs=1, batch_size=64,
+                         device="cpu", threads=asked, out=str(tmp_path / "run"))  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "run", spy)
+        train(config, echo=None, show_progress=False)
+    assert seen == [asked] and torch.get_num_threads() == before
+    with thread_count(None):  # auto, one process: unchanged
+        assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="threads"):
+        TrainConfig(threads=0).validate()

@@ -42,6 +42,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
     ("--data-dir", "data_dir", str, "folder with the dataset files"),
     ("--image-size", "image_size", int, "image-folder datasets: side of the decoded images"),
     ("--workers", "loader_workers", int, "image-folder datasets: decoding processes"),
+    ("--threads", "threads", int, "torch threads per process (default: auto)"),
     (
         "--model",
         "model",

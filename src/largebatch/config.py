@@ -56,6 +56,7 @@ class TrainConfig:
     limit_test: int | None = None
     image_size: int | None = None  # image-folder datasets: side of the decoded images
     loader_workers: int | None = None  # image-folder datasets: decoding processes (None: auto)
+    threads: int | None = None  # torch threads per process (None: auto, see README)
     # model and method
     model: str = "c1"
     method: str = "bl"
@@ -214,6 +215,8 @@ class TrainConfig:
             _at_least(key, getattr(self, key), 1)
         if self.loader_workers is not None:
             _at_least("loader_workers", self.loader_workers, 0)
+        if self.threads is not None:
+            _at_least("threads", self.threads, 1)
         if self.target_train_loss is not None and not self.target_train_loss > 0:
             raise ConfigError(f"target_train_loss must be > 0, got {self.target_train_loss}")
         if self.max_epochs is not None:

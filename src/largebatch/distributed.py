@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -33,6 +35,9 @@ from torch.distributed.constants import default_pg_timeout
 from largebatch.errors import UsageError
 
 __all__ = [
+    "threads_for",
+    "thread_count",
+    "usable_cores",
     "World",
     "setup",
     "shard",
@@ -59,6 +64,51 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def threads_for(
+    threads: int | None,
+    environ: Mapping[str, str] | None = None,
+    cores: int | None = None,
+) -> int | None:
+    """The torch threads this process should use (None: leave torch's choice).
+
+    ``threads`` when given. Otherwise, when ``OMP_NUM_THREADS`` is set, torch already
+    follows it (torchrun sets it to 1 when it starts several processes on a machine);
+    when it is not and ``LOCAL_WORLD_SIZE`` says this is one of several processes on the
+    machine, the usable cores divided among them (at least 1), since processes at full
+    thread count each on shared cores run many times slower.
+    """
+    if threads is not None:
+        return threads
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    local = int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if local <= 1:
+        return None
+    return max(1, (cores or usable_cores()) // local)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def thread_count(threads: int | None) -> Iterator[None]:
+    """Run with :func:`threads_for`'s threads, and put torch's count back afterwards."""
+    wanted, before = threads_for(threads), torch.get_num_threads()
+    if wanted is not None and wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def setup(device: str) -> tuple[World, str]:

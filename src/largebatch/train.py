@@ -28,7 +28,7 @@ from largebatch.checkpoint import RunCheckpoint, checked_part
 from largebatch.config import TrainConfig, config_to_dict
 from largebatch.controllers import BatchController
 from largebatch.data import load_dataset
-from largebatch.distributed import World, resolve_device, setup
+from largebatch.distributed import World, resolve_device, setup, thread_count
 from largebatch.engine import TrainingInterrupted, reached_target, run
 from largebatch.errors import CheckpointError, ConfigError, InvalidTypeError, UsageError
 from largebatch.interrupts import StopFlag, deliver_interrupts
@@ -103,7 +103,7 @@ def train(
     world, device_name = setup(config.device)
     # Rank 0 holds the run folder's lock for the whole run, so that a second process on
     # the same --out is refused before it reads any data.
-    with run_folder(config.out, world, config.resume):
+    with thread_count(config.threads), run_folder(config.out, world, config.resume):
         seed_everything(config.seed)
         data = load_dataset(
             config.dataset,
@@ -187,7 +187,8 @@ def fit(
         echo = print
     world, device_name = setup(cfg.device)
     seed_everything(cfg.seed)
-    with run_folder(None if out is None else cfg.out, world, cfg.resume, what="out"):
+    out_folder = None if out is None else cfg.out
+    with thread_count(cfg.threads), run_folder(out_folder, world, cfg.resume, what="out"):
         data = as_source(
             train_data, eval_data, name=cfg.dataset, input_range=input_range,
             reading=deliver_interrupts,
