@@ -442,3 +442,23 @@ def test_two_ranks_with_a_user_model_equal_one_process_with_twice_the_accumulati
     else:
         assert all(r["gns"] is not None for r in one)
     assert_runs_close(tmp_path / "one", tmp_path / "two")
+
+
+def test_token_weighted_accumulation_through_fit_equals_no_accumulation():
+    from largebatch.accumulate import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, 9, generator=g)
+    y = torch.randint(0, 5, (64, 9), generator=g)
+    lengths = torch.randint(0, 10, (64,), generator=g)  # some sequences are all padding
+    y[torch.arange(9)[None, :] >= lengths[:, None]] = IGNORE_INDEX
+    weights = []
+    for micro in (16, 4):
+        torch.manual_seed(0)
+        model = nn.Conv1d(6, 5, kernel_size=1)  # per-token logits (batch, classes, time)
+        largebatch.fit(
+            model, TensorDataset(x, y), method="bl", epochs=2, batch_size=16,
+            micro_batch_size=micro, loss_weights="tokens", device="cpu", verbose=False,
+        )  # fmt: skip
+        weights.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=1e-6)

@@ -308,3 +308,15 @@ def test_a_target_not_reached_within_max_epochs_is_reported_as_such(tmp_path):
 def test_max_epochs_needs_a_target(tmp_path):
     with pytest.raises(UsageError, match="max_epochs bounds a run to target_train_loss"):
         train(_config(tmp_path, max_epochs=3), echo=None)
+
+
+def test_a_run_that_named_its_rule_resumes_under_auto(tmp_path):
+    # a run of an older version recorded lr_scaling: linear; auto picks linear for SGD
+    train(_config(tmp_path, epochs=2, lr_scaling="linear"), echo=None, show_progress=False,
+          stop_after=1)  # fmt: skip
+    summary = train(_config(tmp_path, epochs=2, resume=True), echo=None, show_progress=False)
+    assert summary["epochs"] == 2 and summary["lr_scaling"] is None  # bl has no rule
+    train(_config(tmp_path / "b", epochs=2, lr_scaling="sqrt"), echo=None, show_progress=False,
+          stop_after=1)  # fmt: skip
+    with pytest.raises(UsageError, match="lr_scaling='sqrt', not 'auto'"):
+        train(_config(tmp_path / "b", epochs=2, resume=True), echo=None, show_progress=False)

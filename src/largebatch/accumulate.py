@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from largebatch import checks
-from largebatch.distributed import World, all_reduce_gradients
+from largebatch.distributed import World, all_reduce_, all_reduce_gradients
 from largebatch.errors import DivergedError, InvalidValueError
 from largebatch.meters import Meter, Point
 from largebatch.precision import autocast, make_scaler
@@ -29,6 +29,8 @@ __all__ = [
     "micro_batches",
     "backward_share",
     "accumulate",
+    "IGNORE_INDEX",
+    "token_count",
     "to_device",
     "BatchNormPerUpdate",
     "GlobalBatch",
@@ -64,26 +66,45 @@ def backward_share(
     (scaler.scale(weighted) if scaler is not None else weighted).backward()
 
 
+#: The target value that a per-token loss skips (torch's ``cross_entropy`` default), as
+#: padding of sequences of unequal length.
+IGNORE_INDEX = -100
+
+
+def token_count(y: torch.Tensor) -> int:
+    """The loss terms of a micro-batch of per-token targets: those not ``IGNORE_INDEX``."""
+    return int((y != IGNORE_INDEX).sum())
+
+
 def accumulate(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     micro_batch_size: int,
+    count: Callable[[torch.Tensor], int] | None = None,
 ) -> float:
     """Accumulate into ``.grad`` the gradient of ``loss_fn`` over the batch ``(x, y)``.
 
     Runs the batch as micro-batches of at most ``micro_batch_size`` samples; the result
     equals one backward over the whole batch (batch-norm statistics aside). Does not zero
     the gradients first. Returns the batch's mean loss.
+
+    ``count``: the loss terms of a micro-batch's targets, for a loss that is a mean over
+    terms other than samples (:func:`token_count` for a per-token loss over padded
+    sequences); each micro-batch is then weighted by its terms' share of the batch's.
     """
     micro_batch_size = _checked(x, y, micro_batch_size, "accumulate", "micro_batch_size")
+    pieces = list(micro_batches(x, y, micro_batch_size))
+    shares = [len(yb) if count is None else count(yb) for _, yb in pieces]
+    whole = sum(shares)
     total = 0.0
-    for xb, yb in micro_batches(x, y, micro_batch_size):
-        loss = loss_fn(model(xb), yb)
-        backward_share(loss, len(yb), len(y))
-        total += float(loss.detach()) * len(yb)
-    return total / max(len(y), 1)
+    for (xb, yb), share in zip(pieces, shares, strict=True):
+        if share:  # a micro-batch of padding only has no mean loss: it is skipped
+            loss = loss_fn(model(xb), yb)
+            backward_share(loss, share, whole)
+            total += float(loss.detach()) * share
+    return total / max(whole, 1)
 
 
 def _checked(x: torch.Tensor, y: torch.Tensor, size: int, who: str, field: str) -> int:
@@ -164,6 +185,11 @@ class GlobalBatch:
         attack: the adversarial share (:class:`~largebatch.adversarial.AdversarialShare`),
             or None.
         channels_last: put image micro-batches in channels-last memory format.
+        count: the loss terms of a micro-batch's targets, when the loss is a mean over
+            terms other than samples (:func:`token_count`: tokens of padded sequences).
+            Each micro-batch's backward is then weighted by its terms' share of the
+            global batch's (summed over the ranks: one more all-reduce of one number),
+            so accumulation equals one large batch. None: samples.
     """
 
     def __init__(
@@ -176,7 +202,9 @@ class GlobalBatch:
         precision: str = "fp32",
         attack: Attack | None = None,
         channels_last: bool = False,
+        count: Callable[[torch.Tensor], int] | None = None,
     ) -> None:
+        self.count = count
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.world, self.device, self.precision = world, device, precision
         self.attack, self.channels_last = attack, channels_last
@@ -210,7 +238,10 @@ class GlobalBatch:
             self.batch_norm.begin()
         # the divergence check reads the epoch's running loss when there is one
         loss_sum = None if score is not None else torch.zeros((), device=device)
-        for xb, yb in micro_batches:
+        shares, whole = self._shares(micro_batches, batch_samples)
+        for (xb, yb), share in zip(micro_batches, shares, strict=True):
+            if not share:  # no loss terms (all padding): nothing to learn from, no mean
+                continue
             xb = to_device(xb, device, self.channels_last)
             yb = yb.to(device, non_blocking=True)
             if self.attack is not None:
@@ -218,7 +249,7 @@ class GlobalBatch:
             with autocast(device, self.precision):
                 out = model(xb)
                 loss = self.loss_fn(out, yb)
-            backward_share(loss, len(yb), batch_samples, scaler)
+            backward_share(loss, share, whole, scaler)
             if loss_sum is None:
                 score.add(loss, out, yb)
             else:
@@ -258,3 +289,15 @@ class GlobalBatch:
         else:
             optimizer.step()
         return bool(stopping)
+
+    def _shares(
+        self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_samples: int
+    ) -> tuple[list[int], int]:
+        """Each micro-batch's weight and the global batch's total: samples, or with
+        ``count`` the micro-batches' loss terms, summed over the ranks."""
+        if self.count is None:
+            return [len(yb) for _, yb in micro_batches], batch_samples
+        shares = [int(self.count(yb)) for _, yb in micro_batches]
+        total = torch.tensor(float(sum(shares)), dtype=torch.float64, device=self.device)
+        whole = int(all_reduce_(total, self.world).item())
+        return shares, max(whole, 1)

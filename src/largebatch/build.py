@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largebatch.accumulate import token_count
 from largebatch.adversarial import AdversarialShare
 from largebatch.checks import number
 from largebatch.config import TrainConfig
@@ -115,6 +116,7 @@ def build_parts(
         meters=make_meters(controller, meters, config, data, loss_fn, device, world),
         attack=make_attack(config, data),
         rollback=make_rollback(config),
+        count=token_count if config.loss_weights == "tokens" else None,
     )
 
 

@@ -68,6 +68,7 @@ class TrainConfig:
     batch_size: int = 128  # base batch B0 (global, over all ranks)
     max_batch_size: int = 16384  # cap Bmax for growing / large-batch methods
     micro_batch_size: int | None = None  # largest batch run at once; None: batch_size
+    loss_weights: str = "samples"  # micro-batch weights: samples | tokens (targets != -100)
     lr: float = 0.02  # learning rate at the base batch
     lr_decay: float = 0.2  # factor applied at each milestone epoch
     lr_decay_epochs: list[int] = field(default_factory=list)
@@ -147,6 +148,7 @@ class TrainConfig:
         _choice("hessian_mode", self.hessian_mode, ("tracker", "reference"))
         _choice("on_divergence", self.on_divergence, ("stop", "rollback"))
         _choice("lr_scaling", self.lr_scaling, ("adascale", "auto", "linear", "sqrt"))
+        _choice("loss_weights", self.loss_weights, ("samples", "tokens"))
         if (self.method == "schedule") != (self.batch_schedule is not None):
             raise ConfigError(
                 'method schedule follows batch_schedule (e.g. "0:32 200k:64 800k:128"): '

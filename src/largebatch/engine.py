@@ -63,6 +63,11 @@ class Parts:
             (:class:`~largebatch.adversarial.AdversarialShare`), or None.
         rollback: what a divergence does (:class:`~largebatch.divergence.Rollback`);
             None: it stops the run.
+        count: the loss terms of a micro-batch's targets when ``loss_fn`` is a mean over
+            terms other than samples (:func:`~largebatch.accumulate.token_count`); each
+            micro-batch is then weighted by its share of the global batch's terms. None:
+            samples. The epoch's training loss stays a mean over samples of the
+            micro-batches' losses.
     """
 
     model: nn.Module
@@ -73,6 +78,7 @@ class Parts:
     meters: Mapping[str, Meter] = field(default_factory=dict)
     attack: Callable[..., torch.Tensor] | None = None
     rollback: Rollback | None = None
+    count: Callable[[torch.Tensor], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,7 @@ def run(
     lr = LRScaler(optimizer)
     update = GlobalBatch(
         model, optimizer, parts.loss_fn, world, device, settings.precision, parts.attack,
-        channels_last,
+        channels_last, count=parts.count,
     )  # fmt: skip
     saved = {
         "model": model,

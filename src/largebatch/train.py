@@ -32,7 +32,7 @@ from largebatch.distributed import World, resolve_device, setup, thread_count
 from largebatch.engine import TrainingInterrupted, reached_target, run
 from largebatch.errors import CheckpointError, ConfigError, InvalidTypeError, UsageError
 from largebatch.interrupts import StopFlag, deliver_interrupts
-from largebatch.lr import BASE_LR_KEY
+from largebatch.lr import BASE_LR_KEY, rule_for
 from largebatch.meters import Meter
 from largebatch.models import build_model
 from largebatch.outputs import RunWriter, run_folder, summary
@@ -319,7 +319,10 @@ def _run(
         extra={"config": recorded, "data": fingerprint, "model_spec": spec},
     )
     if config.resume and checkpoint.exists():
-        _check_resumable(checkpoint, recorded, fingerprint, config.epoch_limit)
+        # lr_scaling auto means the rule it picks for this optimizer: a run of an older
+        # version, which recorded that rule by name, resumes
+        means = {"lr_scaling": rule_for(config.lr_scaling, parts.optimizer)}
+        _check_resumable(checkpoint, recorded, fingerprint, config.epoch_limit, means)
     line = (
         f"training {config.model} on {config.dataset} ({len(data.train_y)} samples), "
         f"method {parts.controller.name}, device {device}"
@@ -427,13 +430,18 @@ def _data_fingerprint(data: DataSource) -> dict[str, Any]:
 
 
 def _check_resumable(
-    checkpoint: RunCheckpoint, recorded: dict[str, Any], fingerprint: dict[str, Any], epochs: int
+    checkpoint: RunCheckpoint,
+    recorded: dict[str, Any],
+    fingerprint: dict[str, Any],
+    epochs: int,
+    means: dict[str, Any] | None = None,
 ) -> None:
     """The checkpoint to resume is of the same run (config and data), and has not done
-    more than ``epochs`` epochs; checked before anything is written."""
+    more than ``epochs`` epochs; checked before anything is written. ``means``: what a
+    key's value stands for (a saved value equal to it matches too)."""
     saved = checkpoint.peek()
     path = checkpoint.where
-    _check_same_config(checked_part(saved, "config", dict, path), recorded, path)
+    _check_same_config(checked_part(saved, "config", dict, path), recorded, path, means or {})
     _check_same_data(saved.get("data"), fingerprint, path)
     done = saved.get("run", {}).get("epoch") if isinstance(saved.get("run"), dict) else None
     if isinstance(done, int) and done > epochs:
@@ -444,11 +452,15 @@ def _check_resumable(
         )
 
 
-def _check_same_config(saved: dict[str, Any], recorded: dict[str, Any], path: str | Path) -> None:
+def _check_same_config(
+    saved: dict[str, Any], recorded: dict[str, Any], path: str | Path, means: dict[str, Any]
+) -> None:
     for key, value in recorded.items():
         if key in _RESUMABLE_CHANGES or key not in saved:
             continue
         before = saved[key]
+        if key in means and before == means[key]:
+            continue
         if key == "optimizer":  # the checkpoint restores the hyper-parameters, not the class
             key, before, value = "optimizer class", before.get("class"), value["class"]
         if before != value:
