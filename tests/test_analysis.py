@@ -93,7 +93,10 @@ def test_hessian_command_writes_json_and_a_density_png(checkpoint, tmp_path, cap
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     grid, density = result["density"]["grid"], result["density"]["density"]
     assert abs(torch.trapezoid(torch.tensor(density), torch.tensor(grid)).item() - 1) < 1e-2
-    assert "top eigenvalues" in capsys.readouterr().out
+    sd = result["density"]
+    assert sd["min_eigenvalue"] == min(sd["nodes"]) and 0 <= sd["negative_mass"] <= 1
+    printed = capsys.readouterr().out
+    assert "top eigenvalues" in printed and "most negative Ritz value" in printed
 
 
 def test_full_model_top_eigenvalue_bounds_the_dense_head_block(checkpoint):

@@ -285,6 +285,13 @@ def _cmd_hessian(args: argparse.Namespace) -> int:
             f"trace: {tr['estimate']:.6g} +- {tr['stderr']:.2g} (standard error, "
             f"{tr['matvecs']} products, {tr['method']})"
         )
+    if "density" in result:
+        sd = result["density"]
+        _say(
+            f"spectral density: {100 * sd['negative_mass']:.2f}% of it below "
+            f"-{sd['negative_threshold']:g} x the spectral radius, most negative Ritz value "
+            f"{sd['min_eigenvalue']:.4g} ({sd['matvecs']} products)"
+        )
     if "density_png" in result:
         _say(f"spectral density: {result['density_png']}")
     if args.out:
