@@ -52,10 +52,6 @@ class Cell:
         found = (measures(run).get(measure) for run in self.runs)
         return [v for v in found if v is not None and math.isfinite(v)]
 
-    def mean(self, measure: str) -> float | None:
-        values = self.values(measure)
-        return statistics.fmean(values) if values else None
-
 
 def measures(run: dict[str, Any]) -> dict[str, float | None]:
     """What the claims read from one run: the curvature (``eig``: top eigenvalue,
@@ -79,7 +75,6 @@ def measures(run: dict[str, Any]) -> dict[str, float | None]:
         "gap": _pct(robust.get("generalization_gap")),
         "train_loss": summary.get("final_train_loss"),
         "eval_train_loss": robust.get("train_loss"),
-        "test_acc": _pct(summary.get("final_test_acc")),
     }
     rows = robust.get("by_eps")
     if rows is None and robust.get("eps") is not None:  # one eps (an older robust.json)
@@ -199,7 +194,7 @@ def judge(cells: list[Cell]) -> list[Claim]:
     batches = sorted(standard)
     small, large = (standard[batches[0]], standard[batches[-1]]) if batches else (None, None)
     span = f"B {batches[0]} → {batches[-1]}" if batches else "-"
-    claims = [
+    return [
         _accuracy_claim(small, large, span),
         _spectrum_claim(small, large, span),
         _robustness_claim(small, large, span),
@@ -207,7 +202,6 @@ def judge(cells: list[Cell]) -> list[Claim]:
         _saddle_claim(standard),
         _correlation_claim(cells),
     ]
-    return claims
 
 
 def _accuracy_claim(small: Cell | None, large: Cell | None, span: str) -> Claim:
