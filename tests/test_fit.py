@@ -136,6 +136,14 @@ def test_per_group_learning_rates_keep_their_ratio_as_the_batch_grows(
     head = list(model.body[3].parameters())
     rest = [p for p in model.parameters() if all(p is not h for h in head)]
     optimizer = optimizer_class([{"params": rest, "lr": 1e-3}, {"params": head, "lr": 4e-3}])
+    used = []  # each group's LR at every update
+    step = optimizer.step
+
+    def recording_step(*args, **kwargs):
+        used.append([g["lr"] for g in optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    optimizer.step = recording_step
     summary = largebatch.fit(
         model, train, optimizer=optimizer, method="abs", abs_duration=1, hessian_samples=64,
         epochs=4, batch_size=32, max_batch_size=128, device="cpu", lr_scaling=rule,
@@ -143,9 +151,11 @@ def test_per_group_learning_rates_keep_their_ratio_as_the_batch_grows(
     assert summary["final_batch_size"] == 128  # the first estimate is the reference
     # auto: square-root scaling for Adam, linear for SGD
     assert summary["lr_scaling"] == ("sqrt" if factor == 2.0 else "linear")
-    lrs = [g["lr"] for g in optimizer.param_groups]
     # the batch grew 4x: each group's LR by the rule's factor, the ratio kept
-    assert lrs == pytest.approx([factor * 1e-3, factor * 4e-3])
+    assert used[0] == pytest.approx([1e-3, 4e-3])
+    assert used[-1] == pytest.approx([factor * 1e-3, factor * 4e-3])
+    # and the optimizer is handed back with the LRs it came with
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 4e-3]
 
 
 def test_an_optimizer_factory_and_its_config_keys(tmp_path):

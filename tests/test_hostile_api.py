@@ -13,6 +13,9 @@ decision), and what a run records.
 """
 
 import math
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from torch import nn
 
 import largebatch
 from largebatch.accumulate import accumulate, micro_batches
+from largebatch.adversarial import fgsm, pgd
 from largebatch.checkpoint import load_checkpoint
 from largebatch.controllers import (
     AdaptiveBatch,
@@ -44,7 +48,7 @@ from largebatch.errors import (
     StateError,
     UsageError,
 )
-from largebatch.hessian import EigenTracker
+from largebatch.hessian import EigenTracker, hessian_trace, spectral_density, top_eigenvalues
 from largebatch.io import read_jsonl
 from largebatch.lr import LRScaler, scaling_factor, stability_limit
 from largebatch.meters import CurvatureMeter, GradientNoiseMeter
@@ -138,6 +142,20 @@ def _state(make, **changes):
 
 X, Y = torch.randn(10, 3), torch.randint(0, 2, (10,))
 MODEL = nn.Linear(3, 2)
+
+
+def _nan_x():
+    x = X.clone()
+    x[4, 1] = NAN
+    return x
+
+
+def _nan_linear():
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.bias[1] = NAN
+    return model
+
 
 V, T, S = InvalidValueError, InvalidTypeError, StateError
 OWN_LOOP_CASES = [
@@ -383,6 +401,37 @@ OWN_LOOP_CASES = [
     ("tracker state generator", _load(_tracker, _state(_tracker, generator=torch.zeros(3))),
      S, "EigenTracker.load_state_dict", "generator"),
     ("tracker state a str", _load(_tracker, "state"), S, "EigenTracker", "str"),
+    # curvature on non-finite data or weights: refused before any Hessian product
+    ("tracker inputs nan", lambda: EigenTracker(F.cross_entropy, (_nan_x(), Y)), V,
+     "EigenTracker", "data element 0: the inputs hold NaN"),
+    ("tracker inputs inf", lambda: EigenTracker(F.cross_entropy, (X * INF, Y)), V,
+     "EigenTracker", "data element 0: the inputs hold NaN or infinity"),
+    ("tracker targets nan", lambda: EigenTracker(F.mse_loss, (X, X * NAN)), V,
+     "EigenTracker", "data element 0: the targets hold NaN"),
+    ("tracker 2nd pair nan", lambda: EigenTracker(F.cross_entropy, [(X, Y), (_nan_x(), Y)]),
+     V, "EigenTracker", "data element 1: the inputs"),
+    ("estimate on nan data", lambda: _tracker().estimate(nn.Linear(3, 2), (_nan_x(), Y)), V,
+     "HessianOperator", "data element 0: the inputs hold NaN"),
+    ("estimate streamed nan", lambda: _tracker(operator_options={"stream": True}).estimate(
+        nn.Linear(3, 2), [(X, Y), (_nan_x(), Y)]), V, "HessianOperator", "data element 1"),
+    ("estimate nan weights", lambda: _tracker().estimate(_nan_linear()), V,
+     "HessianOperator", "parameter 'bias'"),
+    ("top_eigenvalues nan data", lambda: top_eigenvalues(
+        nn.Linear(3, 2), F.cross_entropy, (_nan_x(), Y)), V, "HessianOperator", "NaN"),
+    # keywords of the public functions given as strings: refused before any arithmetic
+    ("top_eigenvalues k str", lambda: top_eigenvalues(MODEL, F.cross_entropy, (X, Y), k="2"),
+     T, "top_eigenvalues", "k must be an integer"),
+    ("top_eigenvalues tol str", lambda: top_eigenvalues(MODEL, F.cross_entropy, (X, Y),
+     tol="1e-3"), T, "top_eigenvalues", "tol must be a number"),
+    ("hessian_trace probes str", lambda: hessian_trace(MODEL, F.cross_entropy, (X, Y),
+     probes="10"), T, "hessian_trace", "probes"),
+    ("spectral_density sigma str", lambda: spectral_density(MODEL, F.cross_entropy, (X, Y),
+     sigma="0.1"), T, "spectral_density", "sigma"),
+    ("fgsm eps str", lambda: fgsm(MODEL, X, Y, "0.1"), T, "fgsm", "eps"),
+    ("fgsm clamp strs", lambda: fgsm(MODEL, X, Y, 0.1, clamp=("0", "1")), T, "clamp",
+     "clamp[0]"),
+    ("pgd steps str", lambda: pgd(MODEL, X, Y, 0.1, 0.01, "3"), T, "pgd", "steps"),
+    ("pgd alpha nan", lambda: pgd(MODEL, X, Y, 0.1, NAN, 3), V, "pgd", "alpha"),
     # accumulation
     ("micro_batches of 0", lambda: micro_batches(X, Y, 0), V, "micro_batches", "size"),
     ("micro_batches of 2.5", lambda: micro_batches(X, Y, 2.5), T, "micro_batches", "size"),
@@ -616,8 +665,139 @@ class _Detached(nn.Module):
         return self.body(x).detach()
 
 
+class KeyedByObject(FixedBatch):
+    """A user controller whose state has a key that no checkpoint can load."""
+
+    def state_dict(self):
+        return {**super().state_dict(), "by_shape": {frozenset({1}): 1.0}}
+
+
+class Items(torch.utils.data.Dataset):
+    """A map-style Dataset of the given ``(input, target)`` items."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _objects(n=8, features=6):
+    return np.array([[float(j) for j in range(features)]] * n, dtype=object)
+
+
+def _labels(n=8):
+    return np.arange(n) % 3
+
+
 # id: (kwargs from the work folder, our exception type, fragment of the message)
 REFUSED = {
+    # fit's own keywords (not config keys) of the wrong type or value
+    "stop-after-a-string": (
+        lambda w: _fit_kwargs(w, stop_after="1"),
+        InvalidTypeError,
+        "fit(): stop_after must be an integer, got str '1'",
+    ),
+    "stop-after-zero": (lambda w: _fit_kwargs(w, stop_after=0), InvalidValueError, "stop_after"),
+    "stop-after-a-float": (
+        lambda w: _fit_kwargs(w, stop_after=1.5),
+        InvalidTypeError,
+        "stop_after must be an integer",
+    ),
+    "verbose-a-string": (
+        lambda w: _fit_kwargs(w, verbose="no"),
+        InvalidTypeError,
+        "verbose must be True or False",
+    ),
+    "show-progress-a-string": (
+        lambda w: _fit_kwargs(w, show_progress="yes", verbose=True, echo=lambda _line: None),
+        InvalidTypeError,
+        "show_progress must be True or False",
+    ),
+    "echo-not-callable": (
+        lambda w: _fit_kwargs(w, echo="stdout", verbose=True),
+        InvalidTypeError,
+        "echo must be a function",
+    ),
+    "input-range-strings-of-digits": (
+        lambda w: _fit_kwargs(w, input_range=("0", "1")),
+        InvalidTypeError,
+        "input_range must be two finite numbers",
+    ),
+    "input-range-nan": (
+        lambda w: _fit_kwargs(w, input_range=(0.0, NAN)),
+        InvalidTypeError,
+        "input_range must be two finite numbers",
+    ),
+    "input-range-reversed": (
+        lambda w: _fit_kwargs(w, input_range=(1.0, 0.0)),
+        InvalidValueError,
+        "low < high",
+    ),
+    "optimizer-a-string": (
+        lambda w: _fit_kwargs(w, optimizer="adam"),
+        InvalidTypeError,
+        "optimizer is a str 'adam'",
+    ),
+    # a state that would save but never load: refused before the first write
+    "controller-state-keyed-by-an-object": (
+        lambda w: _fit_kwargs(w, controller=KeyedByObject(8, (), 0.1)),
+        InvalidTypeError,
+        "state of controller KeyedByObject['by_shape'] has a key frozenset",
+    ),
+    # a training set too small for a batch-norm model: no update could ever run
+    "batch-norm-on-one-sample": (
+        lambda w: _fit_kwargs(w, model=BatchNormNet(), train_data=_blobs(1)),
+        UsageError,
+        "the training data has 1 sample(s) for 1 process(es)",
+    ),
+    "batch-norm-on-one-sample-of-a-dataset": (
+        lambda w: _fit_kwargs(
+            w, model=BatchNormNet(), train_data=Items([(torch.zeros(6), 1)]), eval_data=None
+        ),
+        UsageError,
+        "no update could run",
+    ),
+    "batch-norm-on-one-sample-gns-micro-batches": (
+        lambda w: _fit_kwargs(
+            w, model=BatchNormNet(), train_data=_blobs(1), method="gns", micro_batch_size=1
+        ),
+        UsageError,
+        "no update could run",
+    ),
+    # data of a type that cannot become a tensor
+    "inputs-an-object-array": (
+        lambda w: _fit_kwargs(w, train_data=(_objects(), _labels())),
+        InvalidTypeError,
+        "train_data inputs is a NumPy array of dtype object",
+    ),
+    "targets-an-object-array": (
+        lambda w: _fit_kwargs(
+            w, train_data=(_objects().astype(np.float32), _labels().astype(object))
+        ),
+        InvalidTypeError,
+        "train_data targets is a NumPy array of dtype object",
+    ),
+    "targets-strings": (
+        lambda w: _fit_kwargs(w, train_data=(np.zeros((3, 6), np.float32), np.array(list("abc")))),
+        InvalidTypeError,
+        "dtype <U1, which cannot become a tensor",
+    ),
+    "eval-inputs-dates": (
+        lambda w: _fit_kwargs(
+            w, eval_data=(np.array(["2026-12-06"] * 4, dtype="datetime64[D]"), _labels(4))
+        ),
+        InvalidTypeError,
+        "eval_data inputs is a NumPy array of dtype datetime64[D]",
+    ),
+    "dataset-item-an-object-array": (
+        lambda w: _fit_kwargs(w, train_data=Items([(_objects(1)[0], 0), (_objects(1)[0], 1)])),
+        InvalidTypeError,
+        "train_data[0] input is a NumPy array of dtype object",
+    ),
     "out-a-folder-of-the-users-files": (_users_folder, UsageError, "no largebatch run wrote"),
     "out-a-folder-with-notes": (_notes_folder, UsageError, "notes.txt"),
     "out-an-int": (lambda w: _fit_kwargs(w, out=5), InvalidTypeError, "out must be a folder"),
@@ -846,6 +1026,150 @@ def test_a_controller_state_of_numpy_numbers_saves_and_resumes(tmp_path):
     assert type(saved["score"]) is float
 
 
+class KeyedByNumpy(FixedBatch):
+    """A user controller whose state is keyed by NumPy integers (batch -> score)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = {}
+
+    def step(self, measurements=None):
+        self.seen[np.int64(len(self.seen) * 8)] = np.float32(0.25)
+        return super().step(measurements)
+
+    def state_dict(self):
+        return {"epoch": np.int64(self.epoch), "seen": dict(self.seen)}
+
+    def load_state_dict(self, state):
+        self.epoch, self.seen = state["epoch"], dict(state["seen"])
+
+
+def _numpy_momentum(params):
+    return torch.optim.SGD(params, lr=np.float64(0.05), momentum=np.float64(0.9))
+
+
+@pytest.mark.parametrize(
+    "users",
+    [
+        pytest.param(lambda: {"controller": KeyedByNumpy(8, (), 0.1)}, id="numpy-keys"),
+        pytest.param(lambda: {"optimizer": _numpy_momentum}, id="numpy-hyper-parameters"),
+        pytest.param(
+            lambda: {"optimizer": lambda p: torch.optim.Adam(p, lr=np.float32(1e-3))},
+            id="numpy-adam-lr",
+        ),
+    ],
+)
+def test_numpy_values_in_users_states_save_and_resume_end_to_end(users, tmp_path):
+    out = tmp_path / "run"
+    kwargs = dict(out=out, batch_size=8, verbose=False)
+    first = largebatch.fit(_mlp(), _blobs(32), epochs=1, **users(), **kwargs)
+    second = largebatch.fit(_mlp(), _blobs(32), epochs=2, resume=True, **users(), **kwargs)
+    assert (first["epochs"], second["epochs"]) == (1, 2)
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    saved = load_checkpoint(out / "checkpoint.pt")  # weights_only: plain data throughout
+    if "seen" in saved["controller"]:
+        assert saved["controller"]["seen"] == {0: 0.25, 8: 0.25}
+        assert all(type(key) is int for key in saved["controller"]["seen"])
+    group = saved["optimizer"]["param_groups"][0]
+    assert all(type(v) in (int, float, bool, str, tuple, list, type(None)) for v in group.values())
+    config = yaml.safe_load((out / "config.yaml").read_text())  # YAML took them too
+    assert "optimizer" not in config or type(config["optimizer"]["param_groups"][0]["lr"]) is float
+
+
+def _decaying(**changes):
+    return dict(epochs=2, batch_size=8, lr_decay_epochs=[1], lr_decay=0.1, verbose=False, **changes)
+
+
+def test_a_second_run_with_an_optimizer_a_factory_closes_over_starts_from_the_users_lr(tmp_path):
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    factory = lambda params: optimizer  # noqa: E731  (the user's closure)
+    first = largebatch.fit(model, _blobs(32), optimizer=factory, out=tmp_path / "a", **_decaying())
+    assert [r["lr"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == pytest.approx(
+        [0.1, 0.01]
+    )  # the first run decayed it ...
+    assert optimizer.param_groups[0]["lr"] == 0.1  # ... and handed it back as it came
+    assert "base_lr" not in optimizer.param_groups[0]
+    largebatch.fit(model, _blobs(32), optimizer=factory, out=tmp_path / "b", **_decaying())
+    second = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["lr"] for r in second] == pytest.approx([0.1, 0.01])
+    assert first["optimizer"]["param_groups"][0]["lr"] == 0.1
+
+
+def test_a_reused_optimizer_gets_its_lrs_back_per_group_after_a_growing_run():
+    model = _mlp()
+    optimizer = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.05}, {"params": model[2].parameters()}],
+        lr=0.2,
+    )
+    largebatch.fit(
+        model, _blobs(64), optimizer=optimizer, method="gg", max_batch_size=32, **_decaying()
+    )  # gg turns the decay into a growth: the LR factor changes as the batch does
+    assert [g["lr"] for g in optimizer.param_groups] == [0.05, 0.2]
+
+
+def test_a_reused_optimizer_gets_its_lr_back_when_the_run_fails(tmp_path):
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    controller = GivesBatch(batch=-8, factor=4.0, at_step=1, every=16)  # bad from epoch 2
+    with pytest.raises(InvalidValueError, match="GivesBatch"):
+        largebatch.fit(
+            model, _blobs(32), optimizer=optimizer, controller=controller, epochs=3, verbose=False
+        )
+    assert optimizer.param_groups[0]["lr"] == 0.3 and "base_lr" not in optimizer.param_groups[0]
+
+
+class SlowItems(Items):
+    """A slow Dataset: Ctrl-C (a real SIGINT to this process) arrives while it reads
+    item ``at`` (or its length, for ``at`` None)."""
+
+    def __init__(self, n, at):
+        x, y = _blobs(n)
+        super().__init__(list(zip(x, y, strict=True)))
+        self.at = at
+
+    def _wait_for_ctrl_c(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # the handler raises KeyboardInterrupt at once
+        raise AssertionError("no KeyboardInterrupt came")
+
+    def __len__(self):
+        if self.at is None:
+            self._wait_for_ctrl_c()
+        return super().__len__()
+
+    def __getitem__(self, i):
+        if i == self.at:
+            self._wait_for_ctrl_c()
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize(
+    "data, where",
+    [
+        (lambda: {"train_data": SlowItems(16, at=5)}, "reading train_data[5]"),
+        (
+            lambda: {"train_data": _blobs(16), "eval_data": SlowItems(8, at=2)},
+            "reading eval_data[2]",
+        ),
+        (lambda: {"train_data": SlowItems(16, at=None)}, "reading len(train_data)"),
+    ],
+    ids=["train-item", "eval-item", "train-len"],
+)
+def test_ctrl_c_while_fit_reads_a_dataset_is_a_plain_keyboard_interrupt(data, where, tmp_path):
+    (tmp_path / "mine.txt").write_text("the user's own file")
+    before = _tree(tmp_path)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    kwargs = _fit_kwargs(tmp_path, **data())
+    with pytest.raises(KeyboardInterrupt) as caught:
+        largebatch.fit(kwargs.pop("model"), kwargs.pop("train_data"), **kwargs)
+    assert type(caught.value) is KeyboardInterrupt  # not a class of ours: caught as usual
+    assert str(caught.value) == f"{where} was interrupted"
+    assert _tree(tmp_path) == before  # nothing written, the run folder not left behind
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_fit_prints_the_table_unless_verbose_is_false(capsys):
     largebatch.fit(_mlp(), _blobs(32), epochs=1, batch_size=8, show_progress=False)
     shown = capsys.readouterr().out
@@ -933,5 +1257,5 @@ def test_an_adversarial_share_refuses_bad_settings(share, field):
 
 
 def test_fit_refuses_an_input_range_of_strings():
-    with pytest.raises(UsageError, match="input_range must be two numbers"):
+    with pytest.raises(UsageError, match="input_range must be two finite numbers"):
         largebatch.fit(_mlp(), _blobs(32), input_range=("a", "b"), verbose=False)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largebatch import checks
-from largebatch.errors import InvalidValueError
+from largebatch.errors import InvalidTypeError, InvalidValueError
 
 __all__ = ["fgsm", "pgd", "eval_mode", "AdversarialShare"]
 
@@ -44,7 +44,11 @@ def _bounds(x: torch.Tensor, clamp: Clamp) -> tuple[torch.Tensor | float, torch.
         return -torch.inf, torch.inf
     if clamp == "batch":
         return x.min(), x.max()
-    low, high = clamp
+    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+        raise InvalidTypeError(f"clamp must be (low, high), 'batch' or None, got {clamp!r}")
+    low, high = (checks.number(v, "clamp", f"clamp[{i}]") for i, v in enumerate(clamp))
+    if not low <= high:
+        raise InvalidValueError(f"clamp must be (low, high) with low <= high, got {clamp!r}")
     return low, high
 
 
@@ -67,6 +71,7 @@ def fgsm(
     clamp: Clamp = (0.0, 1.0),
 ) -> torch.Tensor:
     """Fast gradient sign method: ``clamp(x + eps * sign(grad_x loss))``, detached."""
+    eps = checks.number(eps, "fgsm", "eps", low=0.0)
     loss_fn = loss_fn or F.cross_entropy
     low, high = _bounds(x, clamp)
     with eval_mode(model):
@@ -91,8 +96,9 @@ def pgd(
     ``steps`` signed-gradient steps of size ``alpha``, each projected back into the ball
     and the valid range; ``random_start`` begins from a uniform point in the ball.
     """
-    if steps < 1:
-        raise ValueError("pgd needs steps >= 1")
+    eps = checks.number(eps, "pgd", "eps", low=0.0)
+    alpha = checks.number(alpha, "pgd", "alpha", low=0.0)
+    steps = checks.integer(steps, "pgd", "steps", minimum=1)
     loss_fn = loss_fn or F.cross_entropy
     low, high = _bounds(x, clamp)
     x = x.detach()

@@ -196,7 +196,6 @@ class RunCheckpoint:
         payload = {
             **self.extra,
             "model": objects["model"].state_dict(),
-            "optimizer": objects["optimizer"].state_dict(),
             **self.check(objects),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "run": vars(progress),
@@ -210,11 +209,16 @@ class RunCheckpoint:
             self._memory = buffer.getvalue()
 
     def check(self, objects: Mapping[str, Any]) -> dict[str, Any]:
-        """The controller's and meters' states as plain data (so that the file loads with
-        ``weights_only``); a state holding anything else is refused, naming it. Call it
-        before a run writes anything."""
+        """The optimizer's, the controller's and the meters' states as plain data (so that
+        the file loads with ``weights_only``: a user's hyper-parameter given as a NumPy
+        number is saved as a Python one); a state holding anything else is refused, naming
+        it. Call it before a run writes anything."""
         name = type(objects["controller"]).__name__
+        optimizer = objects["optimizer"]
         return {
+            "optimizer": plain(
+                optimizer.state_dict(), f"the state of optimizer {type(optimizer).__name__}"
+            ),
             "controller": plain(
                 objects["controller"].state_dict(), f"the state of controller {name}"
             ),

@@ -164,18 +164,35 @@ def state_of(
     return state
 
 
+def _plain_key(key: Any, where: str) -> Any:
+    """A dict key as :func:`plain` keeps it: a NumPy scalar becomes a Python number."""
+    if isinstance(key, np.generic):
+        key = key.item()
+    if key is None or isinstance(key, (bool, int, float, str)):
+        return key
+    raise InvalidTypeError(
+        f"{where} has a key {_show(key)} of type {type(key).__name__}; keys of a state dict "
+        "must be numbers or strings"
+    )
+
+
 def plain(value: Any, where: str) -> Any:
-    """``value`` with NumPy scalars as Python numbers and NumPy arrays as tensors, so that
-    ``torch.load(weights_only=True)`` reads it back; any other object is refused here, at
-    save time, with ``where`` named (a checkpoint that saves but can never load is worse)."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return value
-    if isinstance(value, np.generic):
+    """``value`` with NumPy scalars as Python numbers (dict keys too) and NumPy arrays as
+    tensors, so that ``torch.load(weights_only=True)`` reads it back; any other object is
+    refused here, at save time, with ``where`` named (a checkpoint that saves but can never
+    load is worse)."""
+    if isinstance(value, np.generic):  # before float: np.float64 is a float subclass
         return value.item()
+    if value is None or isinstance(
+        value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.device)
+    ):
+        return value
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, Mapping):
-        return {key: plain(item, f"{where}[{key!r}]") for key, item in value.items()}
+        return {
+            _plain_key(key, where): plain(item, f"{where}[{key!r}]") for key, item in value.items()
+        }
     if isinstance(value, (list, tuple)):
         items = [plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)

@@ -155,6 +155,12 @@ def run(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     fits = check_fits(model, parts.loss_fn, data, device)
+    if fits.needs_pairs and len(data.train_y) < 2 * world.size:  # no update could run
+        raise UsageError(
+            f"the model's batch norm needs at least 2 samples per process in every update, "
+            f"but the training data has {len(data.train_y)} sample(s) for {world.size} "
+            "process(es): no update could run; give it more samples"
+        )
     if fits.needs_pairs and controller.decision().batch_size < 2 * world.size:
         raise UsageError(
             f"the model's batch norm sees one value per channel and sample, so it needs at "

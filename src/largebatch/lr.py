@@ -13,8 +13,9 @@ This module also owns the rules that make the factors: the batch-scaling rules
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from largebatch.errors import InvalidTypeError, InvalidValueError, StateError
 __all__ = [
     "LRScaler",
     "BASE_LR_KEY",
+    "lrs_kept",
     "SCALING_RULES",
     "ADAPTIVE_OPTIMIZERS",
     "scaling_factor",
@@ -38,6 +40,26 @@ __all__ = [
 
 #: where each param group keeps the LR that factors multiply
 BASE_LR_KEY = "base_lr"
+
+
+@contextlib.contextmanager
+def lrs_kept(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Put each param group's ``lr`` back as it was on entry when the block ends, however
+    it ends, and take away the ``base_lr`` that a run keeps there: a run scales and decays
+    the LRs of the optimizer it is given, and a second run with the same optimizer (an
+    instance, or a factory that returns one it closes over) must start from the LRs the
+    user set, not from where the first run left them."""
+    missing = object()
+    before = [(g, g["lr"], g.get(BASE_LR_KEY, missing)) for g in optimizer.param_groups]
+    try:
+        yield
+    finally:
+        for group, lr, base in before:
+            group["lr"] = lr
+            if base is missing:
+                group.pop(BASE_LR_KEY, None)
+            else:
+                group[BASE_LR_KEY] = base
 
 
 #: LR scaling rules for a batch ``scale`` times the base batch (see :func:`scaling_factor`)

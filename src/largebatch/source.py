@@ -10,6 +10,7 @@ of tensors) into a :class:`DataSource`.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 from tqdm import tqdm
 
-from largebatch.errors import UsageError, UserCodeError
+from largebatch.errors import InvalidTypeError, InvalidValueError, UsageError, UserCodeError
 
 __all__ = [
     "UNIT_RANGE",
@@ -32,7 +33,7 @@ __all__ = [
     "as_tensors",
     "is_classification",
     "user_failures",
-    "UserInterrupt",
+    "checked_range",
 ]
 
 UNIT_RANGE: tuple[float, float] = (0.0, 1.0)
@@ -108,22 +109,19 @@ class DataSource:
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
 
-class UserInterrupt(KeyboardInterrupt):
-    """Ctrl-C (or a KeyboardInterrupt) inside the user's own code; its message names
-    the code."""
-
-
 @contextlib.contextmanager
 def user_failures(what: str) -> Iterator[None]:
     """Any failure of the user's code in the block (an exception, ``sys.exit``) as one
     UserCodeError ``"{what} failed: ..."``; a UsageError passes, and Ctrl-C stays an
-    interruption."""
+    interruption: a plain ``KeyboardInterrupt`` whose message names the code it landed in
+    (``"reading train_data[5] was interrupted"``), so ``except KeyboardInterrupt`` works
+    as everywhere."""
     try:
         yield
     except UsageError:
         raise
     except KeyboardInterrupt:  # Ctrl-C stays an interruption, but says where it landed
-        raise UserInterrupt(f"{what} was interrupted") from None
+        raise KeyboardInterrupt(f"{what} was interrupted") from None
     except SystemExit as exc:
         raise UserCodeError(
             f"{what} failed: it called sys.exit({exc.code!r}); code run by largebatch must "
@@ -157,7 +155,9 @@ def as_tensors(
         return _checked_pair(*data.tensors, what=what)
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, Dataset):
         if all(isinstance(part, (torch.Tensor, np.ndarray)) for part in data):
-            return _checked_pair(_tensor(data[0]), _tensor(data[1]), what=what)
+            return _checked_pair(
+                _tensor(data[0], f"{what} inputs"), _tensor(data[1], f"{what} targets"), what=what
+            )
     if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         raise UsageError(
             f"{what} is a {type(data).__name__}; pass a map-style Dataset of (input, target) "
@@ -196,10 +196,19 @@ def _read_items(data: Any, what: str) -> tuple[list[torch.Tensor], list[torch.Te
     return inputs, targets
 
 
+#: NumPy dtype kinds that torch takes: bool, signed and unsigned integers, floats, complex
+_NUMERIC_KINDS = "biufc"
+
+
 def _tensor(value: Any, what: str = "value") -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, np.ndarray):
+        if value.dtype.kind not in _NUMERIC_KINDS:
+            raise InvalidTypeError(
+                f"{what} is a NumPy array of dtype {value.dtype}, which cannot become a "
+                "tensor; convert it to numbers first (say .astype(np.float32))"
+            )
         return torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, bool) or not isinstance(value, numbers.Number):
         raise UsageError(f"{what} is a {type(value).__name__}, not a tensor or a number")
@@ -221,6 +230,26 @@ def _checked_pair(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Te
     if y.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
         y = y.long()
     return x, y
+
+
+def checked_range(input_range: Any) -> tuple[float, float] | None:
+    """``input_range`` as two floats ``(low, high)`` with ``low < high`` (None stays None);
+    anything else, strings of digits included, is refused in one line."""
+    if input_range is None:
+        return None
+    values = list(input_range) if isinstance(input_range, (tuple, list)) else []
+    if len(values) != 2 or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
+        raise InvalidTypeError(
+            f"input_range must be two finite numbers (low, high), got {input_range!r}"
+        )
+    low, high = float(values[0]), float(values[1])
+    if not low < high:
+        raise InvalidValueError(
+            f"input_range must be (low, high) with low < high, got {input_range!r}"
+        )
+    return low, high
 
 
 def is_classification(targets: torch.Tensor) -> bool:
@@ -260,16 +289,7 @@ def as_source(
         if int(labels.min()) < 0:
             raise UsageError("class labels must be >= 0")
         classes = int(labels.max()) + 1
-    if input_range is not None:
-        try:
-            low, high = (float(v) for v in input_range)
-        except (TypeError, ValueError):
-            raise UsageError(
-                f"input_range must be two numbers (low, high), got {input_range!r}"
-            ) from None
-        if not low < high:
-            raise UsageError(f"input_range must be (low, high) with low < high, got {input_range}")
-        input_range = (low, high)
+    input_range = checked_range(input_range)
     return DataSource(
         name=name,
         train_x=train_x,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largebatch import checks
 from largebatch.build import build_parts, model_spec, settings
 from largebatch.checkpoint import RunCheckpoint, checked_part
 from largebatch.config import TrainConfig, config_to_dict
@@ -30,15 +31,20 @@ from largebatch.controllers import BatchController
 from largebatch.data import load_dataset
 from largebatch.distributed import World, resolve_device, setup, thread_count
 from largebatch.engine import TrainingInterrupted, reached_target, run
-from largebatch.errors import CheckpointError, ConfigError, InvalidTypeError, UsageError
+from largebatch.errors import (
+    CheckpointError,
+    ConfigError,
+    InvalidTypeError,
+    UsageError,
+)
 from largebatch.interrupts import StopFlag, deliver_interrupts
-from largebatch.lr import BASE_LR_KEY, rule_for
+from largebatch.lr import BASE_LR_KEY, lrs_kept, rule_for
 from largebatch.meters import Meter
 from largebatch.models import build_model
 from largebatch.outputs import RunWriter, run_folder, summary
 from largebatch.scalars import ScalarLog
 from largebatch.scoring import LossFn
-from largebatch.source import DataSource, as_source
+from largebatch.source import DataSource, as_source, checked_range
 
 __all__ = [
     "train",
@@ -100,6 +106,7 @@ def train(
     ``controller`` replaces the one ``config.method`` names (a replay of a schedule, say).
     """
     config.validate()
+    _check_call_options("train()", show_progress=show_progress, echo=echo, stop_after=stop_after)
     world, device_name = setup(config.device)
     # Rank 0 holds the run folder's lock for the whole run, so that a second process on
     # the same --out is refused before it reads any data.
@@ -160,7 +167,10 @@ def fit(
             the outputs are ``(batch, classes)`` logits; otherwise loss only.
         optimizer: an optimizer over ``model``'s parameters, or a factory
             ``params -> Optimizer``; default SGD with the config's ``lr``, ``momentum``
-            and ``weight_decay``. Every LR change multiplies each param group's own LR.
+            and ``weight_decay``. Every LR change multiplies each param group's own LR
+            (the one it holds when ``fit`` is called); when ``fit`` returns or raises,
+            each group's ``lr`` is put back as it was, so a second call with the same
+            optimizer starts from the same LRs (its other state stays).
         out: folder for ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and
             ``checkpoint.pt`` (needed for ``resume``); None writes nothing.
         input_range: ``(low, high)`` where adversarial examples are clamped; None: no clamp.
@@ -178,9 +188,13 @@ def fit(
     Raises:
         UsageError: bad data, config, model or optimizer (one line, before training).
         TrainingInterrupted: Ctrl-C or SIGTERM; with ``out``, the checkpoint was saved.
+        KeyboardInterrupt: Ctrl-C while a Dataset is read, before training; its message
+            names the item; nothing was written.
     """
     cfg = _fit_config(model, train_data, optimizer, out, config)
-    _check_fit_objects(loss_fn, controller, meters, input_range)
+    input_range = _check_fit_objects(loss_fn, optimizer, controller, meters, input_range)
+    _check_call_options("fit()", show_progress=show_progress, echo=echo, stop_after=stop_after)
+    _check_flag(verbose, "verbose")
     if not verbose:
         echo, show_progress = (lambda _line: None), False
     elif echo is None:
@@ -211,11 +225,44 @@ def fit(
         )
 
 
-def _check_fit_objects(loss_fn: Any, controller: Any, meters: Any, input_range: Any) -> None:
-    """fit()'s objects are of the types it takes (before any work starts)."""
+def _check_flag(value: Any, name: str, who: str = "fit()") -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidTypeError(f"{who}: {name} must be True or False, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _check_call_options(who: str, *, show_progress: Any, echo: Any, stop_after: Any) -> None:
+    """The keywords that fit() and train() share, before any work starts."""
+    if show_progress is not None:
+        _check_flag(show_progress, "show_progress", who)
+    if echo is not None and not callable(echo):
+        raise InvalidTypeError(
+            f"{who}: echo must be a function taking one line (print, say) or None, got "
+            f"{_shown(echo)}"
+        )
+    if stop_after is not None:
+        checks.integer(stop_after, who, "stop_after", minimum=1)
+
+
+def _check_fit_objects(
+    loss_fn: Any, optimizer: Any, controller: Any, meters: Any, input_range: Any
+) -> tuple[float, float] | None:
+    """fit()'s objects are of the types it takes (before any work starts); returns
+    ``input_range`` as two floats."""
     if loss_fn is not None and not callable(loss_fn):
         raise InvalidTypeError(
             f"loss_fn is a {type(loss_fn).__name__}; pass a function (outputs, targets) -> loss"
+        )
+    if optimizer is not None and not (
+        isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)
+    ):
+        raise InvalidTypeError(
+            f"optimizer is a {_shown(optimizer)}; pass a torch.optim.Optimizer over the "
+            "model's parameters or a factory params -> Optimizer (None: the default SGD)"
         )
     if controller is not None and not isinstance(controller, BatchController):
         hint = (
@@ -238,10 +285,7 @@ def _check_fit_objects(loss_fn: Any, controller: Any, meters: Any, input_range: 
                     f"meters[{name!r}] is a {type(meter).__name__}; each value must be a "
                     "largebatch.meters.Meter, each key a measurement name"
                 )
-    if input_range is not None and (
-        not isinstance(input_range, (tuple, list)) or len(input_range) != 2
-    ):
-        raise InvalidTypeError(f"input_range must be a pair (low, high), got {input_range!r}")
+    return checked_range(input_range)
 
 
 def _fit_config(
@@ -334,7 +378,8 @@ def _run(
         # run, and arrives at the loop as a stop request. The decoding workers (image
         # folders only) start inside the engine, so they inherit the handler.
         plan = settings(config)
-        with StopFlag() as stop:
+        # the user's optimizer is handed back with the LRs it came with (see lrs_kept)
+        with StopFlag() as stop, lrs_kept(parts.optimizer):
             progress = run(
                 parts,
                 plan,
@@ -395,10 +440,14 @@ def optimizer_record(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's class and each param group's hyper-parameters (plain values)."""
 
     def simple(value: Any) -> Any:
+        if isinstance(value, np.generic):  # a NumPy number: YAML and JSON take Python's
+            value = value.item()
         if isinstance(value, (bool, int, float, str)) or value is None:
             return value
-        if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
-            return list(value)
+        if isinstance(value, (tuple, list)) and all(
+            isinstance(v, (int, float, np.number)) for v in value
+        ):
+            return [v.item() if isinstance(v, np.generic) else v for v in value]
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             return value.item()
         return repr(value)

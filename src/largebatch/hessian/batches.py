@@ -7,21 +7,35 @@ from typing import Any
 
 import torch
 
-__all__ = ["Batch", "Data", "as_batches", "check_pair", "is_pair", "sample_count"]
+from largebatch.errors import InvalidValueError
+
+__all__ = [
+    "Batch",
+    "Data",
+    "as_batches",
+    "check_pair",
+    "check_finite",
+    "is_pair",
+    "sample_count",
+]
 
 Batch = tuple[Any, Any]
 #: One ``(inputs, targets)`` pair, or an iterable of pairs (a list, a DataLoader, ...).
 Data = Batch | Iterable[Batch]
 
 
-def as_batches(data: Data, device: torch.device | None = None) -> list[Batch]:
+def as_batches(
+    data: Data, device: torch.device | None = None, who: str = "the probe data"
+) -> list[Batch]:
     """``data`` as a list of ``(inputs, targets)`` pairs, tensors moved to ``device``.
 
     An iterable is read once and kept, so every pass sees the same samples in the same
     order even if the iterable (say a shuffling DataLoader) would not repeat itself.
 
     Raises:
-        ValueError: an element that is not a pair, or no data at all.
+        ValueError: an element that is not a pair, or no data at all;
+            :class:`~largebatch.errors.InvalidValueError` (``who`` named): NaN or
+            infinity in an element (see :func:`check_finite`).
     """
     if is_pair(data):
         pairs = [data]
@@ -32,15 +46,37 @@ def as_batches(data: Data, device: torch.device | None = None) -> list[Batch]:
                 raise ValueError(f"data element {index} is not an (inputs, targets) pair")
     if not pairs:
         raise ValueError("data holds no batches")
+    for index, pair in enumerate(pairs):
+        check_finite(pair, index, who)
     return [(_to(x, device), _to(y, device)) for x, y in pairs]
 
 
-def check_pair(obj: object, index: int, device: torch.device | None = None) -> Batch:
-    """One element of streamed data as a pair on ``device``, or a ValueError."""
+def check_pair(
+    obj: object, index: int, device: torch.device | None = None, who: str = "the probe data"
+) -> Batch:
+    """One element of streamed data as a pair on ``device``, or a ValueError (an
+    InvalidValueError for NaN or infinity, as :func:`check_finite`)."""
     if not is_pair(obj):
         raise ValueError(f"data element {index} is not an (inputs, targets) pair")
+    check_finite(obj, index, who)  # type: ignore[arg-type]
     inputs, targets = obj  # type: ignore[misc]
     return _to(inputs, device), _to(targets, device)
+
+
+def check_finite(batch: Batch, index: int, who: str) -> None:
+    """Refuse a pair whose floating-point inputs or targets hold NaN or infinity: the
+    curvature of a loss on such data is not a number, and the solvers would fail later
+    in a linear-algebra routine with a message that says nothing of the data."""
+    for part, name in zip(batch, ("inputs", "targets"), strict=True):
+        if (
+            isinstance(part, torch.Tensor)
+            and part.is_floating_point()
+            and not bool(torch.isfinite(part).all())
+        ):
+            raise InvalidValueError(
+                f"{who}: data element {index}: the {name} hold NaN or infinity; curvature "
+                "needs finite data (clean or drop those samples)"
+            )
 
 
 def sample_count(batch: Batch) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from largebatch import checks
 from largebatch.hessian.batches import Data
 from largebatch.hessian.krylov import LanczosProcess
 from largebatch.hessian.linear_operator import (
@@ -58,6 +59,11 @@ def spectral_density(
         seed: seed of the probes; ``None`` draws one from torch's RNG.
         operator_options: keyword arguments of :class:`HessianOperator` for a model.
     """
+    num_probes = checks.integer(num_probes, "spectral_density", "num_probes")
+    lanczos_steps = checks.integer(lanczos_steps, "spectral_density", "lanczos_steps")
+    grid_points = checks.integer(grid_points, "spectral_density", "grid_points")
+    if sigma is not None:
+        sigma = checks.number(sigma, "spectral_density", "sigma")
     if num_probes < 1 or lanczos_steps < 1 or grid_points < 2:
         raise ValueError("need num_probes >= 1, lanczos_steps >= 1 and grid_points >= 2")
     if sigma is not None and not sigma > 0:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from largebatch import checks
 from largebatch.hessian.batches import Data
 from largebatch.hessian.krylov import (
     LanczosProcess,
@@ -145,8 +146,9 @@ def top_eigenvalues(
         raise ValueError(f"unknown method {method!r}; choose one of {EIGEN_METHODS}")
     if stop not in STOP_RULES:
         raise ValueError(f"unknown stop rule {stop!r}; choose one of {STOP_RULES}")
-    if k < 1 or max_iter < 1 or not tol > 0:
-        raise ValueError("need k >= 1, max_iter >= 1 and tol > 0")
+    k = checks.integer(k, "top_eigenvalues", "k", minimum=1)
+    max_iter = checks.integer(max_iter, "top_eigenvalues", "max_iter", minimum=1)
+    tol = checks.number(tol, "top_eigenvalues", "tol", low=0.0, low_open=True)
     if method == "lanczos" and max_iter < k:
         raise ValueError(f"Lanczos needs max_iter >= k, got max_iter={max_iter}, k={k}")
     with operator_for(target, loss_fn, data, operator_options) as op:

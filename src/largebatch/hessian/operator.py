@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from largebatch.errors import InvalidValueError
 from largebatch.hessian.batches import (
     Batch,
     Data,
@@ -139,6 +140,12 @@ class HessianOperator:
         self.dtype: torch.dtype = self.params[0].dtype
         self.device: torch.device = self.params[0].device
         self.dim = sum(p.numel() for p in self.params)
+        for name, param in zip(self.param_names, self.params, strict=True):
+            if not bool(torch.isfinite(param).all()):
+                raise InvalidValueError(
+                    f"{type(self).__name__}: the model's parameter {name!r} holds NaN or "
+                    "infinity; curvature needs finite weights"
+                )
         self.distributed = distributed_enabled(distributed)
         self.stream = isinstance(data, DataLoader) if stream is None else bool(stream)
         self.on_batch = on_batch
@@ -152,7 +159,8 @@ class HessianOperator:
                 )
             self.source = [data] if is_pair(data) else data  # type: ignore[assignment,list-item]
         else:
-            self.batches = [b for b in as_batches(data, self.device) if sample_count(b) > 0]
+            pairs = as_batches(data, self.device, who=type(self).__name__)
+            self.batches = [b for b in pairs if sample_count(b) > 0]
         self.matvecs = 0
         self._pass_totals: tuple[float, float] | None = None
         self._stack: ExitStack | None = None
@@ -366,7 +374,7 @@ class HessianOperator:
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         assert self.source is not None
         for index, raw in enumerate(self.source):
-            batch = check_pair(raw, index, self.device)
+            batch = check_pair(raw, index, self.device, who=type(self).__name__)
             count = sample_count(batch)
             if count == 0:
                 continue

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from largebatch import checks
 from largebatch.hessian.batches import Data
 from largebatch.hessian.linear_operator import (
     CountingOperator,
@@ -62,6 +63,10 @@ def hessian_trace(
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {TRACE_METHODS}")
     least = 3 if method == "hutch++" else 1
+    probes = checks.integer(probes, "hessian_trace", "probes")
+    max_probes = checks.integer(max_probes, "hessian_trace", "max_probes")
+    if tol is not None:
+        tol = checks.number(tol, "hessian_trace", "tol", low=0.0)
     if probes < least or max_probes < probes:
         raise ValueError(f"need {least} <= probes <= max_probes, got {probes}, {max_probes}")
     with operator_for(target, loss_fn, data, operator_options) as op:

@@ -12,7 +12,7 @@ from torch import nn
 
 from largebatch import checks
 from largebatch.errors import InvalidTypeError, InvalidValueError, StateError
-from largebatch.hessian.batches import Data
+from largebatch.hessian.batches import Data, check_finite, is_pair
 from largebatch.hessian.eigen import EIGEN_METHODS, top_eigenvalues
 from largebatch.hessian.operator import HessianOperator, LossFn
 
@@ -131,6 +131,10 @@ class EigenTracker:
             raise InvalidValueError(
                 f"{who}: {method} with k={k} needs max_matvecs >= {least}, got {max_matvecs}"
             )
+        if is_pair(data) or isinstance(data, (list, tuple)):  # in memory: checked now
+            for index, pair in enumerate([data] if is_pair(data) else data):
+                if is_pair(pair):
+                    check_finite(pair, index, who)
         self.loss_fn = loss_fn
         self.data = data
         self.k = k
