@@ -43,6 +43,7 @@ LAYER_OF = {
             "progress",
             "precision",
             "distributed",
+            "parallel",
             "engine",
         ),
         "engine",

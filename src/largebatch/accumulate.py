@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from largebatch import checks
-from largebatch.distributed import World, all_reduce_, all_reduce_gradients
+from largebatch.distributed import World
 from largebatch.errors import DivergedError, InvalidValueError
-from largebatch.meters import Meter, Point
+from largebatch.meters import Meter, Point, reads_micro_batches
+from largebatch.parallel import Flat, Parallel
 from largebatch.precision import autocast, make_scaler
 
 __all__ = [
@@ -171,8 +172,9 @@ class GlobalBatch:
     under autocast and the backward pass weighted by the micro-batch's share of the
     global batch (:func:`backward_share`), adds to the epoch's sums and calls each
     meter's ``after_backward``; moves batch-norm statistics once per update
-    (:class:`BatchNormPerUpdate`); under torchrun all-reduces the gradients with a stop
-    flag riding along; calls each meter's ``at_update``; refuses a non-finite loss or
+    (:class:`BatchNormPerUpdate`); under torchrun has ``parallel`` reduce the gradients
+    (in the last backward pass, or after them) and the extras (the running statistics,
+    a stop flag); calls each meter's ``at_update``; refuses a non-finite loss or
     gradient (:class:`~largebatch.errors.DivergedError`: nothing reaches the weights);
     and steps the optimizer (through the fp16 loss scaler, when there is one).
 
@@ -190,6 +192,8 @@ class GlobalBatch:
             Each micro-batch's backward is then weighted by its terms' share of the
             global batch's (summed over the ranks: one more all-reduce of one number),
             so accumulation equals one large batch. None: samples.
+        parallel: how the ranks' gradients meet (:mod:`largebatch.parallel`); default
+            the flat all-reduce under torchrun, nothing in one process.
     """
 
     def __init__(
@@ -203,8 +207,11 @@ class GlobalBatch:
         attack: Attack | None = None,
         channels_last: bool = False,
         count: Callable[[torch.Tensor], int] | None = None,
+        parallel: Parallel | None = None,
     ) -> None:
         self.count = count
+        self.parallel = parallel or (Flat(world) if world.enabled else Parallel(world))
+        self.module = self.parallel.prepare(model)  # what the forward passes run through
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.world, self.device, self.precision = world, device, precision
         self.attack, self.channels_last = attack, channels_last
@@ -238,18 +245,24 @@ class GlobalBatch:
             self.batch_norm.begin()
         # the divergence check reads the epoch's running loss when there is one
         loss_sum = None if score is not None else torch.zeros((), device=device)
-        shares, whole = self._shares(micro_batches, batch_samples)
-        for (xb, yb), share in zip(micro_batches, shares, strict=True):
+        shares, whole, empty = self._shares(micro_batches, batch_samples)
+        # the gradients may meet in the last backward pass only when every rank has one
+        # and no meter reads this rank's own micro-batch gradients (all ranks agree)
+        local = any(reads_micro_batches(meter) for meter in meters)
+        sync = not empty and self.parallel.sync_in_backward(batch_samples, local)
+        last = max((i for i, share in enumerate(shares) if share), default=-1)
+        for index, ((xb, yb), share) in enumerate(zip(micro_batches, shares, strict=True)):
             if not share:  # no loss terms (all padding): nothing to learn from, no mean
                 continue
             xb = to_device(xb, device, self.channels_last)
             yb = yb.to(device, non_blocking=True)
-            if self.attack is not None:
+            if self.attack is not None:  # through the model itself: no gradient sync
                 xb = self.attack(model, xb, yb, adv_ratio, self.loss_fn)
-            with autocast(device, self.precision):
-                out = model(xb)
-                loss = self.loss_fn(out, yb)
-            backward_share(loss, share, whole, scaler)
+            with self.parallel.micro_batch(sync and index == last):
+                with autocast(device, self.precision):
+                    out = self.module(xb)
+                    loss = self.loss_fn(out, yb)
+                backward_share(loss, share, whole, scaler)
             if loss_sum is None:
                 score.add(loss, out, yb)
             else:
@@ -261,9 +274,8 @@ class GlobalBatch:
         if accumulating:
             self.batch_norm.end()
         wish = stop() if callable(stop) else stop
-        stopping = all_reduce_gradients(
-            self.params, self.world, 1.0 if wish else 0.0, self.batch_norm.running
-        )
+        flag = 1.0 if wish else 0.0
+        stopping = self.parallel.finish(self.params, self.batch_norm.running, flag, sync)
         for meter in meters:  # (before unscaling: with fp16, the scale cancels in ratios)
             meter.at_update(model, point)
         # A diverged run must stop before a non-finite update reaches the weights; one
@@ -292,12 +304,19 @@ class GlobalBatch:
 
     def _shares(
         self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_samples: int
-    ) -> tuple[list[int], int]:
-        """Each micro-batch's weight and the global batch's total: samples, or with
-        ``count`` the micro-batches' loss terms, summed over the ranks."""
+    ) -> tuple[list[int], int, bool]:
+        """Each micro-batch's weight, the global batch's total (samples, or with
+        ``count`` the micro-batches' loss terms, summed over the ranks), and whether
+        some rank has nothing to learn from in this update (every rank gets the same)."""
         if self.count is None:
-            return [len(yb) for _, yb in micro_batches], batch_samples
+            shares = [len(yb) for _, yb in micro_batches]
+            return shares, batch_samples, batch_samples < self.world.size
         shares = [int(self.count(yb)) for _, yb in micro_batches]
-        total = torch.tensor(float(sum(shares)), dtype=torch.float64, device=self.device)
-        whole = int(all_reduce_(total, self.world).item())
-        return shares, max(whole, 1)
+        # [terms, ranks without any], summed over the ranks in one all-reduce
+        sums = torch.tensor(
+            [float(sum(shares)), 0.0 if sum(shares) else 1.0],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        whole, empty = self.parallel.sum_(sums).tolist()
+        return shares, max(int(whole), 1), empty > 0

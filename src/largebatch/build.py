@@ -41,6 +41,7 @@ from largebatch.feed import materialize
 from largebatch.hessian import EigenTracker
 from largebatch.lr import momentum_of, rule_for
 from largebatch.meters import EIGENVALUE, NOISE_SCALE, CurvatureMeter, GradientNoiseMeter, Meter
+from largebatch.parallel import make_parallel
 from largebatch.sampler import probe_batches, probe_seed
 from largebatch.scoring import LossFn, check_parameters
 from largebatch.source import DataSource
@@ -117,6 +118,7 @@ def build_parts(
         attack=make_attack(config, data),
         rollback=make_rollback(config),
         count=token_count if config.loss_weights == "tokens" else None,
+        parallel=make_parallel(config.parallel, world),
     )
 
 

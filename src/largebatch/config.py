@@ -20,6 +20,7 @@ import yaml
 
 from largebatch.checks import MAX_SEED
 from largebatch.errors import ConfigError
+from largebatch.parallel import PARALLEL_KINDS
 
 __all__ = [
     "METHODS",
@@ -57,6 +58,7 @@ class TrainConfig:
     image_size: int | None = None  # image-folder datasets: side of the decoded images
     loader_workers: int | None = None  # image-folder datasets: decoding processes (None: auto)
     threads: int | None = None  # torch threads per process (None: auto, see README)
+    parallel: str = "flat"  # how the ranks' gradients meet under torchrun: flat
     # model and method
     model: str = "c1"
     method: str = "bl"
@@ -149,6 +151,7 @@ class TrainConfig:
         _choice("on_divergence", self.on_divergence, ("stop", "rollback"))
         _choice("lr_scaling", self.lr_scaling, ("adascale", "auto", "linear", "sqrt"))
         _choice("loss_weights", self.loss_weights, ("samples", "tokens"))
+        _choice("parallel", self.parallel, PARALLEL_KINDS)
         if (self.method == "schedule") != (self.batch_schedule is not None):
             raise ConfigError(
                 'method schedule follows batch_schedule (e.g. "0:32 200k:64 800k:128"): '

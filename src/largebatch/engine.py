@@ -37,6 +37,7 @@ from largebatch.errors import DivergedError, UsageError
 from largebatch.feed import Feed
 from largebatch.lr import BASE_LR_KEY, LRScaler, momentum_of, stability
 from largebatch.meters import Meter, Point, time_of
+from largebatch.parallel import Parallel
 from largebatch.progress import RECORD_DEFAULTS, Progress, meter_defaults
 from largebatch.sampler import EpochSampler, augment_rng_seed, augment_seed
 from largebatch.scoring import LossFn, RunningScore, check_fits, score
@@ -68,6 +69,8 @@ class Parts:
             micro-batch is then weighted by its share of the global batch's terms. None:
             samples. The epoch's training loss stays a mean over samples of the
             micro-batches' losses.
+        parallel: how the ranks' gradients meet (:mod:`largebatch.parallel`); None:
+            the flat all-reduce under torchrun.
     """
 
     model: nn.Module
@@ -79,6 +82,7 @@ class Parts:
     attack: Callable[..., torch.Tensor] | None = None
     rollback: Rollback | None = None
     count: Callable[[torch.Tensor], int] | None = None
+    parallel: Parallel | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,7 @@ def run(
     lr = LRScaler(optimizer)
     update = GlobalBatch(
         model, optimizer, parts.loss_fn, world, device, settings.precision, parts.attack,
-        channels_last, count=parts.count,
+        channels_last, count=parts.count, parallel=parts.parallel,
     )  # fmt: skip
     saved = {
         "model": model,

@@ -42,6 +42,7 @@ __all__ = [
     "NOISE_SCALE",
     "time_of",
     "noise_estimates",
+    "reads_micro_batches",
 ]
 
 #: the measurement the curvature meter provides
@@ -102,6 +103,13 @@ class Meter:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
+
+
+def reads_micro_batches(meter: Meter) -> bool:
+    """Whether ``meter`` reads the gradient after each micro-batch (it overrides
+    :meth:`Meter.after_backward`): under torchrun it must see this rank's own gradients,
+    so that update's gradients meet only after its backward passes."""
+    return type(meter).after_backward is not Meter.after_backward
 
 
 class CurvatureMeter(Meter):

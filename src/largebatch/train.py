@@ -70,6 +70,7 @@ _RESUMABLE_CHANGES = {
     "max_rollbacks",
     "loader_workers",
     "tensorboard",
+    "parallel",  # how gradients meet changes no number of the run
 }
 
 # Config keys that name or shape built-in data and models: fit() takes the objects.
