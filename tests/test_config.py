@@ -44,6 +44,7 @@ def test_saved_config_reads_back_identically(tmp_path):
         ({"max_batch_size": 64}, "at least batch_size"),
         ({"max_batch_size": 200}, "multiple of batch_size"),
         ({"lr_decay_epochs": [5, 2]}, "increasing"),
+        ({"parallel": "fsdp2"}, "unknown parallel 'fsdp2'; choose one of: ddp, flat"),
     ],
 )
 def test_out_of_range_values_are_config_errors(values, message):

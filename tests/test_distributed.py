@@ -115,6 +115,18 @@ def test_batch_norm_model_two_ranks_match_one_process_exactly(tmp_path):
     assert records[-1]["batch_size"] > 32
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "flat"])
+def test_a_batch_that_grows_twice_two_ranks_match_one_process(tmp_path, parallel):
+    # gg turns the decays at epochs 1 and 2 into growths: 32 -> 64 -> 128, so each rank
+    # runs 1, then 2, then 4 micro-batches of 16 (all but the last under no_sync)
+    values = dict(method="gg", model="mlp", lr_decay_epochs=[1, 2], lr_decay=0.5)
+    _train_on_ranks(2, _values(tmp_path, "two", parallel=parallel, **values))
+    _train_here(_values(tmp_path, "one", **values))
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    records = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["batch_size"] for r in records] == [32, 64, 128]
+
+
 def test_a_two_rank_run_resumed_by_one_process_keeps_the_schedule(tmp_path):
     values = _values(tmp_path, "mixed", model="mlp")
     _train_on_ranks(2, values, stop_after=1)

@@ -211,7 +211,7 @@ class GlobalBatch:
     ) -> None:
         self.count = count
         self.parallel = parallel or (Flat(world) if world.enabled else Parallel(world))
-        self.module = self.parallel.prepare(model)  # what the forward passes run through
+        self.parallel.prepare(model)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.world, self.device, self.precision = world, device, precision
         self.attack, self.channels_last = attack, channels_last
@@ -258,9 +258,9 @@ class GlobalBatch:
             yb = yb.to(device, non_blocking=True)
             if self.attack is not None:  # through the model itself: no gradient sync
                 xb = self.attack(model, xb, yb, adv_ratio, self.loss_fn)
-            with self.parallel.micro_batch(sync and index == last):
+            with self.parallel.micro_batch(sync and index == last) as module:
                 with autocast(device, self.precision):
-                    out = self.module(xb)
+                    out = module(xb)
                     loss = self.loss_fn(out, yb)
                 backward_share(loss, share, whole, scaler)
             if loss_sum is None:

@@ -43,7 +43,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
     ("--image-size", "image_size", int, "image-folder datasets: side of the decoded images"),
     ("--workers", "loader_workers", int, "image-folder datasets: decoding processes"),
     ("--threads", "threads", int, "torch threads per process (default: auto)"),
-    ("--parallel", "parallel", str, "how gradients meet under torchrun: flat"),
+    ("--parallel", "parallel", str, "how gradients meet under torchrun: ddp (default) | flat"),
     (
         "--model",
         "model",

@@ -58,7 +58,7 @@ class TrainConfig:
     image_size: int | None = None  # image-folder datasets: side of the decoded images
     loader_workers: int | None = None  # image-folder datasets: decoding processes (None: auto)
     threads: int | None = None  # torch threads per process (None: auto, see README)
-    parallel: str = "flat"  # how the ranks' gradients meet under torchrun: flat
+    parallel: str = "ddp"  # how the ranks' gradients meet under torchrun: ddp | flat
     # model and method
     model: str = "c1"
     method: str = "bl"

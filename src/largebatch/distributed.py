@@ -226,21 +226,26 @@ def all_reduce_gradients(
 ) -> float:
     """Sum the parameters' gradients over the ranks in one flat all-reduce.
 
-    A rank whose slice was empty contributes zeros. ``buffers`` (batch-norm running
-    statistics, floating point) ride along and are averaged, so every rank keeps the same
-    statistics, drawn from the whole global batch. ``flag`` rides along too, so ranks agree
-    on it without another collective (used for "stop requested"); its sum is returned.
+    A rank whose slice was empty, or whose micro-batches left a parameter out, contributes
+    zeros for it; a parameter that no rank has a gradient for keeps none (so an optimizer
+    leaves it alone, momentum included, as in one process). ``buffers`` (batch-norm
+    running statistics, floating point) ride along and are averaged, so every rank keeps
+    the same statistics, drawn from the whole global batch. ``flag`` rides along too, so
+    ranks agree on it without another collective (used for "stop requested"); its sum is
+    returned.
     """
     if not world.enabled:
         return flag
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     pieces = [g.reshape(-1) for g in grads] + [b.reshape(-1) for b in buffers]
-    flat = torch.cat([*pieces, grads[0].new_tensor([flag]).reshape(1)])
+    has = [0.0 if p.grad is None else 1.0 for p in params]  # which ranks have a gradient
+    flat = torch.cat([*pieces, grads[0].new_tensor([*has, flag]).reshape(-1)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
-    for param, grad in zip(params, grads, strict=True):
+    used = flat[-1 - len(params) : -1].tolist()
+    for param, grad, ranks in zip(params, grads, used, strict=True):
         count = grad.numel()
-        param.grad = flat[offset : offset + count].view_as(param).clone()
+        param.grad = flat[offset : offset + count].view_as(param).clone() if ranks else None
         offset += count
     for buffer in buffers:
         count = buffer.numel()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,7 +193,9 @@ def run(
     last = settings.epochs
     if stop_after is not None:
         last = min(last, progress.epoch + stop_after)
-    with Feed(data, device, world, settings.loader_workers) as feed:
+    # closing: a wrapper that synchronises in the backward pass (DDP's hooks on the
+    # parameters) must not outlive the run: the model is the user's
+    with Feed(data, device, world, settings.loader_workers) as feed, closing(update.parallel):
         order = EpochSampler(len(data.train_y), settings.seed)
         epochs = _Epochs(parts, settings, feed, update, lr, order, world, fits, show_progress)
         broadcast_object(None, world)  # every rank has read the checkpoint before any write

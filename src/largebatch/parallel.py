@@ -16,27 +16,46 @@ of an update, so the loop never branches on which one runs:
   running statistics moved once per update (averaged over the ranks) and the stop flag
   (summed, so every rank learns that one rank was asked to stop).
 
-Kinds (config ``parallel``): ``flat``, every gradient copied into one flat tensor,
-all-reduced once per update after the backward passes and copied back (nothing overlaps
-the backward pass). In a single process every kind is the same: nothing to reduce.
+Kinds (config ``parallel``):
+
+- ``ddp`` (the default): torch's ``DistributedDataParallel``. Every micro-batch but an
+  update's last runs under ``no_sync()``; the last one's backward all-reduces the
+  gradients bucket by bucket while the backward pass goes on. DDP averages over the
+  ranks; here the ranks' gradients are shares of the global batch already, so a
+  communication hook sums them instead (:func:`sum_hook`). ``broadcast_buffers`` is off:
+  the running statistics move once per update and are averaged with the stop flag in
+  one small all-reduce after the backward. An update in which some rank has no sample
+  (a global batch smaller than the world), or in which a meter reads each micro-batch's
+  own gradient, runs every micro-batch under ``no_sync()`` and reduces as ``flat``.
+  The first update of a run (or of a resumed run) is a probe: it runs as ``flat`` and
+  counts, for each parameter, the micro-batches whose backward reached it; the model is
+  wrapped after it, with ``find_unused_parameters`` only when some micro-batch on some
+  rank left a parameter out (that option costs a walk of the graph in every update).
+- ``flat``: every gradient copied into one flat tensor, all-reduced once per update
+  after the backward passes and copied back (nothing overlaps the backward pass).
+
+In a single process every kind is the same: nothing to reduce.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import gc
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.distributed import World, all_reduce_, all_reduce_gradients
 from largebatch.errors import InvalidValueError
 
-__all__ = ["PARALLEL_KINDS", "Parallel", "Flat", "make_parallel"]
+__all__ = ["PARALLEL_KINDS", "Parallel", "Flat", "DDP", "make_parallel", "sum_hook"]
 
-#: the values of config ``parallel``
-PARALLEL_KINDS = ("flat",)
+#: the values of config ``parallel`` (the first is the default)
+PARALLEL_KINDS = ("ddp", "flat")
 
 
 class Parallel:
@@ -49,7 +68,9 @@ class Parallel:
         self.world = world or World()
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """The module that runs the forward passes of ``model`` (the model itself here)."""
+        """Take ``model`` for the run; returns the module that runs its forward passes
+        now (the model itself here; see :meth:`micro_batch`)."""
+        self.model = model
         return model
 
     def sync_in_backward(self, batch_samples: int, local_reads: bool) -> bool:
@@ -58,10 +79,12 @@ class Parallel:
         each micro-batch's gradient on this rank. Every rank must answer the same."""
         return False
 
-    def micro_batch(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
-        """The context of one micro-batch's forward and backward; ``sync``: this backward
-        is the one in which the gradients meet."""
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def micro_batch(self, sync: bool) -> Iterator[nn.Module]:
+        """The context of one micro-batch's forward and backward, giving the module to
+        run the forward pass with; ``sync``: this backward is the one in which the
+        gradients meet."""
+        yield self.model
 
     def finish(
         self,
@@ -78,6 +101,9 @@ class Parallel:
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks, in place (a loss-term count, say)."""
         return all_reduce_(tensor, self.world)
+
+    def close(self) -> None:
+        """Let go of what :meth:`prepare` set up (the run is over)."""
 
 
 class Flat(Parallel):
@@ -96,6 +122,135 @@ class Flat(Parallel):
         return all_reduce_gradients(list(params), self.world, flag, buffers)
 
 
+def sum_hook(state, bucket):  # type: ignore[no-untyped-def]
+    """A DDP communication hook that sums a bucket (a ``dist.GradBucket``) over the
+    ranks, returning a future of the summed tensor (DDP's own hook divides by the world
+    size): each rank's gradient is already weighted by its slice's share of the global
+    batch, so their sum is the global batch's gradient. (No annotations: DDP checks them
+    as objects, and this module's are strings.)"""
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda done: done.value()[0])
+
+
+class DDP(Flat):
+    """torch's ``DistributedDataParallel`` (see the module's docstring); updates that
+    cannot synchronise in the backward pass reduce as :class:`Flat`."""
+
+    name = "ddp"
+
+    def __init__(self, world: World | None = None) -> None:
+        super().__init__(world)
+        self.ddp: DistributedDataParallel | None = None
+        self.find_unused: bool | None = None  # decided by the probe update
+        self._probe: _Probe | None = None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self.close()
+        return super().prepare(model)
+
+    def close(self) -> None:
+        # DDP's hooks on the parameters go with the wrapper: the model is the user's,
+        # and a backward pass of theirs after the run must not call into a dead reducer
+        if self._probe is not None:
+            self._probe.finish(None)
+        wrapped = self.ddp is not None
+        self.ddp, self._probe, self.find_unused = None, None, None
+        if wrapped:  # DDP holds reference cycles: free it (and its hooks) now
+            gc.collect()
+
+    def sync_in_backward(self, batch_samples: int, local_reads: bool) -> bool:
+        if self.ddp is None:  # the probe update: flat, counting who reaches what
+            if self._probe is not None:  # a probe update that did not finish (diverged)
+                self._probe.finish(None)
+            self._probe = _Probe(self.model)
+            return False
+        return not local_reads
+
+    @contextlib.contextmanager
+    def micro_batch(self, sync: bool) -> Iterator[nn.Module]:
+        if self.ddp is None:
+            if self._probe is not None:
+                self._probe.micro_batches += 1
+            yield self.model
+        elif sync:
+            yield self.ddp
+        else:
+            with self.ddp.no_sync():
+                yield self.ddp
+
+    def finish(
+        self,
+        params: Sequence[nn.Parameter],
+        buffers: Sequence[torch.Tensor],
+        flag: float,
+        synced: bool,
+    ) -> float:
+        if not synced:
+            stopping = super().finish(params, buffers, flag, synced)
+        else:
+            stopping = _reduce_extras(buffers, flag, self.world, params[0].device)
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            self.find_unused = probe.finish(self.world)
+            self.ddp = DistributedDataParallel(
+                self.model,
+                device_ids=None if params[0].device.type == "cpu" else [params[0].device],
+                forward_sync_buffers=False,  # the running statistics are averaged per update
+                find_unused_parameters=self.find_unused,
+                static_graph=False,  # with no_sync, a static graph stopped all-reducing
+            )
+            self.ddp.register_comm_hook(None, sum_hook)
+        return stopping
+
+
+class _Probe:
+    """Counts, for each trainable parameter, the micro-batches whose backward reached it
+    (a hook after its gradient accumulates)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.micro_batches = 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.reached = [0] * len(params)
+        self.hooks = [
+            param.register_post_accumulate_grad_hook(self._counter(index))
+            for index, param in enumerate(params)
+        ]
+
+    def _counter(self, index: int) -> Any:
+        def count(_param: torch.Tensor) -> None:
+            self.reached[index] += 1
+
+        return count
+
+    def finish(self, world: World | None) -> bool:
+        """Remove the hooks; whether some micro-batch of some rank left a parameter out
+        (all ranks agree; ``world`` None: this rank's answer, no collective)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        missed = any(n < self.micro_batches for n in self.reached)
+        flag = torch.tensor([1.0 if missed else 0.0])
+        if world is not None and world.enabled:
+            dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+
+def _reduce_extras(
+    buffers: Sequence[torch.Tensor], flag: float, world: World, device: torch.device
+) -> float:
+    """Average ``buffers`` (the running statistics) and sum ``flag`` over the ranks in
+    one all-reduce; returns the flag's sum."""
+    pieces = [b.reshape(-1).float() for b in buffers]
+    flat = torch.cat([*pieces, torch.tensor([flag], device=device)])
+    all_reduce_(flat, world)
+    offset = 0
+    for buffer in buffers:
+        count = buffer.numel()
+        buffer.copy_(flat[offset : offset + count].view_as(buffer) / world.size)
+        offset += count
+    return float(flat[-1])
+
+
 def make_parallel(kind: str, world: World) -> Parallel:
     """The strategy that config ``parallel: kind`` names, for ``world``."""
     if kind not in PARALLEL_KINDS:
@@ -104,4 +259,4 @@ def make_parallel(kind: str, world: World) -> Parallel:
         )
     if not world.enabled:
         return Parallel(world)
-    return Flat(world)
+    return DDP(world) if kind == "ddp" else Flat(world)
