@@ -1,11 +1,16 @@
-"""Benchmark: the cost of data parallelism per optimizer update on CPU with gloo.
+"""Benchmark: how the ranks' gradients meet, per optimizer update, on CPU with gloo.
 
-Trains the same global batch for a few updates with 1 process and with ``--ranks``
-processes (torch.multiprocessing, gloo on localhost), one thread each, and reports the
-median seconds per update side by side, plus the median time of the one gradient
-all-reduce per update alone. On 2 CPU cores this measures overhead, not speed-up.
+For each global batch, three set-ups run the same updates through
+:class:`largebatch.accumulate.GlobalBatch` (the loop's own update): one process doing
+the whole global batch, and 2 gloo processes (one thread each, torch.multiprocessing on
+localhost) with ``parallel: flat`` and with ``parallel: ddp``. Every process cuts its
+share into micro-batches of ``--micro`` samples (accumulation). Reported per set-up: the
+median seconds per update (the first updates left out: connection set-up, allocation,
+and under ``ddp`` the probe update, which reduces as ``flat``), and the peak resident
+memory of each rank. One JSON line per finished set-up goes to ``--out`` as it ends.
 
-    python benchmarks/bench_distributed.py [--model c1] [--batch 256] [--updates 12]
+    python benchmarks/bench_distributed.py --model resnet18 --batches 64 256 --micro 32 \\
+        --out docs/results/distributed/bench_distributed.jsonl
 """
 
 from __future__ import annotations
@@ -13,17 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from largebatch.distributed import World, _import_group_holders, all_reduce_gradients, shard
+from largebatch.accumulate import GlobalBatch, micro_batches
+from largebatch.distributed import World, _import_group_holders, shard
 from largebatch.models import build_model
+from largebatch.parallel import make_parallel
+
+SETUPS = (("one process", 1, "flat"), ("flat", 2, "flat"), ("ddp", 2, "ddp"))
 
 
 def _free_port() -> int:
@@ -32,7 +43,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(rank: int, world_size: int, port: int, args: argparse.Namespace, results) -> None:
+def _run(rank: int, world_size: int, port: int, kind: str, batch: int, args, queue) -> None:
     torch.set_num_threads(1)
     if world_size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -40,68 +51,73 @@ def _run(rank: int, world_size: int, port: int, args: argparse.Namespace, result
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     world = World(rank, world_size, rank)
     torch.manual_seed(0)
-    model = build_model(args.model, (1, 28, 28), 10)
+    shape = (3, args.image, args.image)
+    model = build_model(args.model, shape, 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    params = [p for p in model.parameters() if p.requires_grad]
+    update = GlobalBatch(
+        model, optimizer, F.cross_entropy, world, torch.device("cpu"),
+        parallel=make_parallel(kind, world),
+    )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
-    x = torch.rand(args.batch, 1, 28, 28, generator=generator)
-    y = torch.randint(0, 10, (args.batch,), generator=generator)
-    step_times, reduce_times = [], []
+    x = torch.rand(batch, *shape, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    mine = shard(torch.arange(batch), world)
+    pieces = list(micro_batches(x[mine], y[mine], args.micro))
+    times = []
     for _ in range(args.updates):
         started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        xs, ys = shard(x, world), shard(y, world)
-        for begin in range(0, len(ys), args.micro):
-            xb, yb = xs[begin : begin + args.micro], ys[begin : begin + args.micro]
-            (F.cross_entropy(model(xb), yb) * len(yb) / args.batch).backward()
-        reduce_started = time.perf_counter()
-        all_reduce_gradients(params, world)
-        reduce_times.append(time.perf_counter() - reduce_started)
-        optimizer.step()
-        step_times.append(time.perf_counter() - started)
-    if rank == 0:
-        warm = args.updates // 4  # first updates include allocation and connection set-up
-        results.put(
-            {
-                "ranks": world_size,
-                "update_s": statistics.median(step_times[warm:]),
-                "all_reduce_s": statistics.median(reduce_times[warm:]),
-            }
-        )
+        update.step(pieces, batch)
+        times.append(time.perf_counter() - started)
+    update.parallel.close()
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"rank": rank, "times": times, "peak_rss_mib": peak_mib})
     if world_size > 1:
         dist.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="c1")
-    parser.add_argument("--batch", type=int, default=256, help="global batch")
-    parser.add_argument("--micro", type=int, default=128, help="micro-batch per rank")
-    parser.add_argument("--updates", type=int, default=12)
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--image", type=int, default=32, help="side of the inputs")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--micro", type=int, default=32, help="micro-batch per process")
+    parser.add_argument("--updates", type=int, default=8)
+    parser.add_argument("--warm", type=int, default=2, help="first updates left out")
+    parser.add_argument("--out", type=Path, default=None, help="JSON lines, appended")
     args = parser.parse_args()
+    parameters = sum(
+        p.numel() for p in build_model(args.model, (3, args.image, args.image), 10).parameters()
+    )
     queue = mp.get_context("spawn").SimpleQueue()
-    rows = []
-    for world_size in (1, args.ranks):
-        mp.spawn(_run, args=(world_size, _free_port(), args, queue), nprocs=world_size)
-        rows.append(queue.get())
-    parameters = sum(p.numel() for p in build_model(args.model, (1, 28, 28), 10).parameters())
-    one, many = rows
-    print(
-        json.dumps(
-            {
+    table = []
+    for batch in args.batches:
+        for name, world_size, kind in SETUPS:
+            spawn_args = (world_size, _free_port(), kind, batch, args, queue)
+            mp.spawn(_run, args=spawn_args, nprocs=world_size)
+            ranks = sorted((queue.get() for _ in range(world_size)), key=lambda r: r["rank"])
+            row = {
+                "setup": name,
+                "processes": world_size,
+                "parallel": kind if world_size > 1 else None,
                 "model": args.model,
                 "parameters": parameters,
-                "global_batch": args.batch,
+                "global_batch": batch,
                 "micro_batch": args.micro,
-                "rows": rows,
-                "update_time_ratio": many["update_s"] / one["update_s"],
-                "all_reduce_share_of_update": many["all_reduce_s"] / many["update_s"],
-                "threads_per_rank": 1,
-            },
-            indent=2,
-        )
-    )
+                "threads_per_process": 1,
+                "update_s": statistics.median(ranks[0]["times"][args.warm :]),
+                "update_times_s": ranks[0]["times"],
+                "peak_rss_mib": [r["peak_rss_mib"] for r in ranks],
+            }
+            table.append(row)
+            if args.out is not None:
+                with args.out.open("a") as out:
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+            print(
+                f"batch {batch:5d}  {name:12s} {row['update_s']:.3f} s/update  "
+                f"peak RSS {', '.join(f'{m:.0f}' for m in row['peak_rss_mib'])} MiB",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

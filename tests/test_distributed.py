@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
 import largebatch.train as train_module
 from helpers import assert_runs_close, free_port, threads_like_a_rank, with_alarm
@@ -226,3 +228,61 @@ def test_a_run_uses_the_threads_asked_for_and_puts_the_count_back(tmp_path):
         assert torch.get_num_threads() == before
     with pytest.raises(ConfigError, match="threads"):
         TrainConfig(threads=0).validate()
+
+
+def _two_nodes(tmp_path, values):
+    """Two torchrun "nodes" of one process each, meeting through a c10d rendezvous on
+    127.0.0.1 (the first hosts the store), running the command line on ``values``."""
+    config = tmp_path / f"{Path(values['out']).name}.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in values.items() if k != "out"}))
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={node}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=two-nodes",
+                f"--rdzv-conf=is_host={'true' if node == 0 else 'false'}",
+                "-m",
+                "largebatch",
+                "train",
+                "--config",
+                str(config),
+                "--out",
+                values["out"],
+                "--quiet",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    try:
+        logs = [node.communicate(timeout=180)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, log in zip(nodes, logs, strict=True):
+        assert node.returncode == 0, log[-3000:]
+
+
+@pytest.mark.parametrize("method", ["bl", "abs", "gns"])
+def test_two_torchrun_nodes_match_one_process(tmp_path, method):
+    values = _values(tmp_path, "nodes", method=method, model="mlp", resume=False)
+    values.update(gns_every=0.25) if method == "gns" else None
+    _two_nodes(tmp_path, values)
+    values.update(out=str(tmp_path / "one"))
+    _train_here(values)
+    _assert_same_run(tmp_path / "one", tmp_path / "nodes")
+    records = read_jsonl(tmp_path / "nodes" / "metrics.jsonl")
+    if method != "bl":
+        assert records[-1]["batch_size"] > 32  # the batch did grow: decisions were made

@@ -1,6 +1,7 @@
 """How gradients meet (largebatch.parallel), with real gloo processes on CPU: DDP and
 the flat all-reduce give one process's update, whatever the slices."""
 
+import gc
 import os
 import weakref
 from datetime import timedelta
@@ -11,11 +12,16 @@ import torch.distributed as dist
 import torch.distributed.fsdp  # noqa: F401  (imported after the group exists, it holds it)
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
+import largebatch
 import largebatch.parallel as parallel_module
-from helpers import free_port
+from helpers import assert_runs_close, free_port, threads_like_a_rank
 from largebatch.accumulate import GlobalBatch, micro_batches
+from largebatch.checkpoint import load_checkpoint
 from largebatch.distributed import World, shard
+from largebatch.errors import UsageError
 from largebatch.parallel import DDP, Flat, Parallel, make_parallel, sum_hook
 
 pytestmark = pytest.mark.slow
@@ -164,3 +170,47 @@ def test_one_process_needs_no_strategy_and_refuses_unknown_kinds():
     assert type(make_parallel("ddp", World(0, 2, 0))) is DDP
     with pytest.raises(ValueError, match="parallel must be one of ddp, flat"):
         make_parallel("fsdp2", World())
+
+
+def _fit_worker(rank, world_size, port, out):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        # the user's own wrapper: DDP's defaults but for the branch some samples skip
+        wrapper = DistributedDataParallel(Branchy(norm=True), find_unused_parameters=True)
+        flat = []  # gradients reduced by hand: none, the wrapper's backward does it
+        by_hand = parallel_module.all_reduce_gradients
+
+        def counting(params, *args):
+            flat.append(len(params))
+            return by_hand(params, *args)
+
+        parallel_module.all_reduce_gradients = counting
+        largebatch.fit(wrapper, _data(), out=out, **FIT)
+        assert flat and set(flat) == {0}  # only the extras (running statistics, flag)
+        sharded = fully_shard(nn.Linear(6, 3))
+        with pytest.raises(UsageError, match="FSDP"):
+            largebatch.fit(sharded, _data(), verbose=False)
+        del wrapper, sharded
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
+
+
+FIT = dict(epochs=2, batch_size=8, micro_batch_size=2, device="cpu", verbose=False)
+
+
+def test_a_model_the_user_wrapped_in_ddp_is_used_as_it_is(tmp_path):
+    # the wrapper's own no_sync and all-reduce (an average, scaled back to the sum), no
+    # second synchronisation; checkpoints of the inner module: as one process
+    args = (2, free_port(), str(tmp_path / "two"))
+    mp.spawn(_fit_worker, args=args, nprocs=2, join=True)
+    with threads_like_a_rank():
+        largebatch.fit(Branchy(norm=True), _data(), out=tmp_path / "one", **FIT)
+    assert_runs_close(tmp_path / "one", tmp_path / "two")
+    saved = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"]
+    assert "branch.weight" in saved  # the inner module's names, no "module." prefix

@@ -41,7 +41,7 @@ from largebatch.feed import materialize
 from largebatch.hessian import EigenTracker
 from largebatch.lr import momentum_of, rule_for
 from largebatch.meters import EIGENVALUE, NOISE_SCALE, CurvatureMeter, GradientNoiseMeter, Meter
-from largebatch.parallel import make_parallel
+from largebatch.parallel import make_parallel, unwrapped
 from largebatch.sampler import probe_batches, probe_seed
 from largebatch.scoring import LossFn, check_parameters
 from largebatch.source import DataSource
@@ -100,6 +100,9 @@ def build_parts(
     """The objects of a run of ``config``: ``model`` and ``data`` as given; the optimizer,
     controller and meters as given or built from the config; the attack and the rollback
     from the config."""
+    # a model the user wrapped in DDP trains through that wrapper (see make_parallel)
+    parallel = make_parallel(config.parallel, world, model)
+    model = unwrapped(model)
     check_parameters(model)
     optimizer = make_optimizer(optimizer, model, config)
     group = optimizer.param_groups[0]
@@ -118,7 +121,7 @@ def build_parts(
         attack=make_attack(config, data),
         rollback=make_rollback(config),
         count=token_count if config.loss_weights == "tokens" else None,
-        parallel=make_parallel(config.parallel, world),
+        parallel=parallel,
     )
 
 

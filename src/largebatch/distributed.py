@@ -223,8 +223,10 @@ def all_reduce_gradients(
     world: World,
     flag: float = 0.0,
     buffers: list[torch.Tensor] | tuple[torch.Tensor, ...] = (),
+    device: torch.device | None = None,
 ) -> float:
-    """Sum the parameters' gradients over the ranks in one flat all-reduce.
+    """Sum the parameters' gradients over the ranks in one flat all-reduce (``params``
+    may be empty: the extras alone, on ``device`` when there is no buffer either).
 
     A rank whose slice was empty, or whose micro-batches left a parameter out, contributes
     zeros for it; a parameter that no rank has a gradient for keeps none (so an optimizer
@@ -239,7 +241,8 @@ def all_reduce_gradients(
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     pieces = [g.reshape(-1) for g in grads] + [b.reshape(-1) for b in buffers]
     has = [0.0 if p.grad is None else 1.0 for p in params]  # which ranks have a gradient
-    flat = torch.cat([*pieces, grads[0].new_tensor([*has, flag]).reshape(-1)])
+    like = next(iter(grads), next(iter(buffers), torch.zeros((), device=device)))
+    flat = torch.cat([*pieces, like.new_tensor([*has, flag]).reshape(-1)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
     used = flat[-1 - len(params) : -1].tolist()

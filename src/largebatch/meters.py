@@ -256,8 +256,11 @@ class GradientNoiseMeter(Meter):
       further when the run's own micro-batches are fewer. With ``micro_batch`` set, its
       micro-batches are at most that many samples instead. Each extra micro-batch is a
       forward and backward call of its own.
-    - Only the first ``per_update`` micro-batches of each rank are measured (a copy and
-      a norm of the gradient each); the rest of an update only accumulates.
+    - Only the first ``per_update`` micro-batches of the global batch are measured (a
+      copy and a norm of the gradient each), in sample order over the ranks (whose
+      slices come in rank order): the same micro-batches on any number of processes
+      when the slices hold whole micro-batches, so 1 and 2 processes with the same
+      global batch estimate alike. The rest of an update only accumulates.
     - When a decision window holds ``2 * per_window`` updates or more, only every
       ``stride``-th update is measured, so that about ``per_window`` are
       (``per_window=None``: every update).
@@ -302,6 +305,7 @@ class GradientNoiseMeter(Meter):
         self._count = 0
         self._size: int | None = None
         self._batch = 0  # the update's global batch
+        self._limit = self.per_update  # of this rank's micro-batches, those measured
 
     def plan(self, batch: int, micro: int, window: int | None) -> tuple[int, int]:
         size = self.micro_batch or -(-batch // self.splits)
@@ -313,15 +317,16 @@ class GradientNoiseMeter(Meter):
         return size, stride
 
     def after_backward(self, model: nn.Module, samples: int, batch_samples: int) -> None:
-        if self._count >= self.per_update:
+        if self._size is None:
+            self._size = samples  # the update's full micro-batch size (the first is full)
+            self._batch = batch_samples
+            self._limit = self.per_update - self._full_before(batch_samples, samples)
+        if self._count >= self._limit:
             return  # enough of this update's micro-batches measured
         started = time.perf_counter()
         flat = _flat_grad(model)
         if flat is None:
             return
-        if self._size is None:
-            self._size = samples  # the update's full micro-batch size (the first is full)
-            self._batch = batch_samples
         if samples == self._size:
             # the micro-batch's backward added (samples / batch_samples) * g_k to .grad;
             # kept on the device, summed without a sync until the update
@@ -331,6 +336,15 @@ class GradientNoiseMeter(Meter):
             self._count += 1
         self._previous = flat
         self.seconds += time.perf_counter() - started
+
+    def _full_before(self, batch: int, size: int) -> int:
+        """The full micro-batches of ``size`` on the ranks before this one, whose slices
+        of a global batch of ``batch`` samples come first (as torch.tensor_split cuts)."""
+        if self.world is None or not getattr(self.world, "enabled", False):
+            return 0
+        count, rank = self.world.size, self.world.rank
+        slices = [batch // count + (1 if r < batch % count else 0) for r in range(rank)]
+        return sum(piece // size for piece in slices)
 
     def at_update(self, model: nn.Module, point: Point) -> None:
         started = time.perf_counter()

@@ -50,9 +50,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.distributed import World, all_reduce_, all_reduce_gradients
-from largebatch.errors import InvalidValueError
+from largebatch.errors import InvalidValueError, UsageError
 
-__all__ = ["PARALLEL_KINDS", "Parallel", "Flat", "DDP", "make_parallel", "sum_hook"]
+__all__ = [
+    "PARALLEL_KINDS",
+    "Parallel",
+    "Flat",
+    "DDP",
+    "make_parallel",
+    "unwrapped",
+    "sum_hook",
+]
 
 #: the values of config ``parallel`` (the first is the default)
 PARALLEL_KINDS = ("ddp", "flat")
@@ -138,24 +146,32 @@ class DDP(Flat):
 
     name = "ddp"
 
-    def __init__(self, world: World | None = None) -> None:
+    def __init__(
+        self, world: World | None = None, wrapper: DistributedDataParallel | None = None
+    ) -> None:
         super().__init__(world)
+        #: the user's own wrapper, used as it is (its gradients averaged over the ranks)
+        self.users = wrapper
         self.ddp: DistributedDataParallel | None = None
         self.find_unused: bool | None = None  # decided by the probe update
         self._probe: _Probe | None = None
 
     def prepare(self, model: nn.Module) -> nn.Module:
         self.close()
+        if self.users is not None:
+            if self.users.module is not model:
+                raise InvalidValueError("DDP.prepare: model is not the wrapper's module")
+            self.ddp, self.find_unused = self.users, bool(self.users.find_unused_parameters)
         return super().prepare(model)
 
     def close(self) -> None:
-        # DDP's hooks on the parameters go with the wrapper: the model is the user's,
+        # DDP's hooks on the parameters go with our wrapper: the model is the user's,
         # and a backward pass of theirs after the run must not call into a dead reducer
         if self._probe is not None:
             self._probe.finish(None)
-        wrapped = self.ddp is not None
+        ours = self.ddp is not None and self.ddp is not self.users
         self.ddp, self._probe, self.find_unused = None, None, None
-        if wrapped:  # DDP holds reference cycles: free it (and its hooks) now
+        if ours:  # DDP holds reference cycles: free it (and its hooks) now
             gc.collect()
 
     def sync_in_backward(self, batch_samples: int, local_reads: bool) -> bool:
@@ -188,7 +204,12 @@ class DDP(Flat):
         if not synced:
             stopping = super().finish(params, buffers, flag, synced)
         else:
-            stopping = _reduce_extras(buffers, flag, self.world, params[0].device)
+            device = params[0].device  # the extras alone:
+            stopping = all_reduce_gradients([], self.world, flag, buffers, device)
+            if self.ddp is self.users:  # it averaged over the ranks; the update is the sum
+                for param in params:
+                    if param.grad is not None:
+                        param.grad.mul_(self.world.size)
         if self._probe is not None:
             probe, self._probe = self._probe, None
             self.find_unused = probe.finish(self.world)
@@ -235,28 +256,38 @@ class _Probe:
         return bool(flag.item() > 0)
 
 
-def _reduce_extras(
-    buffers: Sequence[torch.Tensor], flag: float, world: World, device: torch.device
-) -> float:
-    """Average ``buffers`` (the running statistics) and sum ``flag`` over the ranks in
-    one all-reduce; returns the flag's sum."""
-    pieces = [b.reshape(-1).float() for b in buffers]
-    flat = torch.cat([*pieces, torch.tensor([flag], device=device)])
-    all_reduce_(flat, world)
-    offset = 0
-    for buffer in buffers:
-        count = buffer.numel()
-        buffer.copy_(flat[offset : offset + count].view_as(buffer) / world.size)
-        offset += count
-    return float(flat[-1])
-
-
-def make_parallel(kind: str, world: World) -> Parallel:
-    """The strategy that config ``parallel: kind`` names, for ``world``."""
+def make_parallel(kind: str, world: World, model: nn.Module | None = None) -> Parallel:
+    """The strategy that config ``parallel: kind`` names, for ``world``; for a ``model``
+    the user wrapped in ``DistributedDataParallel`` already, that wrapper as it is (train
+    :func:`unwrapped` ``model``)."""
     if kind not in PARALLEL_KINDS:
         raise InvalidValueError(
             f"parallel must be one of {', '.join(PARALLEL_KINDS)}, got {kind!r}"
         )
+    if model is not None and _is_sharded(model):
+        raise UsageError(
+            f"the model is wrapped in {type(model).__name__} (FSDP), which largebatch does "
+            "not train yet; pass the model unwrapped (it is trained with parallel: ddp "
+            "under torchrun)"
+        )
+    if isinstance(model, DistributedDataParallel):
+        if not world.enabled:
+            raise UsageError(
+                "the model is wrapped in DistributedDataParallel but this is one process; "
+                "launch with torchrun, or pass the model unwrapped"
+            )
+        return DDP(world, wrapper=model)
     if not world.enabled:
         return Parallel(world)
     return DDP(world) if kind == "ddp" else Flat(world)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (``model`` itself
+    otherwise): what checkpoints, the Hessian and the attacks use."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """Wrapped by FSDP (``FullyShardedDataParallel``, or ``fully_shard``'s FSDPModule)."""
+    return any(cls.__module__.startswith("torch.distributed.fsdp") for cls in type(model).__mro__)

@@ -42,6 +42,7 @@ from largebatch.lr import BASE_LR_KEY, lrs_kept, rule_for
 from largebatch.meters import Meter
 from largebatch.models import build_model
 from largebatch.outputs import RunWriter, run_folder, summary
+from largebatch.parallel import unwrapped
 from largebatch.scalars import ScalarLog
 from largebatch.scoring import LossFn
 from largebatch.source import DataSource, as_source, checked_range
@@ -159,7 +160,8 @@ def fit(
     summary (the keys of ``summary.json``).
 
     Args:
-        model: any ``nn.Module`` taking a batch of inputs.
+        model: any ``nn.Module`` taking a batch of inputs; under torchrun, also one you
+            wrapped in ``DistributedDataParallel`` (used as it is; see the README).
         train_data, eval_data: a map-style ``torch.utils.data.Dataset`` whose items are
             ``(input, target)`` pairs, or a pair of tensors ``(inputs, targets)``; read
             once into memory. ``eval_data`` None skips evaluation.
@@ -314,7 +316,7 @@ def _fit_config(
     unknown = sorted(set(config) - known)
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r} (see largebatch.config.TrainConfig)")
-    labels = {"dataset": type(train_data).__name__, "model": type(model).__name__}
+    labels = {"dataset": type(train_data).__name__, "model": type(unwrapped(model)).__name__}
     cfg = TrainConfig(**labels, **config, out=str(out) if out is not None else "(none)")
     if cfg.resume and out is None:
         raise ConfigError("resume needs out, the folder of the run to continue")
