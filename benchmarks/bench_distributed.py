@@ -10,7 +10,7 @@ and under ``ddp`` the probe update, which reduces as ``flat``), and the peak res
 memory of each rank. One JSON line per finished set-up goes to ``--out`` as it ends.
 
     python benchmarks/bench_distributed.py --model resnet18 --batches 64 256 --micro 32 \\
-        --out docs/results/distributed/bench_distributed.jsonl
+        --updates 8 --repeats 3 --out docs/results/distributed/bench_distributed.jsonl
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=32, help="micro-batch per process")
     parser.add_argument("--updates", type=int, default=8)
     parser.add_argument("--warm", type=int, default=2, help="first updates left out")
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="rounds of the set-ups, one after the other (the machine's drift then falls "
+        "on every set-up alike; medians over all rounds in summarize)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON lines, appended")
     args = parser.parse_args()
     parameters = sum(
@@ -90,34 +95,62 @@ def main() -> None:
     )
     queue = mp.get_context("spawn").SimpleQueue()
     table = []
-    for batch in args.batches:
-        for name, world_size, kind in SETUPS:
-            spawn_args = (world_size, _free_port(), kind, batch, args, queue)
-            mp.spawn(_run, args=spawn_args, nprocs=world_size)
-            ranks = sorted((queue.get() for _ in range(world_size)), key=lambda r: r["rank"])
-            row = {
-                "setup": name,
-                "processes": world_size,
-                "parallel": kind if world_size > 1 else None,
-                "model": args.model,
-                "parameters": parameters,
-                "global_batch": batch,
-                "micro_batch": args.micro,
-                "threads_per_process": 1,
-                "update_s": statistics.median(ranks[0]["times"][args.warm :]),
-                "update_times_s": ranks[0]["times"],
-                "peak_rss_mib": [r["peak_rss_mib"] for r in ranks],
-            }
-            table.append(row)
-            if args.out is not None:
-                with args.out.open("a") as out:
-                    out.write(json.dumps(row) + "\n")
-                    out.flush()
-            print(
-                f"batch {batch:5d}  {name:12s} {row['update_s']:.3f} s/update  "
-                f"peak RSS {', '.join(f'{m:.0f}' for m in row['peak_rss_mib'])} MiB",
-                flush=True,
+    runs = [(b, r, setup) for b in args.batches for r in range(args.repeats) for setup in SETUPS]
+    for batch, repeat, (name, world_size, kind) in runs:
+        spawn_args = (world_size, _free_port(), kind, batch, args, queue)
+        mp.spawn(_run, args=spawn_args, nprocs=world_size)
+        ranks = sorted((queue.get() for _ in range(world_size)), key=lambda r: r["rank"])
+        row = {
+            "setup": name,
+            "repeat": repeat,
+            "processes": world_size,
+            "parallel": kind if world_size > 1 else None,
+            "model": args.model,
+            "parameters": parameters,
+            "global_batch": batch,
+            "micro_batch": args.micro,
+            "threads_per_process": 1,
+            "update_s": statistics.median(ranks[0]["times"][args.warm :]),
+            "update_times_s": ranks[0]["times"],
+            "warm": args.warm,
+            "peak_rss_mib": [r["peak_rss_mib"] for r in ranks],
+        }
+        table.append(row)
+        if args.out is not None:
+            with args.out.open("a") as out:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+        print(
+            f"batch {batch:5d}  {name:12s} {row['update_s']:.3f} s/update  "
+            f"peak RSS {', '.join(f'{m:.0f}' for m in row['peak_rss_mib'])} MiB",
+            flush=True,
+        )
+    print(json.dumps(summarize(table), indent=2))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per global batch and set-up: the median over every measured update of every round,
+    the ratio to flat's, and the largest peak RSS of a rank."""
+    out = []
+    for batch in sorted({r["global_batch"] for r in rows}):
+        medians = {}
+        for name, _, _ in SETUPS:
+            mine = [r for r in rows if r["global_batch"] == batch and r["setup"] == name]
+            times = [t for r in mine for t in r["update_times_s"][r["warm"] :]]
+            medians[name] = statistics.median(times)
+            out.append(
+                {
+                    "global_batch": batch,
+                    "setup": name,
+                    "rounds": len(mine),
+                    "update_s": medians[name],
+                    "peak_rss_mib": max(m for r in mine for m in r["peak_rss_mib"]),
+                }
             )
+        for row in out[-len(SETUPS) :]:
+            row["vs_flat"] = row["update_s"] / medians["flat"]
+            row["vs_half_of_one_process"] = row["update_s"] / (medians["one process"] / 2)
+    return out
 
 
 if __name__ == "__main__":
