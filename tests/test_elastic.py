@@ -135,6 +135,29 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(
     ]
 
 
+def test_a_ddp_run_killed_by_sigkill_resumes_in_one_process(tmp_path, reference):
+    # 2 ranks under parallel: ddp (the default) and no restart: rank 1 dies by SIGKILL in
+    # epoch 2, the job fails; one process then resumes from the epoch-1 checkpoint
+    values = {**_values(), "parallel": "ddp"}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(values))
+    out = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+        "--max-restarts=0", f"--master-port={free_port()}", __file__, "train",
+        "--config", str(config), "--out", str(out), "--resume", "--quiet",
+    ]  # fmt: skip
+    events = tmp_path / "events.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", KILL_AT: "9", EVENTS: str(events)}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode != 0  # the job failed: no restart was allowed
+    assert "rank 1 killed itself in round 0, checkpoint at epoch 1" in events.read_text()
+    assert _checkpoint_epoch(out) == 1
+    with threads_like_a_rank():
+        train(TrainConfig(**values, out=str(out), resume=True), echo=None, show_progress=False)
+    _assert_same_run(reference, out)
+
+
 @pytest.mark.parametrize("late", [0, 1, 2])
 def test_each_round_agrees_on_a_fresh_namespace_despite_a_dead_rounds_keys(late):
     # torchrun's agent keeps one store for every round; the workers of round k must not
