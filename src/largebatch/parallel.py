@@ -276,6 +276,14 @@ def make_parallel(kind: str, world: World, model: nn.Module | None = None) -> Pa
                 "the model is wrapped in DistributedDataParallel but this is one process; "
                 "launch with torchrun, or pass the model unwrapped"
             )
+        if getattr(model, "static_graph", False):
+            # with no_sync accumulation it hung here (2 gloo ranks, torch 2.13), and a
+            # torch regression made it skip the all-reduce silently
+            raise UsageError(
+                "the model's DistributedDataParallel wrapper has static_graph=True, which "
+                "does not work with accumulation under no_sync(); wrap it without "
+                "static_graph, or pass the model unwrapped"
+            )
         return DDP(world, wrapper=model)
     if not world.enabled:
         return Parallel(world)
