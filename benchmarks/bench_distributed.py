@@ -11,6 +11,16 @@ memory of each rank. One JSON line per finished set-up goes to ``--out`` as it e
 
     python benchmarks/bench_distributed.py --model resnet18 --batches 64 256 --micro 32 \\
         --updates 8 --repeats 3 --out docs/results/distributed/bench_distributed.jsonl
+
+With ``--meter``, the set-ups are instead 2 ``ddp`` processes without a meter and with
+the gradient-noise meter measuring every update: reading parts inside each rank's slice
+(``slices=False``, as before the slices were read in DDP's communication hook: a
+gradient copy, and the update's gradients meet after its backward passes) and reading
+each rank's slice before the all-reduce (the default). Reported beside the times: the
+meter's share of a measured update, ``(t - t_without) / t``.
+
+    python benchmarks/bench_distributed.py --meter --batches 64 256 --micro 32 \\
+        --updates 8 --repeats 3 --out docs/results/distributed/bench_meter.jsonl
 """
 
 from __future__ import annotations
@@ -31,10 +41,18 @@ import torch.nn.functional as F
 
 from largebatch.accumulate import GlobalBatch, micro_batches
 from largebatch.distributed import World, _import_group_holders, shard
+from largebatch.meters import GradientNoiseMeter, Point
 from largebatch.models import build_model
 from largebatch.parallel import make_parallel
 
-SETUPS = (("one process", 1, "flat"), ("flat", 2, "flat"), ("ddp", 2, "ddp"))
+#: (name, processes, parallel, meter): meter None, "parts" (inside each rank's slice) or
+#: "slices" (each rank's slice, read before the gradients meet)
+SETUPS = (("one process", 1, "flat", None), ("flat", 2, "flat", None), ("ddp", 2, "ddp", None))
+METER_SETUPS = (
+    ("ddp", 2, "ddp", None),
+    ("ddp + meter, parts", 2, "ddp", "parts"),
+    ("ddp + meter, slices", 2, "ddp", "slices"),
+)
 
 
 def _free_port() -> int:
@@ -43,7 +61,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(rank: int, world_size: int, port: int, kind: str, batch: int, args, queue) -> None:
+def _run(
+    rank: int, world_size: int, port: int, kind: str, meter: str | None, batch: int, args, queue
+) -> None:
     torch.set_num_threads(1)
     if world_size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -62,11 +82,15 @@ def _run(rank: int, world_size: int, port: int, kind: str, batch: int, args, que
     x = torch.rand(batch, *shape, generator=generator)
     y = torch.randint(0, 10, (batch,), generator=generator)
     mine = shard(torch.arange(batch), world)
-    pieces = list(micro_batches(x[mine], y[mine], args.micro))
+    meters, size = [], args.micro
+    if meter is not None:  # every update measured
+        meters = [GradientNoiseMeter(world=world, slices=meter == "slices", per_window=None)]
+        size, _ = meters[0].plan(batch, args.micro, None)
+    pieces = list(micro_batches(x[mine], y[mine], size))
     times = []
     for _ in range(args.updates):
         started = time.perf_counter()
-        update.step(pieces, batch)
+        update.step(pieces, batch, meters=meters, point=Point(0, batch, False))
         times.append(time.perf_counter() - started)
     update.parallel.close()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -89,15 +113,20 @@ def main() -> None:
         "on every set-up alike; medians over all rounds in summarize)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON lines, appended")
+    parser.add_argument(
+        "--meter", action="store_true",
+        help="ddp without and with the gradient-noise meter (parts, slices) instead",
+    )  # fmt: skip
     args = parser.parse_args()
+    setups = METER_SETUPS if args.meter else SETUPS
     parameters = sum(
         p.numel() for p in build_model(args.model, (3, args.image, args.image), 10).parameters()
     )
     queue = mp.get_context("spawn").SimpleQueue()
     table = []
-    runs = [(b, r, setup) for b in args.batches for r in range(args.repeats) for setup in SETUPS]
-    for batch, repeat, (name, world_size, kind) in runs:
-        spawn_args = (world_size, _free_port(), kind, batch, args, queue)
+    runs = [(b, r, setup) for b in args.batches for r in range(args.repeats) for setup in setups]
+    for batch, repeat, (name, world_size, kind, meter) in runs:
+        spawn_args = (world_size, _free_port(), kind, meter, batch, args, queue)
         mp.spawn(_run, args=spawn_args, nprocs=world_size)
         ranks = sorted((queue.get() for _ in range(world_size)), key=lambda r: r["rank"])
         row = {
@@ -105,6 +134,7 @@ def main() -> None:
             "repeat": repeat,
             "processes": world_size,
             "parallel": kind if world_size > 1 else None,
+            "meter": meter,
             "model": args.model,
             "parameters": parameters,
             "global_batch": batch,
@@ -125,16 +155,18 @@ def main() -> None:
             f"peak RSS {', '.join(f'{m:.0f}' for m in row['peak_rss_mib'])} MiB",
             flush=True,
         )
-    print(json.dumps(summarize(table), indent=2))
+    print(json.dumps(summarize(table, setups), indent=2))
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict], setups=SETUPS) -> list[dict]:
     """Per global batch and set-up: the median over every measured update of every round,
-    the ratio to flat's, and the largest peak RSS of a rank."""
+    the largest peak RSS of a rank, and the ratios: to flat's and to half of one
+    process's (``SETUPS``), or the meter's share of a measured update
+    (``METER_SETUPS``)."""
     out = []
     for batch in sorted({r["global_batch"] for r in rows}):
         medians = {}
-        for name, _, _ in SETUPS:
+        for name, *_ in setups:
             mine = [r for r in rows if r["global_batch"] == batch and r["setup"] == name]
             times = [t for r in mine for t in r["update_times_s"][r["warm"] :]]
             medians[name] = statistics.median(times)
@@ -147,9 +179,12 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "peak_rss_mib": max(m for r in mine for m in r["peak_rss_mib"]),
                 }
             )
-        for row in out[-len(SETUPS) :]:
-            row["vs_flat"] = row["update_s"] / medians["flat"]
-            row["vs_half_of_one_process"] = row["update_s"] / (medians["one process"] / 2)
+        for row in out[-len(setups) :]:
+            if setups is METER_SETUPS:
+                row["meter_share"] = 1 - medians["ddp"] / row["update_s"]
+            else:
+                row["vs_flat"] = row["update_s"] / medians["flat"]
+                row["vs_half_of_one_process"] = row["update_s"] / (medians["one process"] / 2)
     return out
 
 

@@ -94,6 +94,30 @@ def test_only_the_first_micro_batches_up_to_per_update_are_measured():
     assert trace == pytest.approx(float(16 * 128 * (mean_sq - full_sq) / 112), rel=1e-9)
 
 
+def test_parts_of_unequal_size_give_the_unbiased_estimates_with_their_harmonic_mean():
+    # micro-batches of 16, 32, 16, 64 and parts of at least 40: parts of 48 and 80,
+    # each read once it holds 40 samples or more; b is their harmonic mean, 60
+    model, x, y = _problem()
+    x, y = x[:128], y[:128]
+    meter = GradientNoiseMeter(micro_batch=40, decay=0.0)
+    model.zero_grad()
+    start = 0
+    for size in (16, 32, 16, 64):
+        xb, yb = x[start : start + size], y[start : start + size]
+        backward_share(F.cross_entropy(model(xb), yb), size, 128)
+        meter.after_backward(model, size, 128)
+        start += size
+    meter.at_update(model, Point(0, 128, False))
+    per_sample = _per_sample_grads(model, x, y)
+    g_k = torch.stack([per_sample[:48].mean(0), per_sample[48:].mean(0)])
+    mean_sq, full_sq = g_k.pow(2).sum(1).mean(), per_sample.mean(0).pow(2).sum()
+    # E mean_sq = |G|^2 + tr (1/48 + 1/80) / 2 and E full_sq = |G|^2 + tr / 128
+    trace = (mean_sq - full_sq) / ((1 / 48 + 1 / 80) / 2 - 1 / 128)
+    _, grad_sq, found = meter.estimate()
+    assert found == pytest.approx(float(trace), rel=1e-9)
+    assert grad_sq == pytest.approx(float(full_sq - trace / 128), rel=1e-9)
+
+
 @pytest.mark.parametrize("per_update", [2, 8])
 def test_the_noise_scale_converges_to_the_population_value(per_update):
     # Batches drawn with replacement from a fixed population: the estimates of |G|^2 and

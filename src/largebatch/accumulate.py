@@ -171,12 +171,14 @@ class GlobalBatch:
     per micro-batch replaces the adversarial share (``attack``), runs the forward pass
     under autocast and the backward pass weighted by the micro-batch's share of the
     global batch (:func:`backward_share`), adds to the epoch's sums and calls each
-    meter's ``after_backward``; moves batch-norm statistics once per update
-    (:class:`BatchNormPerUpdate`); under torchrun has ``parallel`` reduce the gradients
-    (in the last backward pass, or after them) and the extras (the running statistics,
-    a stop flag); calls each meter's ``at_update``; refuses a non-finite loss or
-    gradient (:class:`~largebatch.errors.DivergedError`: nothing reaches the weights);
-    and steps the optimizer (through the fp16 loss scaler, when there is one).
+    meter's ``after_backward`` (or, for a meter that reads this rank's slice under
+    torchrun, ``at_slice`` once the strategy has taken its gradient's norm); moves
+    batch-norm statistics once per update (:class:`BatchNormPerUpdate`); under torchrun
+    has ``parallel`` reduce the gradients (in the last backward pass, or after them) and
+    the extras (the running statistics, a stop flag); calls each meter's
+    ``at_update``; refuses a non-finite loss or gradient
+    (:class:`~largebatch.errors.DivergedError`: nothing reaches the weights); and steps
+    the optimizer (through the fp16 loss scaler, when there is one).
 
     Args:
         model, optimizer, loss_fn: what is trained; ``loss_fn(outputs, targets)`` returns
@@ -248,8 +250,9 @@ class GlobalBatch:
         shares, whole, empty = self._shares(micro_batches, batch_samples)
         # the gradients may meet in the last backward pass only when every rank has one
         # and no meter reads this rank's own micro-batch gradients (all ranks agree)
-        local = any(reads_micro_batches(meter) for meter in meters)
-        sync = not empty and self.parallel.sync_in_backward(batch_samples, local)
+        local = any(reads_micro_batches(meter, batch_samples) for meter in meters)
+        sliced = [meter for meter in meters if meter.reads_slice(batch_samples)]
+        sync = self.parallel.sync_in_backward(batch_samples, local or empty, bool(sliced))
         last = max((i for i, share in enumerate(shares) if share), default=-1)
         for index, ((xb, yb), share) in enumerate(zip(micro_batches, shares, strict=True)):
             if not share:  # no loss terms (all padding): nothing to learn from, no mean
@@ -268,7 +271,8 @@ class GlobalBatch:
             else:
                 loss_sum += loss.detach().float() * len(yb)
             for meter in meters:
-                meter.after_backward(model, len(yb), batch_samples)
+                if meter not in sliced:
+                    meter.after_backward(model, len(yb), batch_samples)
             if accumulating:
                 self.batch_norm.micro_batch_done(len(yb))
         if accumulating:
@@ -276,6 +280,10 @@ class GlobalBatch:
         wish = stop() if callable(stop) else stop
         flag = 1.0 if wish else 0.0
         stopping = self.parallel.finish(self.params, self.batch_norm.running, flag, sync)
+        if sliced:  # this rank's gradient before the ranks' gradients met
+            samples = sum(len(yb) for _, yb in micro_batches)
+            for meter in sliced:
+                meter.at_slice(self.parallel.local_sq_norms(), samples, batch_samples)
         for meter in meters:  # (before unscaling: with fp16, the scale cancels in ratios)
             meter.at_update(model, point)
         # A diverged run must stop before a non-finite update reaches the weights; one

@@ -104,6 +104,15 @@ def number(
     return value
 
 
+def boolean(value: Any, who: str, field: str) -> bool:
+    """``value`` as a ``bool`` (Python's or NumPy's; not a number)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidTypeError(
+            f"{who}: {field} must be True or False, got {type(value).__name__} {_show(value)}"
+        )
+    return bool(value)
+
+
 def choice(value: Any, who: str, field: str, choices: Iterable[str]) -> str:
     """``value``, which must be one of ``choices``."""
     options = tuple(choices)

@@ -86,7 +86,7 @@ class TrainConfig:
     gns_every: float = 0.25  # epochs between decision points
     gns_kappa: float = 1.0  # double when batch <= kappa * noise scale ...
     gns_confirmations: int = 2  # ... on this many decision points in a row
-    gns_micro_batch: int | None = None  # noise meter's micro-batch (None: the run's, or half)
+    gns_micro_batch: int | None = None  # noise meter's part of an update (None: half the batch)
     gns_decay: float = 0.95  # per-update decay of the meter's moving averages
     batch_schedule: str | None = None  # schedule: "0:32 200k:64 800k:128" (samples)
     lr_scaling: str = "auto"  # abs/gns LR rule: auto (by optimizer) | linear | sqrt | adascale

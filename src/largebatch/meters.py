@@ -6,6 +6,9 @@ meter per declared measurement and calls the hooks of those that are wanted:
 
 - :meth:`Meter.after_backward` after each micro-batch's backward pass (its gradient is
   in ``.grad``, accumulated with the earlier micro-batches of the update);
+- :meth:`Meter.at_slice` instead, under torchrun, for a meter that asks for it
+  (:meth:`Meter.reads_slice`): the squared norm of this rank's gradient, taken before
+  the ranks' gradients meet;
 - :meth:`Meter.at_update` once the update's gradient is complete, before the step;
 - :meth:`Meter.at_decision` at a decision point; it returns the numbers for the
   metrics records, and :meth:`Meter.told` makes of them what the controller is told.
@@ -79,6 +82,17 @@ class Meter:
     def after_backward(self, model: nn.Module, samples: int, batch_samples: int) -> None:
         """A micro-batch of ``samples`` of the update's ``batch_samples`` is in ``.grad``."""
 
+    def reads_slice(self, batch_samples: int) -> bool:
+        """Whether, in an update of ``batch_samples``, this meter reads :meth:`at_slice`
+        instead of :meth:`after_backward` (every rank must answer the same)."""
+        return False
+
+    def at_slice(self, sq_norm: torch.Tensor | None, samples: int, batch_samples: int) -> None:
+        """Under torchrun, when :meth:`reads_slice`: this rank's slice of ``samples`` of
+        the update's ``batch_samples`` gave a gradient, weighted by ``samples /
+        batch_samples``, of squared 2-norm ``sq_norm`` (float64; None when the slice is
+        empty), taken before the ranks' gradients met."""
+
     def at_update(self, model: nn.Module, point: Point) -> None:
         """The update's gradient is complete (all ranks summed), before the optimizer step."""
 
@@ -105,11 +119,13 @@ class Meter:
         pass
 
 
-def reads_micro_batches(meter: Meter) -> bool:
-    """Whether ``meter`` reads the gradient after each micro-batch (it overrides
-    :meth:`Meter.after_backward`): under torchrun it must see this rank's own gradients,
-    so that update's gradients meet only after its backward passes."""
-    return type(meter).after_backward is not Meter.after_backward
+def reads_micro_batches(meter: Meter, batch_samples: int) -> bool:
+    """Whether ``meter`` reads the gradient after each micro-batch of an update of
+    ``batch_samples`` (it overrides :meth:`Meter.after_backward` and does not read
+    :meth:`Meter.at_slice` instead): under torchrun it must see this rank's own
+    gradients, so that update's gradients meet only after its backward passes."""
+    overrides = type(meter).after_backward is not Meter.after_backward
+    return overrides and not meter.reads_slice(batch_samples)
 
 
 class CurvatureMeter(Meter):
@@ -228,48 +244,58 @@ def time_of(record: Mapping[str, Any]) -> float:
 
 class GradientNoiseMeter(Meter):
     """The gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018),
-    from the micro-batch gradients that accumulation computes anyway.
+    from the gradients of parts of the update that accumulation computes anyway.
 
     Let an update's mean gradient ``g`` come from ``B`` samples, and ``g_k`` be the mean
-    gradients of some of its micro-batches of ``b`` samples each (at least two in all).
-    Since ``E|g_k|^2 = |G|^2 + tr(Sigma) / b`` and ``E|g|^2 = |G|^2 + tr(Sigma) / B``, two
-    unbiased estimates follow, with ``m`` the mean of the measured ``|g_k|^2``:
+    gradients of some parts of it, of ``b_k`` samples each (at least two parts in all).
+    Since ``E|g_k|^2 = |G|^2 + tr(Sigma) / b_k`` and ``E|g|^2 = |G|^2 + tr(Sigma) / B``,
+    two unbiased estimates follow, with ``m`` the mean of the measured ``|g_k|^2`` and
+    ``b`` the harmonic mean of the ``b_k`` (their common size when equal):
 
     - ``|G|^2 ~ (B |g|^2 - b m) / (B - b)``;
     - ``tr(Sigma) ~ b B (m - |g|^2) / (B - b)`` (per-sample covariance).
 
-    With ``K`` micro-batches making up the whole update (``B = K b``) these are
+    With ``K`` parts of ``b`` making up the whole update (``B = K b``) these are
     ``(K |g|^2 - m) / (K - 1)`` and ``b K (m - |g|^2) / (K - 1)``.
     Each is smoothed by a bias-corrected exponential moving average and the noise scale
     is the ratio of the two averages, which is far less noisy than the average of
     ratios. ``decay`` is per update of the run: when every ``stride``-th update is
     measured, each measurement decays the averages by ``decay ** stride``, so they span
-    the same stretch of training whatever the stride. Only micro-batches of the update's full size
-    count (a short last micro-batch is skipped), and updates with a non-finite gradient
-    (an fp16 overflow that the loss scaler will skip) are ignored. Under
-    torch.distributed every rank's micro-batches count: one extra all-reduce of three
-    numbers per measured update.
+    the same stretch of training whatever the stride. Updates with a non-finite gradient
+    (an fp16 overflow that the loss scaler will skip) are ignored.
 
-    What it costs is set by :meth:`plan` and ``per_update``:
+    **Which parts** (the small batch ``b``). A part is ``p = micro_batch`` samples, or
+    ``B / splits`` rounded up when ``micro_batch`` is None (default: half the batch):
 
-    - A measured update runs in at least ``splits`` micro-batches: the loop cuts it
-      further when the run's own micro-batches are fewer. With ``micro_batch`` set, its
-      micro-batches are at most that many samples instead. Each extra micro-batch is a
-      forward and backward call of its own.
-    - Only the first ``per_update`` micro-batches of the global batch are measured (a
-      copy and a norm of the gradient each), in sample order over the ranks (whose
-      slices come in rank order): the same micro-batches on any number of processes
-      when the slices hold whole micro-batches, so 1 and 2 processes with the same
-      global batch estimate alike. The rest of an update only accumulates.
-    - When a decision window holds ``2 * per_window`` updates or more, only every
-      ``stride``-th update is measured, so that about ``per_window`` are
-      (``per_window=None``: every update).
+    - one process: consecutive micro-batches of the update, read when they hold ``p``
+      samples (at most ``B / 2``; a difference of two gradient copies); only the first
+      ``per_update`` parts are read (in sample order), and a short part at the end of
+      the update is not;
+    - under torchrun, when no rank's slice holds more than ``p`` samples (the default on
+      any number of processes): each rank's slice is one part, ``b = B / ranks``, read
+      as the squared norm of the rank's gradient before the ranks' gradients meet (in
+      DDP's communication hook, or before the flat all-reduce): no copy, no extra
+      micro-batch, and under ``ddp`` the update still overlaps its all-reduce with the
+      backward pass. Every slice counts. So the small batch is ``B / 2`` on 1 and on 2
+      processes (the same samples: 1 and 2 processes estimate alike) and ``B / 4`` on 4
+      processes (the same expectation, a different spread);
+    - under torchrun with slices larger than ``p`` (a ``micro_batch`` below ``B /
+      ranks``), or with ``slices=False``: parts inside each rank's slice, as in one
+      process, the first ``per_update`` of the global batch in rank order (so the same
+      parts as one process when the slices hold whole parts); that update's gradients
+      meet only after its backward passes, one all-reduce of three numbers more.
+
+    What it costs is set by :meth:`plan`: a measured update runs in micro-batches of at
+    most ``p`` samples (the loop cuts it further when the run's micro-batches are
+    larger; never under torchrun when the slices are the parts, and at least two
+    micro-batches in one process). When a decision window holds ``2 * per_window``
+    updates or more, only every ``stride``-th update is measured, so that about
+    ``per_window`` are (``per_window=None``: every update).
 
     Which updates are measured depends only on the update count, the batch and the
-    window, so ranks agree and a resumed run measures the same updates. The estimates do
-    not depend on the micro-batch size, so it may change as the batch grows. Under fp16
-    loss scaling the gradients it sees are scaled: both parts are then in scaled units,
-    and their ratio, the noise scale, is unaffected.
+    window, so ranks agree and a resumed run measures the same updates. Under fp16 loss
+    scaling the gradients it sees are scaled: both parts are then in scaled units, and
+    their ratio, the noise scale, is unaffected.
     """
 
     record_keys = ("gns", "gns_grad_sq", "gns_trace", "gns_updates", "gns_s")
@@ -282,6 +308,7 @@ class GradientNoiseMeter(Meter):
         splits: int = 2,
         per_update: int = 2,
         per_window: int | None = 4,
+        slices: bool = True,
     ) -> None:
         who = type(self).__name__
         self.micro_batch = _optional_int(micro_batch, who, "micro_batch", 1)
@@ -289,6 +316,7 @@ class GradientNoiseMeter(Meter):
         self.splits = checks.integer(splits, who, "splits", minimum=2)
         self.per_update = checks.integer(per_update, who, "per_update", minimum=1)
         self.per_window = _optional_int(per_window, who, "per_window", 1)
+        self.slices = checks.boolean(slices, who, "slices")
         self.world = world
         self._reset_update()
         # state: bias-corrected EMAs of |G|^2 and tr(Sigma), and their weight
@@ -297,19 +325,40 @@ class GradientNoiseMeter(Meter):
         self.weight = 0.0
         self.updates = 0
         self.seconds = 0.0
+        #: the last measured update's own (|G|^2, tr(Sigma)), before the averages
+        self.last: tuple[float, float] | None = None
         self._stride = 1  # of the updates now being measured (set by plan)
 
     def _reset_update(self) -> None:
-        self._previous: torch.Tensor | None = None
-        self._sum_sq: torch.Tensor | float = 0.0  # this rank's sum of |g_k|^2 (full ones)
-        self._count = 0
-        self._size: int | None = None
+        self._previous: torch.Tensor | None = None  # the gradient at the last part's end
+        self._sum_sq: torch.Tensor | float = 0.0  # this rank's sum of |g_k|^2
+        self._count = 0  # of parts measured on this rank
+        self._inverse = 0.0  # this rank's sum of 1 / b_k
+        self._part: int | None = None  # the update's part size (set by its first hook)
+        self._filled = 0  # samples in the part now being accumulated
         self._batch = 0  # the update's global batch
-        self._limit = self.per_update  # of this rank's micro-batches, those measured
+        self._limit = self.per_update  # of this rank's parts, those measured
+
+    def part_size(self, batch: int) -> int:
+        """``p``: the samples of a part of an update of ``batch`` samples (``micro_batch``
+        or ``batch / splits`` rounded up)."""
+        return self.micro_batch or -(-batch // self.splits)
+
+    def _ranks(self) -> int:
+        world = self.world
+        return world.size if world is not None and getattr(world, "enabled", False) else 1
+
+    def reads_slice(self, batch_samples: int) -> bool:
+        ranks = self._ranks()
+        if not self.slices or ranks < 2:
+            return False
+        return -(-batch_samples // ranks) <= self.part_size(batch_samples)
 
     def plan(self, batch: int, micro: int, window: int | None) -> tuple[int, int]:
-        size = self.micro_batch or -(-batch // self.splits)
-        size = max(1, min(micro, size, batch // 2))  # at least two micro-batches
+        if self.reads_slice(batch):
+            size = micro  # each rank's slice is a part: nothing to cut
+        else:  # at least two micro-batches
+            size = max(1, min(micro, self.part_size(batch), batch // 2))
         stride = 1
         if self.per_window is not None and window is not None:
             stride = max(1, (window // batch) // self.per_window)
@@ -317,32 +366,43 @@ class GradientNoiseMeter(Meter):
         return size, stride
 
     def after_backward(self, model: nn.Module, samples: int, batch_samples: int) -> None:
-        if self._size is None:
-            self._size = samples  # the update's full micro-batch size (the first is full)
+        if self._part is None:  # the update's first micro-batch; at least two parts
+            self._part = max(1, min(self.part_size(batch_samples), batch_samples // 2))
             self._batch = batch_samples
-            self._limit = self.per_update - self._full_before(batch_samples, samples)
+            self._limit = self.per_update - self._full_before(batch_samples, self._part)
         if self._count >= self._limit:
-            return  # enough of this update's micro-batches measured
+            return  # enough of this update's parts measured
+        self._filled += samples
+        if self._filled < self._part:
+            return  # the part goes on
         started = time.perf_counter()
         flat = _flat_grad(model)
         if flat is None:
             return
-        if samples == self._size:
-            # the micro-batch's backward added (samples / batch_samples) * g_k to .grad;
-            # kept on the device, summed without a sync until the update
-            step = flat if self._previous is None else self._previous.sub_(flat)
-            norm = _norm(step).double().square()
-            self._sum_sq = self._sum_sq + norm * (batch_samples / samples) ** 2
-            self._count += 1
-        self._previous = flat
+        # the part's backward passes added (filled / batch_samples) * g_k to .grad;
+        # kept on the device, summed without a sync until the update
+        step = flat if self._previous is None else self._previous.sub_(flat)
+        norm = _norm(step).double().square()
+        self._sum_sq = self._sum_sq + norm * (batch_samples / self._filled) ** 2
+        self._count += 1
+        self._inverse += 1.0 / self._filled
+        self._previous, self._filled = flat, 0
         self.seconds += time.perf_counter() - started
 
+    def at_slice(self, sq_norm: torch.Tensor | None, samples: int, batch_samples: int) -> None:
+        self._batch = batch_samples
+        if sq_norm is None or samples == 0:
+            return  # an empty slice measures nothing
+        self._sum_sq = sq_norm.double() * (batch_samples / samples) ** 2
+        self._count, self._inverse = 1, 1.0 / samples
+
     def _full_before(self, batch: int, size: int) -> int:
-        """The full micro-batches of ``size`` on the ranks before this one, whose slices
-        of a global batch of ``batch`` samples come first (as torch.tensor_split cuts)."""
-        if self.world is None or not getattr(self.world, "enabled", False):
+        """The whole parts of ``size`` in the slices of the ranks before this one, which
+        come first in a global batch of ``batch`` samples (as torch.tensor_split cuts)."""
+        count = self._ranks()
+        if count == 1:
             return 0
-        count, rank = self.world.size, self.world.rank
+        rank = self.world.rank
         slices = [batch // count + (1 if r < batch % count else 0) for r in range(rank)]
         return sum(piece // size for piece in slices)
 
@@ -350,31 +410,31 @@ class GradientNoiseMeter(Meter):
         started = time.perf_counter()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         device = _device_of(model)
-        size, batch = self._size or 0, self._batch
+        batch = self._batch
         parts = torch.stack(
             [
                 torch.as_tensor(self._sum_sq, dtype=torch.float64, device=device),
                 torch.tensor(float(self._count), dtype=torch.float64, device=device),
-                torch.tensor(float(size), dtype=torch.float64, device=device),
+                torch.tensor(self._inverse, dtype=torch.float64, device=device),
                 _total_norm(grads).double().square()
                 if grads
                 else torch.zeros((), dtype=torch.float64, device=device),
             ]
         )
         self._reset_update()
-        if self.world is not None and getattr(self.world, "enabled", False):
+        if self._ranks() > 1:
             import torch.distributed as dist
 
             # the full gradient is already summed over the ranks: all-reduce the first three
             dist.all_reduce(parts[:3])
-        sum_sq, count, sizes, full_sq = parts.tolist()
-        world = self.world.size if getattr(self.world, "enabled", False) else 1
-        # skip an update with fewer than two measured micro-batches, or cut unevenly
-        if not grads or count < 2 or sizes != size * world or not 0 < size < batch:
+        sum_sq, count, inverse, full_sq = parts.tolist()
+        # skip an update with fewer than two measured parts
+        if not grads or count < 2 or not 0 < count / inverse < batch:
             self.seconds += time.perf_counter() - started
             return
-        grad_sq, trace = noise_estimates(full_sq, sum_sq / count, size, batch)
+        grad_sq, trace = noise_estimates(full_sq, sum_sq / count, count / inverse, batch)
         if math.isfinite(grad_sq) and math.isfinite(trace):
+            self.last = (grad_sq, trace)
             decay = self.decay**self._stride
             self.grad_sq = decay * self.grad_sq + (1 - decay) * grad_sq
             self.trace = decay * self.trace + (1 - decay) * trace
@@ -420,11 +480,14 @@ class GradientNoiseMeter(Meter):
         self.grad_sq, self.trace, self.weight, self.updates = grad_sq, trace, weight, updates
 
 
-def noise_estimates(full_sq: float, mean_sq: float, micro: int, batch: int) -> tuple[float, float]:
+def noise_estimates(
+    full_sq: float, mean_sq: float, micro: float, batch: int
+) -> tuple[float, float]:
     """Unbiased ``(|G|^2, tr(Sigma))`` from one update (McCandlish et al. 2018): the squared
     norm ``full_sq`` of its mean gradient over ``batch`` samples and the mean ``mean_sq``
-    of the squared norms of its gradients over micro-batches of ``micro`` samples
-    (``0 < micro < batch``). Their ratio estimates the noise scale ``tr(Sigma) / |G|^2``."""
+    of the squared norms of its gradients over parts of ``micro`` samples (``0 < micro <
+    batch``; the harmonic mean of the parts' sizes when they differ). Their ratio
+    estimates the noise scale ``tr(Sigma) / |G|^2``."""
     grad_sq = (batch * full_sq - micro * mean_sq) / (batch - micro)
     trace = micro * batch * (mean_sq - full_sq) / (batch - micro)
     return grad_sq, trace

@@ -14,7 +14,10 @@ of an update, so the loop never branches on which one runs:
 - :meth:`Parallel.finish`: once the micro-batches are done, what is left to reduce: the
   gradients unless the backward already did, and the extras, which are the batch-norm
   running statistics moved once per update (averaged over the ranks) and the stop flag
-  (summed, so every rank learns that one rank was asked to stop).
+  (summed, so every rank learns that one rank was asked to stop);
+- :meth:`Parallel.local_sq_norms`: for an update begun with ``measure``, the squared
+  norm of this rank's gradient taken before the gradients met (what the noise meter
+  reads of each rank's slice, :meth:`largebatch.meters.Meter.at_slice`).
 
 Kinds (config ``parallel``):
 
@@ -26,13 +29,17 @@ Kinds (config ``parallel``):
   the running statistics move once per update and are averaged with the stop flag in
   one small all-reduce after the backward. An update in which some rank has no sample
   (a global batch smaller than the world), or in which a meter reads each micro-batch's
-  own gradient, runs every micro-batch under ``no_sync()`` and reduces as ``flat``.
+  own gradient, runs every micro-batch under ``no_sync()`` and reduces as ``flat``. The
+  noise meter's reading of a rank's whole gradient needs neither: the hook adds each
+  bucket's squared norm before its all-reduce (:class:`SquaredNorms`); on a wrapper of
+  the user's, which has its own hook, a measured update reduces as ``flat``.
   The first update of a run (or of a resumed run) is a probe: it runs as ``flat`` and
   counts, for each parameter, the micro-batches whose backward reached it; the model is
   wrapped after it, with ``find_unused_parameters`` only when some micro-batch on some
   rank left a parameter out (that option costs a walk of the graph in every update).
 - ``flat``: every gradient copied into one flat tensor, all-reduced once per update
-  after the backward passes and copied back (nothing overlaps the backward pass).
+  after the backward passes and copied back (nothing overlaps the backward pass); the
+  squared norm of a measured update is taken just before.
 
 In a single process every kind is the same: nothing to reduce.
 """
@@ -60,6 +67,7 @@ __all__ = [
     "make_parallel",
     "unwrapped",
     "sum_hook",
+    "SquaredNorms",
 ]
 
 #: the values of config ``parallel`` (the first is the default)
@@ -74,6 +82,8 @@ class Parallel:
 
     def __init__(self, world: World | None = None) -> None:
         self.world = world or World()
+        self._measure = False  # take this update's local squared norm (sync_in_backward)
+        self._local_sq: torch.Tensor | None = None
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Take ``model`` for the run; returns the module that runs its forward passes
@@ -81,11 +91,30 @@ class Parallel:
         self.model = model
         return model
 
-    def sync_in_backward(self, batch_samples: int, local_reads: bool) -> bool:
-        """Whether this update's gradients may meet during its last backward pass.
-        ``batch_samples``: the update's global batch; ``local_reads``: a meter reads
-        each micro-batch's gradient on this rank. Every rank must answer the same."""
+    def sync_in_backward(self, batch_samples: int, unsynced: bool, measure: bool = False) -> bool:
+        """Begin an update: whether its gradients may meet during its last backward pass.
+        ``batch_samples``: the update's global batch; ``unsynced``: they must meet after
+        the backward passes (a meter reads each micro-batch's gradient on this rank, or
+        some rank has no sample); ``measure``: take the squared norm of this rank's
+        gradient before the gradients meet (:meth:`local_sq_norms`). Every rank must
+        answer the same."""
+        self._begin(measure)
         return False
+
+    def _begin(self, measure: bool) -> None:
+        self._measure, self._local_sq = measure, None
+
+    def local_sq_norms(self) -> torch.Tensor | None:
+        """After :meth:`finish` of an update begun with ``measure``: the squared 2-norm
+        of this rank's gradient (the sum of its micro-batches' weighted gradients)
+        before the ranks' gradients met, a float64 tensor; otherwise None."""
+        return self._local_sq
+
+    def _take_local(self, params: Sequence[nn.Parameter]) -> None:
+        """The squared norm of ``params``' gradients now, when this update measures it."""
+        if self._measure:
+            grads = [p.grad for p in params if p.grad is not None]
+            self._local_sq = _sq_norm(grads) if grads else torch.zeros((), dtype=torch.float64)
 
     @contextlib.contextmanager
     def micro_batch(self, sync: bool) -> Iterator[nn.Module]:
@@ -104,6 +133,7 @@ class Parallel:
         """Reduce what is left of an update: the gradients of ``params`` unless
         ``synced`` (the backward pass reduced them), the batch-norm running statistics
         ``buffers`` (averaged) and ``flag`` (summed; returned)."""
+        self._take_local(params)
         return flag
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -127,15 +157,45 @@ class Flat(Parallel):
         flag: float,
         synced: bool,
     ) -> float:
+        self._take_local(params)
         return all_reduce_gradients(list(params), self.world, flag, buffers)
+
+
+def _sq_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The squared 2-norm of ``tensors`` together, as float64 (summed in at least float32,
+    without concatenating them)."""
+    if any(t.dtype not in (torch.float32, torch.float64) for t in tensors):
+        tensors = [t.float() for t in tensors]
+    return torch.nn.utils.get_total_norm(tensors).double().square()
+
+
+class SquaredNorms:
+    """The state of :func:`sum_hook`: when ``on``, the sum of the squared norms of the
+    buckets it was given, each taken before its all-reduce (so, over one backward pass,
+    the squared norm of this rank's gradient)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.total: torch.Tensor | None = None
+
+    def start(self, on: bool) -> None:
+        self.on, self.total = on, None
+
+    def add(self, tensor: torch.Tensor) -> None:
+        sq = _sq_norm([tensor])
+        self.total = sq if self.total is None else self.total + sq
 
 
 def sum_hook(state, bucket):  # type: ignore[no-untyped-def]
     """A DDP communication hook that sums a bucket (a ``dist.GradBucket``) over the
     ranks, returning a future of the summed tensor (DDP's own hook divides by the world
     size): each rank's gradient is already weighted by its slice's share of the global
-    batch, so their sum is the global batch's gradient. (No annotations: DDP checks them
-    as objects, and this module's are strings.)"""
+    batch, so their sum is the global batch's gradient. With a :class:`SquaredNorms`
+    ``state`` that is on, the bucket's squared norm is added to it first: the noise
+    meter's reading of this rank's gradient, at no extra pass over the gradients. (No
+    annotations: DDP checks them as objects, and this module's are strings.)"""
+    if state is not None and state.on:
+        state.add(bucket.buffer())
     work = dist.all_reduce(bucket.buffer(), async_op=True)
     return work.get_future().then(lambda done: done.value()[0])
 
@@ -155,6 +215,7 @@ class DDP(Flat):
         self.ddp: DistributedDataParallel | None = None
         self.find_unused: bool | None = None  # decided by the probe update
         self._probe: _Probe | None = None
+        self._norms = SquaredNorms()  # our hook's state
 
     def prepare(self, model: nn.Module) -> nn.Module:
         self.close()
@@ -174,13 +235,17 @@ class DDP(Flat):
         if ours:  # DDP holds reference cycles: free it (and its hooks) now
             gc.collect()
 
-    def sync_in_backward(self, batch_samples: int, local_reads: bool) -> bool:
+    def sync_in_backward(self, batch_samples: int, unsynced: bool, measure: bool = False) -> bool:
+        self._begin(measure)
         if self.ddp is None:  # the probe update: flat, counting who reaches what
             if self._probe is not None:  # a probe update that did not finish (diverged)
                 self._probe.finish(None)
             self._probe = _Probe(self.model)
             return False
-        return not local_reads
+        # the user's wrapper has its own hook: a measured update reduces as flat there
+        sync = not unsynced and not (measure and self.ddp is self.users)
+        self._norms.start(sync and measure)
+        return sync
 
     @contextlib.contextmanager
     def micro_batch(self, sync: bool) -> Iterator[nn.Module]:
@@ -204,6 +269,11 @@ class DDP(Flat):
         if not synced:
             stopping = super().finish(params, buffers, flag, synced)
         else:
+            if self._measure:  # our hook summed the buckets' squared norms
+                total = self._norms.total
+                zero = torch.zeros((), dtype=torch.float64)
+                self._local_sq = total if total is not None else zero
+                self._norms.start(False)
             device = params[0].device  # the extras alone:
             stopping = all_reduce_gradients([], self.world, flag, buffers, device)
             if self.ddp is self.users:  # it averaged over the ranks; the update is the sum
@@ -220,7 +290,7 @@ class DDP(Flat):
                 find_unused_parameters=self.find_unused,
                 static_graph=False,  # with no_sync, a static graph stopped all-reducing
             )
-            self.ddp.register_comm_hook(None, sum_hook)
+            self.ddp.register_comm_hook(self._norms, sum_hook)
         return stopping
 
 

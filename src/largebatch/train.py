@@ -229,8 +229,7 @@ def fit(
 
 
 def _check_flag(value: Any, name: str, who: str = "fit()") -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidTypeError(f"{who}: {name} must be True or False, got {_shown(value)}")
+    checks.boolean(value, who, name)
 
 
 def _shown(value: Any) -> str:
