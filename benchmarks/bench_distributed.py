@@ -12,15 +12,17 @@ memory of each rank. One JSON line per finished set-up goes to ``--out`` as it e
     python benchmarks/bench_distributed.py --model resnet18 --batches 64 256 --micro 32 \\
         --updates 8 --repeats 3 --out docs/results/distributed/bench_distributed.jsonl
 
-With ``--meter``, the set-ups are instead 2 ``ddp`` processes without a meter and with
-the gradient-noise meter measuring every update: reading parts inside each rank's slice
-(``slices=False``, as before the slices were read in DDP's communication hook: a
-gradient copy, and the update's gradients meet after its backward passes) and reading
-each rank's slice before the all-reduce (the default). Reported beside the times: the
-meter's share of a measured update, ``(t - t_without) / t``.
+With ``--meter``, one set-up instead: 2 ``ddp`` processes whose updates cycle through
+three variants, interleaved so that the machine's drift falls on each alike: no meter;
+the gradient-noise meter reading parts inside each rank's slice (``slices=False``, as
+before the slices were read in DDP's communication hook: a gradient copy, and the
+update's gradients meet after its backward passes); and the meter reading each rank's
+slice before the all-reduce (the default). Reported: the median over the cycles of each
+variant's extra seconds over the no-meter update of the same cycle, and that as a share
+of a measured update.
 
     python benchmarks/bench_distributed.py --meter --batches 64 256 --micro 32 \\
-        --updates 8 --repeats 3 --out docs/results/distributed/bench_meter.jsonl
+        --updates 24 --repeats 1 --out docs/results/distributed/bench_meter.jsonl
 """
 
 from __future__ import annotations
@@ -45,14 +47,14 @@ from largebatch.meters import GradientNoiseMeter, Point
 from largebatch.models import build_model
 from largebatch.parallel import make_parallel
 
-#: (name, processes, parallel, meter): meter None, "parts" (inside each rank's slice) or
-#: "slices" (each rank's slice, read before the gradients meet)
-SETUPS = (("one process", 1, "flat", None), ("flat", 2, "flat", None), ("ddp", 2, "ddp", None))
-METER_SETUPS = (
-    ("ddp", 2, "ddp", None),
-    ("ddp + meter, parts", 2, "ddp", "parts"),
-    ("ddp + meter, slices", 2, "ddp", "slices"),
+#: (name, processes, parallel, meter variants): a variant None (no meter), "parts" (inside
+#: each rank's slice) or "slices" (each rank's slice, read before the gradients meet)
+SETUPS = (
+    ("one process", 1, "flat", (None,)),
+    ("flat", 2, "flat", (None,)),
+    ("ddp", 2, "ddp", (None,)),
 )
+METER_SETUPS = (("ddp, meter variants interleaved", 2, "ddp", (None, "parts", "slices")),)
 
 
 def _free_port() -> int:
@@ -62,7 +64,7 @@ def _free_port() -> int:
 
 
 def _run(
-    rank: int, world_size: int, port: int, kind: str, meter: str | None, batch: int, args, queue
+    rank: int, world_size: int, port: int, kind: str, variants, batch: int, args, queue
 ) -> None:
     torch.set_num_threads(1)
     if world_size > 1:
@@ -82,16 +84,21 @@ def _run(
     x = torch.rand(batch, *shape, generator=generator)
     y = torch.randint(0, 10, (batch,), generator=generator)
     mine = shard(torch.arange(batch), world)
-    meters, size = [], args.micro
-    if meter is not None:  # every update measured
-        meters = [GradientNoiseMeter(world=world, slices=meter == "slices", per_window=None)]
-        size, _ = meters[0].plan(batch, args.micro, None)
-    pieces = list(micro_batches(x[mine], y[mine], size))
-    times = []
+    pieces = list(micro_batches(x[mine], y[mine], args.micro))
+    meters = {
+        None: [],
+        "parts": [GradientNoiseMeter(world=world, slices=False, per_window=None)],
+        "slices": [GradientNoiseMeter(world=world, per_window=None)],
+    }
+    for variant in variants:  # the meters cut nothing here (checked): the same pieces
+        for meter in meters[variant]:
+            assert meter.plan(batch, args.micro, None)[0] == args.micro
+    times: dict = {str(v): [] for v in variants}
     for _ in range(args.updates):
-        started = time.perf_counter()
-        update.step(pieces, batch, meters=meters, point=Point(0, batch, False))
-        times.append(time.perf_counter() - started)
+        for variant in variants:
+            started = time.perf_counter()
+            update.step(pieces, batch, meters=meters[variant], point=Point(0, batch, False))
+            times[str(variant)].append(time.perf_counter() - started)
     update.parallel.close()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put({"rank": rank, "times": times, "peak_rss_mib": peak_mib})
@@ -125,8 +132,8 @@ def main() -> None:
     queue = mp.get_context("spawn").SimpleQueue()
     table = []
     runs = [(b, r, setup) for b in args.batches for r in range(args.repeats) for setup in setups]
-    for batch, repeat, (name, world_size, kind, meter) in runs:
-        spawn_args = (world_size, _free_port(), kind, meter, batch, args, queue)
+    for batch, repeat, (name, world_size, kind, variants) in runs:
+        spawn_args = (world_size, _free_port(), kind, variants, batch, args, queue)
         mp.spawn(_run, args=spawn_args, nprocs=world_size)
         ranks = sorted((queue.get() for _ in range(world_size)), key=lambda r: r["rank"])
         row = {
@@ -134,17 +141,18 @@ def main() -> None:
             "repeat": repeat,
             "processes": world_size,
             "parallel": kind if world_size > 1 else None,
-            "meter": meter,
             "model": args.model,
             "parameters": parameters,
             "global_batch": batch,
             "micro_batch": args.micro,
             "threads_per_process": 1,
-            "update_s": statistics.median(ranks[0]["times"][args.warm :]),
-            "update_times_s": ranks[0]["times"],
+            "update_s": statistics.median(ranks[0]["times"]["None"][args.warm :]),
+            "update_times_s": ranks[0]["times"]["None"],
             "warm": args.warm,
             "peak_rss_mib": [r["peak_rss_mib"] for r in ranks],
         }
+        if args.meter:
+            row["variant_times_s"] = ranks[0]["times"]
         table.append(row)
         if args.out is not None:
             with args.out.open("a") as out:
@@ -155,14 +163,38 @@ def main() -> None:
             f"peak RSS {', '.join(f'{m:.0f}' for m in row['peak_rss_mib'])} MiB",
             flush=True,
         )
-    print(json.dumps(summarize(table, setups), indent=2))
+    print(json.dumps(summarize_meter(table) if args.meter else summarize(table), indent=2))
 
 
-def summarize(rows: list[dict], setups=SETUPS) -> list[dict]:
+def summarize_meter(rows: list[dict]) -> list[dict]:
+    """Per global batch and meter variant: the median over the cycles (after the first
+    ``warm``) of the variant's update time less the same cycle's update without a meter,
+    and that as a share of the variant's median update."""
+    out = []
+    for batch in sorted({r["global_batch"] for r in rows}):
+        mine = [r for r in rows if r["global_batch"] == batch]
+        plain = [t for r in mine for t in r["variant_times_s"]["None"][r["warm"] :]]
+        for variant in ("parts", "slices"):
+            timed = [t for r in mine for t in r["variant_times_s"][variant][r["warm"] :]]
+            extra = statistics.median(t - p for t, p in zip(timed, plain, strict=True))
+            out.append(
+                {
+                    "global_batch": batch,
+                    "variant": variant,
+                    "cycles": len(timed),
+                    "update_s": statistics.median(timed),
+                    "without_meter_s": statistics.median(plain),
+                    "meter_extra_s": extra,
+                    "meter_share": extra / statistics.median(timed),
+                }
+            )
+    return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
     """Per global batch and set-up: the median over every measured update of every round,
-    the largest peak RSS of a rank, and the ratios: to flat's and to half of one
-    process's (``SETUPS``), or the meter's share of a measured update
-    (``METER_SETUPS``)."""
+    the largest peak RSS of a rank, the ratios to flat's and to half of one process's."""
+    setups = SETUPS
     out = []
     for batch in sorted({r["global_batch"] for r in rows}):
         medians = {}
@@ -180,11 +212,8 @@ def summarize(rows: list[dict], setups=SETUPS) -> list[dict]:
                 }
             )
         for row in out[-len(setups) :]:
-            if setups is METER_SETUPS:
-                row["meter_share"] = 1 - medians["ddp"] / row["update_s"]
-            else:
-                row["vs_flat"] = row["update_s"] / medians["flat"]
-                row["vs_half_of_one_process"] = row["update_s"] / (medians["one process"] / 2)
+            row["vs_flat"] = row["update_s"] / medians["flat"]
+            row["vs_half_of_one_process"] = row["update_s"] / (medians["one process"] / 2)
     return out
 
 
