@@ -1,7 +1,8 @@
-"""The gradient-noise meter across real gloo processes: each rank's slice is a part of the
-update, read before the ranks' gradients meet (in DDP's communication hook, or before the
-flat all-reduce), so 2 processes estimate as 1 and 4 processes agree with 1 within the
-estimates' standard error."""
+"""Meters across real gloo processes. The gradient-noise meter: each rank's slice is a
+part of the update, read before the ranks' gradients meet (in DDP's communication hook,
+or before the flat all-reduce), so 2 processes estimate as 1 and 4 processes agree with 1
+within the estimates' standard error. The stability gauge: any number of processes reads
+what one process reads."""
 
 import math
 import os
@@ -19,7 +20,7 @@ import largebatch.parallel as parallel_module
 from helpers import free_port
 from largebatch.accumulate import GlobalBatch, micro_batches
 from largebatch.distributed import World, shard
-from largebatch.meters import GradientNoiseMeter, Point
+from largebatch.meters import GradientNoiseMeter, Point, SharpnessMeter
 from largebatch.parallel import make_parallel
 
 pytestmark = pytest.mark.slow
@@ -138,3 +139,44 @@ def test_four_ranks_agree_with_one_process_within_the_standard_error(tmp_path):
         assert se < 0.05 * abs(statistics.mean(a[index] for a in one))  # a check that can fail
     # the two small batches differ: the estimates are not the same numbers
     assert [e[1] for e in four[:3]] != pytest.approx([e[1] for e in one[:3]], rel=1e-3)
+
+
+def _gauge(world):
+    """The gauge's readings on a small convnet with batch norm, for two batch sizes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)
+    )
+    x, y = _population(96)
+    x = x[:, None, :]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gauge = SharpnessMeter(nn.functional.cross_entropy, [(x[:64], y[:64]), (x[64:], y[64:])],
+                           optimizer, world)  # fmt: skip
+    readings = []
+    for batch in (24, 80):  # within the first probe pair, and across both
+        gauge.plan(batch, batch, None)
+        record = gauge.at_decision(model, Point(0, 0, True))
+        readings.append((record["critical_step"], record["sharp_evals"]))
+    return readings
+
+
+def _gauge_worker(rank, size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=60))
+    try:
+        readings = _gauge(World(rank=rank, size=size, local_rank=rank))
+        if rank == 0:
+            torch.save(readings, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_stability_gauge_reads_on_three_ranks_what_one_process_reads(tmp_path):
+    one = _gauge(World())
+    out = tmp_path / "gauge.pt"
+    mp.spawn(_gauge_worker, args=(3, free_port(), str(out)), nprocs=3, join=True)
+    three = torch.load(out)
+    assert all(step is not None and step > 0 for step, _ in one)
+    for (mine, evals), (theirs, their_evals) in zip(one, three, strict=True):
+        assert theirs == pytest.approx(mine, rel=1e-5) and evals == their_evals

@@ -36,6 +36,8 @@ __all__ = [
     "stability_limit",
     "stability",
     "momentum_of",
+    "is_adaptive",
+    "critical_lr",
 ]
 
 #: where each param group keeps the LR that factors multiply
@@ -83,9 +85,15 @@ def rule_for(rule: str, optimizer: torch.optim.Optimizer | None) -> str:
         return checks.choice(rule, "rule_for", "rule", SCALING_RULES)
     if optimizer is None:
         return "linear"
+    return "sqrt" if is_adaptive(optimizer) else "linear"
+
+
+def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` divides by a running second moment of the gradient: one of
+    :data:`ADAPTIVE_OPTIMIZERS`, a subclass of one, or any optimizer whose defaults carry
+    Adam's ``betas``."""
     family = {cls.__name__ for cls in type(optimizer).__mro__}
-    adaptive = bool(family & set(ADAPTIVE_OPTIMIZERS)) or "betas" in optimizer.defaults
-    return "sqrt" if adaptive else "linear"
+    return bool(family & set(ADAPTIVE_OPTIMIZERS)) or "betas" in optimizer.defaults
 
 
 def scaling_factor(rule: str, scale: float, noise_scale: float | None, base_batch: int) -> float:
@@ -162,6 +170,29 @@ def stability(eigenvalue: float | None, lr: float, momentum: float) -> float | N
     if eigenvalue is None:
         return None
     return eigenvalue * lr / _edge(momentum)
+
+
+def critical_lr(step: float, optimizer: torch.optim.Optimizer) -> float:
+    """The largest stable LR of ``optimizer``, given the critical step ``step`` along its
+    update direction (:func:`largebatch.meters.critical_step`: the smallest step per unit
+    LR at which the loss stops falling; on a quadratic, ``2 / s`` with ``s`` the
+    curvature along the direction).
+
+    - SGD-type (heavy ball, momentum ``m``): the limit ``LR s < 2 (1 + m)`` of
+      :func:`stability_limit` with ``s`` in place of the top eigenvalue, so
+      ``(1 + m) step``;
+    - Adam-type (:func:`is_adaptive`, ``betas = (b1, b2)``), with ``step`` taken along
+      the preconditioned direction (``s`` the preconditioned sharpness): the limit
+      ``LR s < (2 + 2 b1) / (1 - b1)`` at which adaptive methods were seen to train
+      (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"), so
+      ``(1 + b1) / (1 - b1) step``.
+    """
+    step = checks.number(step, "critical_lr", "step", low=0.0)
+    group = optimizer.param_groups[0]
+    if is_adaptive(optimizer) and "betas" in group:
+        beta1 = float(group["betas"][0])
+        return (1.0 + beta1) / (1.0 - beta1) * step
+    return _edge(momentum_of(optimizer)) / 2.0 * step
 
 
 def momentum_of(optimizer: torch.optim.Optimizer) -> float:

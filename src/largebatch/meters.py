@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +33,22 @@ import torch
 from torch import nn
 
 from largebatch import checks
-from largebatch.errors import InvalidTypeError
-from largebatch.hessian import EigenTracker, HessianOperatorError
+from largebatch.distributed import World, all_reduce_, shard
+from largebatch.errors import InvalidTypeError, InvalidValueError
+from largebatch.hessian import EigenTracker, HessianOperatorError, preserved_model_state
+from largebatch.lr import critical_lr, is_adaptive
 
 __all__ = [
     "Meter",
     "Point",
     "CurvatureMeter",
     "GradientNoiseMeter",
+    "SharpnessMeter",
+    "critical_step",
+    "update_direction",
     "EIGENVALUE",
     "NOISE_SCALE",
+    "SHARPNESS",
     "time_of",
     "noise_estimates",
     "reads_micro_batches",
@@ -52,6 +58,8 @@ __all__ = [
 EIGENVALUE = "eigenvalue"
 #: the measurement the gradient-noise meter provides
 NOISE_SCALE = "gns"
+#: the measurement the sharpness gauge provides
+SHARPNESS = "sharpness"
 
 
 @dataclass(frozen=True)
@@ -478,6 +486,222 @@ class GradientNoiseMeter(Meter):
         weight = checks.number(state["weight"], where, "weight", low=0.0)
         updates = checks.integer(state["updates"], where, "updates", minimum=0)
         self.grad_sq, self.trace, self.weight, self.updates = grad_sq, trace, weight, updates
+
+
+def critical_step(
+    rise: Callable[[float], float], start: float, bisections: int = 6, limit: int = 40
+) -> tuple[float, int]:
+    """The smallest step ``t > 0`` at which ``rise(t) >= 0``, where ``rise(t)`` is the loss
+    at ``theta + t u`` minus the loss at ``theta`` along a descent direction ``u``: the
+    *critical step* along ``u``. On a quadratic with gradient ``g`` it is
+    ``-2 g.u / u.H.u``, so ``2 / t`` is the curvature along ``u`` per unit of ``u``.
+
+    From ``start``, doubles (while the loss still falls) or halves (while it does not)
+    until a step of each kind brackets the crossing, at most ``limit`` times, then
+    ``bisections`` bisections; returns the bracket's middle (relative error at most
+    ``2 ** -(bisections + 1)``) and the number of evaluations of ``rise``. A non-finite
+    rise counts as a rise. ``inf`` when the loss still falls at ``start * 2 ** limit``;
+    the last step tried when it rises even at ``start / 2 ** limit`` (``u`` is no
+    descent direction)."""
+    start = checks.number(start, "critical_step", "start", low=0.0, low_open=True)
+    bisections = checks.integer(bisections, "critical_step", "bisections", minimum=0)
+    limit = checks.integer(limit, "critical_step", "limit", minimum=1)
+    evaluations = 0
+
+    def rises(t: float) -> bool:
+        nonlocal evaluations
+        evaluations += 1
+        value = rise(t)
+        return not math.isfinite(value) or value >= 0
+
+    low, high, t = 0.0, math.inf, start
+    for _ in range(limit):
+        if rises(t):
+            high = t
+            if low > 0:
+                break
+            t /= 2
+        else:
+            low = t
+            if high < math.inf:
+                break
+            t *= 2
+    if high == math.inf or low == 0:
+        return high, evaluations
+    for _ in range(bisections):
+        middle = (low + high) / 2
+        if rises(middle):
+            high = middle
+        else:
+            low = middle
+    return (low + high) / 2, evaluations
+
+
+def update_direction(
+    optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The direction of ``optimizer``'s step per unit LR for the gradients ``grads`` of
+    ``params``: ``-g`` for SGD-type optimizers, and ``-g / (sqrt(v) + eps)`` for Adam-type
+    ones (:func:`largebatch.lr.is_adaptive`) with ``v`` the bias-corrected second moment
+    in their state (``exp_avg_sq``; ``-g`` before their first step). Momentum is left out:
+    the gauge asks how far the landscape lets a step along today's gradient go."""
+    adaptive = is_adaptive(optimizer)
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    directions = []
+    for param, grad in zip(params, grads, strict=True):
+        group, state = group_of.get(id(param), {}), optimizer.state.get(param, {})
+        if adaptive and "exp_avg_sq" in state and "step" in state:
+            beta2 = float(group.get("betas", (0.9, 0.999))[1])
+            second = state["exp_avg_sq"] / (1.0 - beta2 ** float(state["step"]))
+            directions.append(-grad / (second.sqrt() + float(group.get("eps", 1e-8))))
+        else:
+            directions.append(-grad)
+    return directions
+
+
+class SharpnessMeter(Meter):
+    """The stability gauge: the *critical sharpness* along an update direction on a fixed
+    probe set, from forward passes only (no Hessian products).
+
+    The direction is the optimizer's step (:func:`update_direction`: ``-g``, or ``-g``
+    preconditioned by Adam's second moment) for the gradient ``g`` of the first ``batch``
+    samples of the probe (``batch``: the run's, or the one asked for): like a training
+    update it carries the batch's noise, whose sharp components are what turn a step
+    unstable, and a larger batch gives a less noisy, flatter direction. Along it, the
+    critical step ``t`` (:func:`critical_step`: the smallest step per unit LR at which
+    the loss of the whole probe stops falling, 7 to 12 forward passes) is, on a
+    quadratic with probe gradient ``G`` and Hessian ``H``, ``-2 G.u / u.H.u``.
+
+    Recorded at a decision point: ``critical_step`` (``t``), ``sharpness`` (``2 / t``),
+    ``critical_lr`` (the largest stable LR that ``t`` gives the optimizer:
+    :func:`largebatch.lr.critical_lr`), the forward passes and the seconds. The model's
+    mode, buffers, weights and ``.grad`` are as they were afterwards; the passes run in
+    eval mode, as the Hessian's do.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch.
+        probe: ``(inputs, targets)`` pairs on the model's device, the same on every rank:
+            under torchrun each rank runs its contiguous share of every pair and the
+            losses and gradients are summed, so any number of processes reads the same.
+        optimizer: whose direction and limit are gauged.
+        world: the process group (:class:`~largebatch.distributed.World`; None: one
+            process).
+        bisections: of the bracket (5: within 1.6%). The search starts from the last
+            reading's step (from the LR at the first), so a reading whose landscape
+            moved little needs two forward passes to bracket the step.
+    """
+
+    record_keys = ("critical_step", "sharpness", "critical_lr", "sharp_evals", "sharp_s")
+
+    def __init__(
+        self,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        probe: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        optimizer: torch.optim.Optimizer,
+        world: World | None = None,
+        bisections: int = 5,
+    ) -> None:
+        who = type(self).__name__
+        if not callable(loss_fn):
+            raise InvalidTypeError(f"{who}: loss_fn must be callable")
+        self.loss_fn, self.optimizer, self.world = loss_fn, optimizer, world or World()
+        self.probe = [(x, y) for x, y in probe if len(y)]
+        if not self.probe:
+            raise InvalidValueError(f"{who}: the probe set holds no sample")
+        self.samples = sum(len(y) for _, y in self.probe)
+        self.bisections = checks.integer(bisections, who, "bisections", minimum=0)
+        self.batch: int | None = None  # the run's batch (set by plan)
+        self._last: float | None = None  # the last critical step found
+
+    def plan(self, batch: int, micro: int, window: int | None) -> tuple[int, int]:
+        self.batch = batch
+        return micro, 1
+
+    def _mean_loss(self, model: nn.Module, samples: int) -> torch.Tensor:
+        """The mean loss of the probe's first ``samples``, summed over the ranks' shares
+        (a graph on this rank's share)."""
+        total, left = None, samples
+        for x, y in self.probe:
+            x, y = x[:left], y[:left]
+            left -= len(y)
+            x, y = shard(x, self.world), shard(y, self.world)
+            if len(y):
+                term = self.loss_fn(model(x), y).double() * len(y)
+                total = term if total is None else total + term
+            if left <= 0:
+                break
+        if total is None:  # no sample on this rank
+            total = torch.zeros((), dtype=torch.float64)
+        return total / (samples - max(left, 0))
+
+    def _probe_loss(self, model: nn.Module) -> float:
+        with torch.no_grad():
+            loss = self._mean_loss(model, self.samples).detach().reshape(1).cpu()
+        return float(all_reduce_(loss, self.world)[0])
+
+    def _direction(
+        self, model: nn.Module, params: list[nn.Parameter], batch: int
+    ) -> list[torch.Tensor]:
+        """The optimizer's direction for the gradient of the probe's first ``batch``."""
+        loss = self._mean_loss(model, batch)
+        found = (
+            torch.autograd.grad(loss, params, allow_unused=True)
+            if loss.requires_grad
+            else (None,) * len(params)
+        )
+        grads = [  # every rank sums every gradient (an unused one is zero)
+            all_reduce_(torch.zeros_like(p) if g is None else g, self.world)
+            for p, g in zip(params, found, strict=True)
+        ]
+        return update_direction(self.optimizer, params, grads)
+
+    def measure(
+        self,
+        model: nn.Module,
+        batch: int | None = None,
+        direction: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[float, int]:
+        """``(critical step, forward passes of the probe)`` along ``direction`` (one
+        tensor per trainable parameter), or along the optimizer's direction for a batch
+        of ``batch`` samples (None: the run's batch, or half the probe before the run
+        planned one; at most the whole probe)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        with preserved_model_state(model):
+            if direction is None:
+                size = batch or self.batch or max(1, self.samples // 2)
+                direction = self._direction(model, params, min(size, self.samples))
+            base = self._probe_loss(model)
+            saved = [p.detach().clone() for p in params]
+
+            def rise(t: float) -> float:
+                with torch.no_grad():
+                    for p, start, d in zip(params, saved, direction, strict=True):
+                        p.copy_(start).add_(d, alpha=t)
+                return self._probe_loss(model) - base
+
+            # from the last reading (the landscape moves slowly), or from the LR
+            start = self._last or float(self.optimizer.param_groups[0]["lr"]) or 1.0
+            try:
+                step, evaluations = critical_step(rise, start, self.bisections)
+            finally:
+                with torch.no_grad():
+                    for p, start in zip(params, saved, strict=True):
+                        p.copy_(start)
+        if 0 < step < math.inf:
+            self._last = step
+        return step, evaluations + 1
+
+    def at_decision(self, model: nn.Module, point: Point) -> dict[str, Any]:
+        started = time.perf_counter()
+        step, evaluations = self.measure(model)
+        finite = math.isfinite(step)  # inf: the loss fell along all of the steps tried
+        return {
+            "critical_step": step if finite else None,
+            "sharpness": 2.0 / step,
+            "critical_lr": critical_lr(step, self.optimizer) if finite else None,
+            "sharp_evals": evaluations,
+            "sharp_s": time.perf_counter() - started,
+        }
 
 
 def noise_estimates(
