@@ -1,7 +1,8 @@
 """Benchmark: every batch controller on three datasets, with one set of controller defaults.
 
 Methods: ``bl``, ``fb`` (warm-up), ``gg``, ``abs``, ``absa``, ``gns``, ``gns`` with the
-curvature guard (``gns+guard``) and ``gns`` with adversarial training (``gns+adv``).
+curvature guard (``gns+guard``), ``gns`` with adversarial training (``gns+adv``), and
+``gns`` and ``abs`` with the stability safeguard (``gns+safeguard``, ``abs+safeguard``).
 Datasets: Fashion-MNIST with C1 (a subset), MNIST-1D with an MLP, scikit-learn's digits
 with an MLP. Per dataset only the training basics differ (base batch, LR, epochs, cap);
 every controller setting is its default on all three.
@@ -47,6 +48,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "gns": {"method": "gns"},
     "gns+guard": {"method": "gns", "curvature_guard": True},
     "gns+adv": {"method": "gns", "adversarial": True},
+    # the stability safeguard (off by default until measured)
+    "gns+safeguard": {"method": "gns", "safeguard": True},
+    "abs+safeguard": {"method": "abs", "safeguard": True},
 }
 
 #: the training basics of each dataset (no controller settings here)

@@ -156,7 +156,7 @@ def _gauge(world):
     for batch in (24, 80):  # within the first probe pair, and across both
         gauge.plan(batch, batch, None)
         record = gauge.at_decision(model, Point(0, 0, True))
-        readings.append((record["critical_step"], record["sharp_evals"]))
+        readings.append((record["sharpness"], record["sharp_evals"]))
     return readings
 
 
@@ -177,6 +177,8 @@ def test_the_stability_gauge_reads_on_three_ranks_what_one_process_reads(tmp_pat
     out = tmp_path / "gauge.pt"
     mp.spawn(_gauge_worker, args=(3, free_port(), str(out)), nprocs=3, join=True)
     three = torch.load(out)
-    assert all(step is not None and step > 0 for step, _ in one)
+    assert all(sharpness is not None and sharpness > 0 for sharpness, _ in one)
+    # a second difference of float32 losses summed in another order: 1e-4 apart (measured
+    # 2.2e-4 at most), far below what a cap on the LR needs
     for (mine, evals), (theirs, their_evals) in zip(one, three, strict=True):
-        assert theirs == pytest.approx(mine, rel=1e-5) and evals == their_evals
+        assert theirs == pytest.approx(mine, rel=1e-3) and evals == their_evals

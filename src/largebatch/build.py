@@ -40,7 +40,14 @@ from largebatch.errors import ConfigError, UsageError
 from largebatch.feed import materialize
 from largebatch.hessian import EigenTracker
 from largebatch.lr import momentum_of, rule_for
-from largebatch.meters import EIGENVALUE, NOISE_SCALE, CurvatureMeter, GradientNoiseMeter, Meter
+from largebatch.meters import (
+    EIGENVALUE,
+    NOISE_SCALE,
+    CurvatureMeter,
+    GradientNoiseMeter,
+    Meter,
+    SharpnessMeter,
+)
 from largebatch.parallel import make_parallel, unwrapped
 from largebatch.sampler import probe_batches, probe_seed
 from largebatch.scoring import LossFn, check_parameters
@@ -122,7 +129,32 @@ def build_parts(
         rollback=make_rollback(config),
         count=token_count if config.loss_weights == "tokens" else None,
         parallel=parallel,
+        gauge=make_gauge(config, data, loss_fn, optimizer, device, world),
     )
+
+
+def make_gauge(
+    config: TrainConfig,
+    data: DataSource,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    world: World,
+) -> SharpnessMeter | None:
+    """The stability safeguard's gauge (``safeguard: true``) on a probe of
+    ``safeguard_samples`` training samples drawn once, the same on every rank (the gauge
+    runs its share of them); None without the safeguard."""
+    if not config.safeguard:
+        return None
+    probe = probe_batches(
+        data.train_x,
+        data.train_y,
+        min(config.safeguard_samples, len(data.train_y)),
+        config.micro_batch_size or config.batch_size,
+        seed=probe_seed(config.seed) + 1,  # not the Hessian's probe
+    )
+    probe = [(materialize(x).to(device), y.to(device)) for x, y in probe]
+    return SharpnessMeter(loss_fn, probe, optimizer, world)
 
 
 def make_attack(config: TrainConfig, data: DataSource) -> AdversarialShare:

@@ -96,6 +96,10 @@ class TrainConfig:
     guard_fraction: float = 0.5
     guard_every: float = 1.0  # epochs between estimates
     guard_samples: int = 1024  # probe samples of the guard's eigenvalue estimates
+    # stability safeguard (any growth that raises the LR): the LR factor of a growth is
+    # capped at the largest stable LR that the gauge reads along the grown batch's step
+    safeguard: bool = False  # off by default until its defaults are measured (issue 36)
+    safeguard_samples: int = 256  # probe samples of the gauge
     # adversarial training: on for absa by default; true/false forces it for any method
     adversarial: bool | None = None
     adv_ratio: float = 0.2  # initial fraction g0 of each micro-batch replaced by attacks
@@ -185,7 +189,7 @@ class TrainConfig:
             raise ConfigError(f"gns_decay must be in [0, 1), got {self.gns_decay}")
         if not 0 < self.guard_fraction <= 1:
             raise ConfigError(f"guard_fraction must be in (0, 1], got {self.guard_fraction}")
-        for key in ("gns_confirmations", "guard_samples"):
+        for key in ("gns_confirmations", "guard_samples", "safeguard_samples"):
             _at_least(key, getattr(self, key), 1)
         if self.gns_micro_batch is not None:
             _at_least("gns_micro_batch", self.gns_micro_batch, 1)

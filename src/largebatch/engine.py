@@ -17,11 +17,12 @@ holds the run folder and hands the records to :class:`largebatch.outputs.RunWrit
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,13 +32,20 @@ from tqdm import tqdm
 
 from largebatch.accumulate import GlobalBatch, micro_batches
 from largebatch.checkpoint import RunCheckpoint
-from largebatch.controllers import BatchController, checked_decision
+from largebatch.controllers import BatchController, Decision, checked_decision
 from largebatch.distributed import World, broadcast_object
 from largebatch.divergence import Rollback
 from largebatch.errors import DivergedError, UsageError
 from largebatch.feed import Feed
-from largebatch.lr import BASE_LR_KEY, LRScaler, momentum_of, stability
-from largebatch.meters import Meter, Point, time_of
+from largebatch.lr import (
+    BASE_LR_KEY,
+    LRScaler,
+    critical_lr,
+    momentum_of,
+    stability,
+    tempered_factor,
+)
+from largebatch.meters import Meter, Point, SharpnessMeter, time_of
 from largebatch.parallel import Parallel
 from largebatch.progress import RECORD_DEFAULTS, Progress, meter_defaults
 from largebatch.sampler import EpochSampler, augment_rng_seed, augment_seed
@@ -72,6 +80,12 @@ class Parts:
             micro-batches' losses.
         parallel: how the ranks' gradients meet (:mod:`largebatch.parallel`); None:
             the flat all-reduce under torchrun.
+        gauge: the stability safeguard's gauge
+            (:class:`~largebatch.meters.SharpnessMeter`): at a decision that grows the
+            batch and raises the LR factor, it reads the largest stable LR along the
+            grown batch's step, and the factor is capped there
+            (:func:`~largebatch.lr.tempered_factor`; ``reason: stability`` in the
+            record's ``batch_changes``). None: no safeguard.
     """
 
     model: nn.Module
@@ -84,6 +98,7 @@ class Parts:
     rollback: Rollback | None = None
     count: Callable[[torch.Tensor], int] | None = None
     parallel: Parallel | None = None
+    gauge: SharpnessMeter | None = None
 
 
 @dataclass(frozen=True)
@@ -316,18 +331,53 @@ class _Epochs:
         # every rank measured the same numbers; rank 0's decision is the one kept
         controller.load_state_dict(broadcast_object(controller.state_dict(), self.world))
         after = checked_decision(controller, controller.decision())
+        tempered = self.safeguard(progress, before, after)
+        seconds += tempered.get("gauge_s", 0.0)
         current = optimizer.param_groups[0]["lr"]
         progress.note_point(
             point.samples,
             after,
-            self.lr.bases()[0] * after.lr_factor * progress.lr_scale,
+            self.lr.bases()[0] * progress.factor(after) * progress.lr_scale,
             measured,
             stability(measured["eigenvalue"], current, momentum_of(optimizer)),
         )
         if after.batch_size != before.batch_size:
-            progress.note_change(point.samples, after, controller.last_reason)
+            if tempered.get("lr_cap") is not None:
+                capped = replace(after, lr_factor=tempered["lr_cap"])
+                progress.note_change(point.samples, capped, "stability", **tempered)
+            else:
+                progress.note_change(point.samples, after, controller.last_reason)
         progress.measure_s += seconds
         return {**measured, "measure_s": seconds}
+
+    def safeguard(self, progress: Progress, before: Decision, after: Decision) -> dict[str, Any]:
+        """The stability safeguard at a decision: when ``after`` grows the batch and raises
+        the LR factor above the one in force, the gauge reads the largest stable LR along
+        the grown batch's step and ``progress.lr_cap`` is set to the factor that
+        :func:`tempered_factor` allows (None again when the growth passes whole). Returns
+        the reading for the record (empty when there was none)."""
+        gauge = self.parts.gauge
+        in_force = progress.factor(before)
+        grows = after.batch_size > before.batch_size and after.lr_factor > in_force
+        if gauge is None or not grows:
+            return {}
+        started = time.perf_counter()
+        base = self.lr.bases()[0] * progress.lr_scale
+        # the sharpness along the grown batch's step, over the step its LR would take
+        sharpness, _ = gauge.measure(
+            self.update.model, batch=after.batch_size, step=base * after.lr_factor
+        )
+        stable = math.isfinite(sharpness) and sharpness > 0
+        limit = critical_lr(sharpness, self.parts.optimizer) if stable else None
+        factor = tempered_factor(in_force, after.lr_factor, None if limit is None else limit / base)
+        progress.lr_cap = factor if factor < after.lr_factor else None
+        return {
+            "proposed_lr_factor": after.lr_factor,
+            "lr_cap": progress.lr_cap,
+            "gauge_sharpness": sharpness if math.isfinite(sharpness) else None,
+            "gauge_lr": limit,
+            "gauge_s": time.perf_counter() - started,
+        }
 
     def train(
         self, progress: Progress, should_stop: Callable[[], str | None]
@@ -415,7 +465,7 @@ class _Epochs:
         self.last_batch, self.last_adv_ratio = global_batch, decision.adv_ratio
         for step, (indices, pieces) in enumerate(batches, start=first_step):
             warmup = controller.warmup_factor(step / num_batches)
-            self.lr.apply(decision.lr_factor * progress.lr_scale * warmup)
+            self.lr.apply(progress.factor(decision) * progress.lr_scale * warmup)
             due = [(meter, size) for meter, size, stride in plans if progress.updates % stride == 0]
             size = min((size for _, size in due), default=micro)
             if self.needs_pairs:

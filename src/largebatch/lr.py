@@ -38,6 +38,7 @@ __all__ = [
     "momentum_of",
     "is_adaptive",
     "critical_lr",
+    "tempered_factor",
 ]
 
 #: where each param group keeps the LR that factors multiply
@@ -172,27 +173,34 @@ def stability(eigenvalue: float | None, lr: float, momentum: float) -> float | N
     return eigenvalue * lr / _edge(momentum)
 
 
-def critical_lr(step: float, optimizer: torch.optim.Optimizer) -> float:
-    """The largest stable LR of ``optimizer``, given the critical step ``step`` along its
-    update direction (:func:`largebatch.meters.critical_step`: the smallest step per unit
-    LR at which the loss stops falling; on a quadratic, ``2 / s`` with ``s`` the
-    curvature along the direction).
+def critical_lr(sharpness: float, optimizer: torch.optim.Optimizer) -> float:
+    """The largest stable LR of ``optimizer`` given the ``sharpness`` along its update
+    direction (:class:`largebatch.meters.SharpnessMeter`, finite and > 0):
 
-    - SGD-type (heavy ball, momentum ``m``): the limit ``LR s < 2 (1 + m)`` of
-      :func:`stability_limit` with ``s`` in place of the top eigenvalue, so
-      ``(1 + m) step``;
-    - Adam-type (:func:`is_adaptive`, ``betas = (b1, b2)``), with ``step`` taken along
-      the preconditioned direction (``s`` the preconditioned sharpness): the limit
-      ``LR s < (2 + 2 b1) / (1 - b1)`` at which adaptive methods were seen to train
-      (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"), so
-      ``(1 + b1) / (1 - b1) step``.
+    - SGD-type (heavy ball, momentum ``m``): :func:`stability_limit` with the sharpness
+      in place of the top eigenvalue, ``2 (1 + m) / s``;
+    - Adam-type (:func:`is_adaptive`, ``betas = (b1, b2)``), with ``s`` the
+      preconditioned sharpness: ``(2 + 2 b1) / ((1 - b1) s)``, where adaptive methods
+      were seen to train at the edge of stability (Cohen et al. 2022, "Adaptive gradient
+      methods at the edge of stability").
     """
-    step = checks.number(step, "critical_lr", "step", low=0.0)
+    sharpness = checks.number(sharpness, "critical_lr", "sharpness", low=0.0, low_open=True)
     group = optimizer.param_groups[0]
     if is_adaptive(optimizer) and "betas" in group:
         beta1 = float(group["betas"][0])
-        return (1.0 + beta1) / (1.0 - beta1) * step
-    return _edge(momentum_of(optimizer)) / 2.0 * step
+        return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * sharpness)
+    return stability_limit(sharpness, momentum_of(optimizer))
+
+
+def tempered_factor(before: float, proposed: float, limit: float | None) -> float:
+    """The LR factor a growth may take (the stability safeguard's rule): ``proposed``,
+    capped at ``limit`` (the factor of the largest stable LR the gauge read for the
+    grown batch, :func:`critical_lr`; None: no reading, nothing capped), but never
+    below ``before``, the factor in force before the growth: the safeguard tempers the
+    LR's rise, it does not cut the LR the run was training at."""
+    if limit is None or proposed <= before:
+        return proposed
+    return max(before, min(proposed, limit))
 
 
 def momentum_of(optimizer: torch.optim.Optimizer) -> float:

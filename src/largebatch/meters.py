@@ -44,7 +44,7 @@ __all__ = [
     "CurvatureMeter",
     "GradientNoiseMeter",
     "SharpnessMeter",
-    "critical_step",
+    "preconditioner",
     "update_direction",
     "EIGENVALUE",
     "NOISE_SCALE",
@@ -488,110 +488,82 @@ class GradientNoiseMeter(Meter):
         self.grad_sq, self.trace, self.weight, self.updates = grad_sq, trace, weight, updates
 
 
-def critical_step(
-    rise: Callable[[float], float], start: float, bisections: int = 6, limit: int = 40
-) -> tuple[float, int]:
-    """The smallest step ``t > 0`` at which ``rise(t) >= 0``, where ``rise(t)`` is the loss
-    at ``theta + t u`` minus the loss at ``theta`` along a descent direction ``u``: the
-    *critical step* along ``u``. On a quadratic with gradient ``g`` it is
-    ``-2 g.u / u.H.u``, so ``2 / t`` is the curvature along ``u`` per unit of ``u``.
-
-    From ``start``, doubles (while the loss still falls) or halves (while it does not)
-    until a step of each kind brackets the crossing, at most ``limit`` times, then
-    ``bisections`` bisections; returns the bracket's middle (relative error at most
-    ``2 ** -(bisections + 1)``) and the number of evaluations of ``rise``. A non-finite
-    rise counts as a rise. ``inf`` when the loss still falls at ``start * 2 ** limit``;
-    the last step tried when it rises even at ``start / 2 ** limit`` (``u`` is no
-    descent direction)."""
-    start = checks.number(start, "critical_step", "start", low=0.0, low_open=True)
-    bisections = checks.integer(bisections, "critical_step", "bisections", minimum=0)
-    limit = checks.integer(limit, "critical_step", "limit", minimum=1)
-    evaluations = 0
-
-    def rises(t: float) -> bool:
-        nonlocal evaluations
-        evaluations += 1
-        value = rise(t)
-        return not math.isfinite(value) or value >= 0
-
-    low, high, t = 0.0, math.inf, start
-    for _ in range(limit):
-        if rises(t):
-            high = t
-            if low > 0:
-                break
-            t /= 2
+def preconditioner(
+    optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]
+) -> list[torch.Tensor | None]:
+    """Per parameter, what ``optimizer`` divides its gradient by (None: nothing, as SGD):
+    ``sqrt(v) + eps`` for Adam-type optimizers (:func:`largebatch.lr.is_adaptive`), with
+    ``v`` the bias-corrected second moment in their state (``exp_avg_sq``; None before
+    their first step)."""
+    if not is_adaptive(optimizer):
+        return [None] * len(params)
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    found: list[torch.Tensor | None] = []
+    for param in params:
+        group, state = group_of.get(id(param), {}), optimizer.state.get(param, {})
+        if "exp_avg_sq" in state and "step" in state:
+            beta2 = float(group.get("betas", (0.9, 0.999))[1])
+            second = state["exp_avg_sq"] / (1.0 - beta2 ** float(state["step"]))
+            found.append(second.sqrt() + float(group.get("eps", 1e-8)))
         else:
-            low = t
-            if high < math.inf:
-                break
-            t *= 2
-    if high == math.inf or low == 0:
-        return high, evaluations
-    for _ in range(bisections):
-        middle = (low + high) / 2
-        if rises(middle):
-            high = middle
-        else:
-            low = middle
-    return (low + high) / 2, evaluations
+            found.append(None)
+    return found
 
 
 def update_direction(
     optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
     """The direction of ``optimizer``'s step per unit LR for the gradients ``grads`` of
-    ``params``: ``-g`` for SGD-type optimizers, and ``-g / (sqrt(v) + eps)`` for Adam-type
-    ones (:func:`largebatch.lr.is_adaptive`) with ``v`` the bias-corrected second moment
-    in their state (``exp_avg_sq``; ``-g`` before their first step). Momentum is left out:
-    the gauge asks how far the landscape lets a step along today's gradient go."""
-    adaptive = is_adaptive(optimizer)
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    directions = []
-    for param, grad in zip(params, grads, strict=True):
-        group, state = group_of.get(id(param), {}), optimizer.state.get(param, {})
-        if adaptive and "exp_avg_sq" in state and "step" in state:
-            beta2 = float(group.get("betas", (0.9, 0.999))[1])
-            second = state["exp_avg_sq"] / (1.0 - beta2 ** float(state["step"]))
-            directions.append(-grad / (second.sqrt() + float(group.get("eps", 1e-8))))
-        else:
-            directions.append(-grad)
-    return directions
+    ``params``: ``-g`` for SGD-type optimizers, ``-g / (sqrt(v) + eps)`` for Adam-type
+    ones (:func:`preconditioner`). Momentum is left out: the gauge asks what the
+    landscape does to a step along this batch's gradient."""
+    return [
+        -grad if scale is None else -grad / scale
+        for grad, scale in zip(grads, preconditioner(optimizer, params), strict=True)
+    ]
 
 
 class SharpnessMeter(Meter):
-    """The stability gauge: the *critical sharpness* along an update direction on a fixed
-    probe set, from forward passes only (no Hessian products).
+    """The stability gauge: the sharpness along an update direction on a fixed probe
+    set, from three forward passes (no Hessian products).
 
-    The direction is the optimizer's step (:func:`update_direction`: ``-g``, or ``-g``
-    preconditioned by Adam's second moment) for the gradient ``g`` of the first ``batch``
-    samples of the probe (``batch``: the run's, or the one asked for): like a training
-    update it carries the batch's noise, whose sharp components are what turn a step
-    unstable, and a larger batch gives a less noisy, flatter direction. Along it, the
-    critical step ``t`` (:func:`critical_step`: the smallest step per unit LR at which
-    the loss of the whole probe stops falling, 7 to 12 forward passes) is, on a
-    quadratic with probe gradient ``G`` and Hessian ``H``, ``-2 G.u / u.H.u``.
+    The direction ``u`` is the optimizer's step (:func:`update_direction`: ``-g``, or
+    ``-g`` preconditioned by Adam's second moment) for the gradient ``g`` of the first
+    ``batch`` samples of the probe (``batch``: the run's, or the one asked for): like a
+    training update it carries the batch's noise, whose sharp components are what turn a
+    step unstable, and a larger batch gives a less noisy direction. The sharpness along
+    it is the symmetric second difference of the whole probe's loss over the step the
+    optimizer would take, ``eta u`` (``eta``: the LR, or the one asked for)::
 
-    Recorded at a decision point: ``critical_step`` (``t``), ``sharpness`` (``2 / t``),
-    ``critical_lr`` (the largest stable LR that ``t`` gives the optimizer:
-    :func:`largebatch.lr.critical_lr`), the forward passes and the seconds. The model's
-    mode, buffers, weights and ``.grad`` are as they were afterwards; the passes run in
-    eval mode, as the Hessian's do.
+        s = (L(theta + eta u) + L(theta - eta u) - 2 L(theta)) / (eta^2 u.P.u)
+
+    with ``P`` the optimizer's preconditioner (the identity for SGD, ``sqrt(v) + eps``
+    for Adam: ``s`` is then the preconditioned sharpness). On a quadratic of Hessian
+    ``H`` it is ``u.H.u / u.P.u`` at any ``eta``, the curvature along the step; on a
+    network it is the secant curvature over the step itself, so what the loss does at
+    that LR counts. Gradient descent along ``u`` turns unstable at ``eta s = 2``.
+    (The step at which the loss along ``u`` stops falling, the *critical step*, was
+    tried first and is no gauge of stability: along a noisy batch's step near the noise
+    floor it is far shorter than any unstable step; on a regression whose curvature is
+    2 everywhere, it read limits of 0.10 and 0.67 where the true one is 1.)
+
+    Recorded at a decision point: ``sharpness`` (``s``), ``critical_lr`` (the largest
+    stable LR that ``s`` gives the optimizer, :func:`largebatch.lr.critical_lr`; None
+    when ``s <= 0``), the forward passes and the seconds. The model's mode, buffers,
+    weights and ``.grad`` are as they were afterwards; the passes run in eval mode, as
+    the Hessian's do.
 
     Args:
         loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch.
         probe: ``(inputs, targets)`` pairs on the model's device, the same on every rank:
             under torchrun each rank runs its contiguous share of every pair and the
             losses and gradients are summed, so any number of processes reads the same.
-        optimizer: whose direction and limit are gauged.
+        optimizer: whose direction, preconditioner and limit are gauged.
         world: the process group (:class:`~largebatch.distributed.World`; None: one
             process).
-        bisections: of the bracket (5: within 1.6%). The search starts from the last
-            reading's step (from the LR at the first), so a reading whose landscape
-            moved little needs two forward passes to bracket the step.
     """
 
-    record_keys = ("critical_step", "sharpness", "critical_lr", "sharp_evals", "sharp_s")
+    record_keys = ("sharpness", "critical_lr", "sharp_evals", "sharp_s")
 
     def __init__(
         self,
@@ -599,7 +571,6 @@ class SharpnessMeter(Meter):
         probe: Sequence[tuple[torch.Tensor, torch.Tensor]],
         optimizer: torch.optim.Optimizer,
         world: World | None = None,
-        bisections: int = 5,
     ) -> None:
         who = type(self).__name__
         if not callable(loss_fn):
@@ -609,9 +580,7 @@ class SharpnessMeter(Meter):
         if not self.probe:
             raise InvalidValueError(f"{who}: the probe set holds no sample")
         self.samples = sum(len(y) for _, y in self.probe)
-        self.bisections = checks.integer(bisections, who, "bisections", minimum=0)
         self.batch: int | None = None  # the run's batch (set by plan)
-        self._last: float | None = None  # the last critical step found
 
     def plan(self, batch: int, micro: int, window: int | None) -> tuple[int, int]:
         self.batch = batch
@@ -660,45 +629,50 @@ class SharpnessMeter(Meter):
         model: nn.Module,
         batch: int | None = None,
         direction: Sequence[torch.Tensor] | None = None,
+        step: float | None = None,
     ) -> tuple[float, int]:
-        """``(critical step, forward passes of the probe)`` along ``direction`` (one
-        tensor per trainable parameter), or along the optimizer's direction for a batch
-        of ``batch`` samples (None: the run's batch, or half the probe before the run
-        planned one; at most the whole probe)."""
+        """``(sharpness, forward passes of the probe)`` along ``direction`` (one tensor
+        per trainable parameter), or along the optimizer's direction for a batch of
+        ``batch`` samples (None: the run's batch, or half the probe before the run
+        planned one; at most the whole probe), over the step ``step`` (None: the LR)."""
         params = [p for p in model.parameters() if p.requires_grad]
+        eta = checks.number(
+            step or float(self.optimizer.param_groups[0]["lr"]),
+            type(self).__name__, "step", low=0.0, low_open=True,
+        )  # fmt: skip
         with preserved_model_state(model):
             if direction is None:
                 size = batch or self.batch or max(1, self.samples // 2)
                 direction = self._direction(model, params, min(size, self.samples))
-            base = self._probe_loss(model)
+            scales = preconditioner(self.optimizer, params)
+            metric = sum(
+                float((d * d).sum() if p is None else (d * d * p).sum())
+                for d, p in zip(direction, scales, strict=True)
+            )
             saved = [p.detach().clone() for p in params]
-
-            def rise(t: float) -> float:
-                with torch.no_grad():
-                    for p, start, d in zip(params, saved, direction, strict=True):
-                        p.copy_(start).add_(d, alpha=t)
-                return self._probe_loss(model) - base
-
-            # from the last reading (the landscape moves slowly), or from the LR
-            start = self._last or float(self.optimizer.param_groups[0]["lr"]) or 1.0
+            losses = []
             try:
-                step, evaluations = critical_step(rise, start, self.bisections)
+                for t in (0.0, eta, -eta):
+                    with torch.no_grad():
+                        for p, start, d in zip(params, saved, direction, strict=True):
+                            p.copy_(start).add_(d, alpha=t)
+                    losses.append(self._probe_loss(model))
             finally:
                 with torch.no_grad():
                     for p, start in zip(params, saved, strict=True):
                         p.copy_(start)
-        if 0 < step < math.inf:
-            self._last = step
-        return step, evaluations + 1
+        base, plus, minus = losses
+        if metric <= 0:  # no step at all (a zero gradient)
+            return 0.0, len(losses)
+        return (plus + minus - 2 * base) / (eta * eta * metric), len(losses)
 
     def at_decision(self, model: nn.Module, point: Point) -> dict[str, Any]:
         started = time.perf_counter()
-        step, evaluations = self.measure(model)
-        finite = math.isfinite(step)  # inf: the loss fell along all of the steps tried
+        sharpness, evaluations = self.measure(model)
+        stable = math.isfinite(sharpness) and sharpness > 0
         return {
-            "critical_step": step if finite else None,
-            "sharpness": 2.0 / step,
-            "critical_lr": critical_lr(step, self.optimizer) if finite else None,
+            "sharpness": sharpness if math.isfinite(sharpness) else None,
+            "critical_lr": critical_lr(sharpness, self.optimizer) if stable else None,
             "sharp_evals": evaluations,
             "sharp_s": time.perf_counter() - started,
         }

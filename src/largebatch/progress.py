@@ -56,6 +56,9 @@ class Progress:
     dropped: int = 0
     # Divergence guard: LR multiplier after rollbacks, and what happened.
     lr_scale: float = 1.0
+    # Stability safeguard: the largest LR factor allowed since a tempered growth (None:
+    # the controller's factor as it is), until the next growth that raises the LR.
+    lr_cap: float | None = None
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     # Batch changes of the epoch in progress: sample count, new batch, LR factor, reason.
     changes: list[dict[str, Any]] = field(default_factory=list)
@@ -82,15 +85,25 @@ class Progress:
             }
         )
 
-    def note_change(self, samples: int, decision: Decision, reason: str) -> None:
+    def note_change(self, samples: int, decision: Decision, reason: str, **more: Any) -> None:
+        """A batch change: its sample count, batch, LR factor and reason (and ``more``:
+        the safeguard's reading of a tempered growth)."""
         self.changes.append(
             {
                 "samples": samples,
                 "batch_size": decision.batch_size,
                 "lr_factor": decision.lr_factor,
                 "reason": reason or "schedule",
+                **more,
             }
         )
+
+    def factor(self, decision: Decision) -> float:
+        """The LR factor in force under ``decision``: the controller's, capped by the
+        stability safeguard's ``lr_cap`` when one is set."""
+        if self.lr_cap is None:
+            return decision.lr_factor
+        return min(decision.lr_factor, self.lr_cap)
 
     def end_epoch(
         self,
