@@ -87,3 +87,5 @@ def test_a_growth_within_the_limit_passes_whole(tmp_path):
     # LR 0.6 after the growth: within the limit 1, the growth passes as the schedule said
     assert change["reason"].startswith("schedule") and change["lr_factor"] == pytest.approx(2.0)
     assert records[1]["lr"] == pytest.approx(0.6)
+    # the reading is recorded all the same: the growth's margin to the limit
+    assert change["lr_cap"] is None and change["gauge_lr"] == pytest.approx(1.0, rel=1e-3)

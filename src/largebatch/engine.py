@@ -345,8 +345,8 @@ class _Epochs:
             if tempered.get("lr_cap") is not None:
                 capped = replace(after, lr_factor=tempered["lr_cap"])
                 progress.note_change(point.samples, capped, "stability", **tempered)
-            else:
-                progress.note_change(point.samples, after, controller.last_reason)
+            else:  # with the gauge's reading when it read one (the growth's margin)
+                progress.note_change(point.samples, after, controller.last_reason, **tempered)
         progress.measure_s += seconds
         return {**measured, "measure_s": seconds}
 
