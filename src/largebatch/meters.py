@@ -48,7 +48,6 @@ __all__ = [
     "update_direction",
     "EIGENVALUE",
     "NOISE_SCALE",
-    "SHARPNESS",
     "time_of",
     "noise_estimates",
     "reads_micro_batches",
@@ -58,8 +57,6 @@ __all__ = [
 EIGENVALUE = "eigenvalue"
 #: the measurement the gradient-noise meter provides
 NOISE_SCALE = "gns"
-#: the measurement the sharpness gauge provides
-SHARPNESS = "sharpness"
 
 
 @dataclass(frozen=True)
