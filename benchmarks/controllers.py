@@ -46,6 +46,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "abs": {"method": "abs"},
     "absa": {"method": "absa"},
     "gns": {"method": "gns"},
+    # gns's growth rule: the rule before the budget rule, and other tolerances
+    "gns-kappa": {"method": "gns", "gns_rule": "kappa"},
+    "gns-tol0.1": {"method": "gns", "gns_tolerance": 0.1},
+    "gns-tol0.3": {"method": "gns", "gns_tolerance": 0.3},
+    "gns-kappa0.5": {"method": "gns", "gns_rule": "kappa", "gns_kappa": 0.5},
     "gns+guard": {"method": "gns", "curvature_guard": True},
     "gns+adv": {"method": "gns", "adversarial": True},
     # the stability safeguard (off by default until measured)

@@ -24,8 +24,11 @@ model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 10))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
 world = World()  # one process; under torchrun: largebatch.distributed.setup("cpu")[0]
 
-# gns: the batch doubles while it is below the noise scale, decided every quarter epoch
-controller = NoiseScaleBatch(32, 512, milestones=[], decay=1.0, num_samples=len(y))
+# gns: the batch doubles while the noise scale says the growth costs little training
+# progress over the run's 6 epochs (tolerance 0.2), decided every quarter epoch
+controller = NoiseScaleBatch(
+    32, 512, milestones=[], decay=1.0, num_samples=len(y), total_samples=6 * len(y)
+)
 meter = GradientNoiseMeter(world=world)  # measures in the micro-batches the update runs
 sampler = GrowingBatchSampler(len(y), batch_size=32, seed=0)
 lr = LRScaler(optimizer)

@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 
@@ -217,14 +218,14 @@ def test_the_adascale_gain_follows_its_definition_at_the_limits(grad_sq, trace, 
 
 def test_gns_keeps_a_pure_noise_reading_for_the_adascale_gain_but_does_not_grow_on_it():
     controller = NoiseScaleBatch(
-        64, 1024, [], 1.0, num_samples=1000, every_fraction=0.25, lr_rule="adascale",
+        64, 1024, [], 1.0, num_samples=1000, rule="kappa", every_fraction=0.25, lr_rule="adascale",
         confirmations=1,
     )  # fmt: skip
     controller.batch_size = 256  # scale 4
     controller.step({"gns": math.inf, "samples": 250})
     assert controller.batch_size == 256 and controller.decision().lr_factor == 4.0
     state = controller.state_dict()
-    again = NoiseScaleBatch(64, 1024, [], 1.0, num_samples=1000, lr_rule="adascale")
+    again = NoiseScaleBatch(64, 1024, [], 1.0, num_samples=1000, rule="kappa", lr_rule="adascale")
     again.load_state_dict(state)
     assert again.noise_scale == math.inf and again.decision().lr_factor == 4.0
     controller.step({"gns": -5.0, "samples": 500})  # a trace measured below 0: no noise
@@ -233,7 +234,7 @@ def test_gns_keeps_a_pure_noise_reading_for_the_adascale_gain_but_does_not_grow_
 
 def test_gns_doubles_after_two_agreeing_points_and_only_grows():
     controller = NoiseScaleBatch(
-        128, 1024, [], 1.0, num_samples=1000, every_fraction=0.25, lr_rule="adascale"
+        128, 1024, [], 1.0, num_samples=1000, rule="kappa", every_fraction=0.25, lr_rule="adascale"
     )
     assert controller.decide_every == 250 and controller.wants == {"gns"}
     seen = []
@@ -251,7 +252,14 @@ def test_gns_doubles_after_two_agreeing_points_and_only_grows():
 
 def test_gns_counts_milestones_in_samples_or_in_base_batch_progress():
     controller = NoiseScaleBatch(
-        100, 400, [1], 0.1, num_samples=1000, milestones_by="progress", lr_rule="adascale"
+        100,
+        400,
+        [1],
+        0.1,
+        num_samples=1000,
+        rule="kappa",
+        milestones_by="progress",
+        lr_rule="adascale",
     )
     controller.batch_size, controller.noise_scale = 400, 100.0  # r = 4 * 200 / 500 = 1.6
     for i in range(4):  # one epoch of samples at batch 400: progress 1.6 / 4 = 0.4 epochs
@@ -259,13 +267,15 @@ def test_gns_counts_milestones_in_samples_or_in_base_batch_progress():
     assert controller.progress == pytest.approx(0.4)
     assert controller.decision().lr_factor == pytest.approx(1.6)  # milestone 1 not reached
     # by default the milestones count samples: one epoch of them reaches milestone 1
-    by_samples = NoiseScaleBatch(100, 400, [1], 0.1, num_samples=1000, lr_rule="adascale")
+    by_samples = NoiseScaleBatch(
+        100, 400, [1], 0.1, num_samples=1000, rule="kappa", lr_rule="adascale"
+    )
     by_samples.batch_size, by_samples.noise_scale = 400, 100.0
     by_samples.step({"gns": 100.0, "epoch_end": False, "samples": 999})
     assert by_samples.decision().lr_factor == pytest.approx(1.6)
     by_samples.step({"gns": 100.0, "samples": 1000})
     assert by_samples.decision().lr_factor == pytest.approx(0.16)
-    linear = NoiseScaleBatch(100, 400, [1], 0.1, num_samples=1000, lr_rule="linear")
+    linear = NoiseScaleBatch(100, 400, [1], 0.1, num_samples=1000, rule="kappa", lr_rule="linear")
     linear.step({"gns": 10.0, "samples": 1000})
     assert linear.decision().lr_factor == pytest.approx(0.1)
 
@@ -307,7 +317,7 @@ def test_gg_and_gns_count_the_milestones_through_lr():
         batches.append(gg.decision().batch_size)
         gg.step()
     assert batches == [128, 256, 512, 512, 512]
-    gns = NoiseScaleBatch(128, 128, [1, 2], 0.1, num_samples=1000, every_fraction=0.5)
+    gns = NoiseScaleBatch(128, 128, [1, 2], 0.1, num_samples=1000, rule="kappa", every_fraction=0.5)
     factors = []
     for samples in (0, 999, 1000, 2500):
         gns.step({"samples": samples, "epoch_end": False})
@@ -384,3 +394,93 @@ def test_bad_schedules_are_refused_in_one_line():
         _config("schedule", batch_schedule="0:128 1k:4096")
     with pytest.raises(ConfigError, match="not AT:BATCH"):
         _config("schedule", batch_schedule="0:128 1k")
+
+
+def _budget_run(tolerance, phi=320.0, total=100_000, every=250):
+    """A gns controller fed a constant noise scale; (batch in force per interval, the
+    points where it grew)."""
+    controller = NoiseScaleBatch(
+        32, 1024, [], 1.0, num_samples=1000, every_fraction=every / 1000, confirmations=1,
+        tolerance=tolerance, total_samples=total,
+    )  # fmt: skip
+    batches, grew = [], []
+    for samples in range(every, total + 1, every):
+        batches.append(controller.batch_size)  # in force from samples - every to samples
+        controller.step({"gns": phi, "samples": samples, "epoch_end": False})
+        if controller.last_reason:
+            grew.append((samples, controller.batch_size))
+    return controller, batches, grew
+
+
+def test_gns_budget_rule_grows_while_the_progress_given_up_stays_within_its_tolerance():
+    # McCandlish et al.: a sample at batch B makes (B0 + phi) / (B + phi) of the progress
+    # it makes at B0 = 32; phi = 300 throughout
+    tolerance, total, phi = 0.2, 100_000, 300.0
+
+    def gives_up(batch):
+        return 1 - (32 + phi) / (batch + phi)
+
+    controller, batches, grew = _budget_run(tolerance, phi=phi, total=total)
+    # the first point: all the rest of the run at 64 gives up less than the tolerance
+    assert gives_up(64) * (total - 250) / total < tolerance
+    assert grew[0] == (250, 64)
+    # 128 from the start would give up more; it waits until what 64 gave up so far,
+    # (s - 250) gives_up(64), plus gives_up(128) of the rest fits: s >= s_star
+    assert gives_up(128) > tolerance
+    s_star = (tolerance * total + 250 * gives_up(64) - gives_up(128) * total) / (
+        gives_up(64) - gives_up(128)
+    )
+    assert grew[1] == (250 * math.ceil(s_star / 250), 128)
+    # the whole run gives up at most the tolerance, and spends nearly all of it
+    given_up = sum(250 * gives_up(b) for b in batches) / total
+    assert tolerance - 0.01 < given_up <= tolerance + 1e-12
+    assert controller.lost / total == pytest.approx(given_up, rel=1e-9)
+    # a stricter tolerance stops lower, a looser one grows on to a larger batch
+    assert _budget_run(0.05, phi=phi, total=total)[0].batch_size < controller.batch_size
+    loose = _budget_run(0.6, phi=phi, total=total)[0]
+    assert loose.batch_size > controller.batch_size
+
+
+def test_gns_budget_rule_never_gives_up_more_than_its_tolerance_when_phi_rises():
+    # phi tends to rise during training; the projection then errs on the cautious side
+    rng = random.Random(0)
+    for trial in range(20):
+        tolerance = rng.uniform(0.02, 0.5)
+        controller = NoiseScaleBatch(
+            32, 4096, [], 1.0, num_samples=1000, confirmations=1, tolerance=tolerance,
+            total_samples=20_000,
+        )  # fmt: skip
+        phis = sorted(rng.uniform(10, 5000) for _ in range(80))
+        for i, phi in enumerate(phis):
+            controller.step({"gns": phi, "samples": 250 * (i + 1), "epoch_end": False})
+        assert controller.growths > 0, trial
+        assert controller.lost / 20_000 <= tolerance + 1e-12, trial
+
+
+def test_gns_budget_state_round_trips_and_an_older_state_loads():
+    controller, _, _ = _budget_run(0.2, total=10_000)
+    state = controller.state_dict()
+    again = NoiseScaleBatch(32, 1024, [], 1.0, num_samples=1000, total_samples=10_000)
+    again.load_state_dict(state)
+    assert again.lost == controller.lost > 0 and again.batch_size == controller.batch_size
+    older = {k: v for k, v in state.items() if k != "lost"}  # saved before the budget rule
+    again.load_state_dict(older)
+    assert again.lost == 0.0 and again.batch_size == controller.batch_size
+    with pytest.raises(InvalidValueError, match="total_samples"):
+        NoiseScaleBatch(32, 1024, [], 1.0, num_samples=1000)
+    with pytest.raises(InvalidValueError, match="rule"):
+        NoiseScaleBatch(32, 1024, [], 1.0, num_samples=1000, rule="greedy")
+
+
+def test_gns_budget_rule_takes_no_growth_within_the_last_decision_interval():
+    def at(samples):
+        controller = NoiseScaleBatch(
+            32, 1024, [], 1.0, num_samples=1000, every_fraction=0.25, confirmations=1,
+            total_samples=10_000,
+        )  # fmt: skip
+        controller.step({"gns": 1e6, "samples": samples, "epoch_end": False})
+        return controller.batch_size
+
+    # a noise scale of 1e6 makes any growth nearly free: one interval (250) before the
+    # end it is taken, within the last interval it would save next to nothing
+    assert at(9_750) == 64 and at(9_751) == 32 and at(10_000) == 32

@@ -351,10 +351,24 @@ def test_gns_grows_the_batch_from_the_measured_noise_scale(tmp_path):
     changes = [c for r in records for c in r["batch_changes"]]
     assert changes and all(c["reason"].startswith("noise scale") for c in changes)
     assert summary["final_batch_size"] > 32 and summary["final_test_acc"] > 0.75
-    # it doubles only when the batch was at most the noise scale measured there
-    for change in changes:
-        point = next(p for p in points if p["samples"] == change["samples"])
-        assert change["batch_size"] // 2 <= point["gns"]
+    # it doubles only when the progress given up so far, plus what the doubled batch
+    # gives up over the rest of the run, is within the default tolerance (0.2); counted
+    # here again from the points (McCandlish: a sample at B makes (32 + phi) / (B + phi)
+    # of its progress at 32)
+    total, lost, before = 3 * 1024, 0.0, (0, 32, None)
+    grown = {c["samples"]: c for c in changes}
+    for point in points:
+        samples, batch, phi = before
+        if phi is not None:
+            lost += (point["samples"] - samples) * (1 - (32 + phi) / (batch + phi))
+        if point["samples"] in grown:
+            new, phi = point["batch_size"], point["gns"]
+            assert new == 2 * batch
+            cost = (lost + (total - point["samples"]) * (1 - (32 + phi) / (new + phi))) / total
+            assert cost <= 0.2
+            reason = grown[point["samples"]]["reason"]
+            assert float(reason.rsplit(" ", 1)[1]) == pytest.approx(cost, abs=1e-3)
+        before = (point["samples"], point["batch_size"], point["gns"])
 
 
 def test_gns_trains_adversarially_when_asked(tmp_path):
@@ -373,8 +387,8 @@ def test_the_noise_meter_measures_about_four_updates_per_decision_window(tmp_pat
     # every 16th is measured (updates 0, 16, 32, 48), each cut into two micro-batches
     train, _ = _data(n_train=512)
     largebatch.fit(
-        _model(), train, out=tmp_path / "run", method="gns", gns_every=1.0, gns_kappa=1e-9,
-        epochs=2, batch_size=8, max_batch_size=64, device="cpu",
+        _model(), train, out=tmp_path / "run", method="gns", gns_every=1.0, gns_rule="kappa",
+        gns_kappa=1e-9, epochs=2, batch_size=8, max_batch_size=64, device="cpu",
     )  # fmt: skip
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["gns_updates"] for r in records] == [4, 8]
@@ -390,7 +404,7 @@ def test_measured_updates_cut_into_smaller_micro_batches_are_the_same_updates(tm
     largebatch.fit(_model(), train, out=tmp_path / "bl", method="bl", **values)
     largebatch.fit(
         _model(), train, out=tmp_path / "gns", method="gns", gns_micro_batch=8,
-        gns_kappa=1e-9, **values,
+        gns_rule="kappa", gns_kappa=1e-9, **values,
     )  # fmt: skip
     measured = read_jsonl(tmp_path / "gns" / "metrics.jsonl")[0]
     assert measured["gns_updates"] == 8 and measured["batch_size"] == 32
@@ -428,7 +442,9 @@ def _spawned_fit(rank, world, port, out, method):
 
 def _fit_for_ranks(out, **changes):
     train, test = _data()
+    # gns by the kappa rule: on this data it stays below the cap, so every epoch measures
     values = dict(abs_duration=1, hessian_samples=64, micro_batch_size=16, gns_micro_batch=16)
+    values.update(gns_rule="kappa")
     values.update(COMMON)
     values.update(changes)
     largebatch.fit(_model(), train, eval_data=test, out=out, **values)

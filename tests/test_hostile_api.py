@@ -110,7 +110,8 @@ def _abs():
 
 
 def _gns(**changes):
-    return NoiseScaleBatch(128, 1024, [6], 0.2, **{"num_samples": 1000, **changes})
+    values = {"num_samples": 1000, "total_samples": 8000, **changes}
+    return NoiseScaleBatch(128, 1024, [6], 0.2, **values)
 
 
 def _guard(**changes):

@@ -32,15 +32,15 @@ def _isotropic(n=256, d=8, seed=0):
     return x, y
 
 
-def _run(tmp_path, name, safeguard, epochs=3, resume=False):
+def _run(tmp_path, name, safeguard, epochs=3, resume=False, recovery=0.5, grow_at=256):
     x, y = _isotropic()
     torch.manual_seed(0)
     model = nn.Linear(8, 1, bias=False)
     return largebatch.fit(
         model, (x, y), out=tmp_path / name, loss_fn=F.mse_loss, method="schedule",
-        batch_schedule="0:16 256:64", lr_scaling="linear", lr=0.4, momentum=0.0,
+        batch_schedule=f"0:16 {grow_at}:64", lr_scaling="linear", lr=0.4, momentum=0.0,
         epochs=epochs, batch_size=16, safeguard=safeguard, safeguard_samples=256,
-        device="cpu", verbose=False, resume=resume,
+        device="cpu", verbose=False, resume=resume, recovery_tolerance=recovery,
     )  # fmt: skip
 
 
@@ -65,8 +65,9 @@ def test_a_growth_past_the_limit_is_tempered_to_it_and_recorded(tmp_path):
     _run(tmp_path, "guarded", safeguard=True, epochs=4, resume=True)
     resumed = read_jsonl(tmp_path / "guarded" / "metrics.jsonl")
     assert len(resumed) == 4 and resumed[3]["lr"] == pytest.approx(change["gauge_lr"])
-    # without the safeguard the LR goes to 1.6 and the loss grows by orders of magnitude
-    _run(tmp_path, "free", safeguard=False)
+    # without the safeguard (and the recovery) the LR goes to 1.6 and the loss grows by
+    # orders of magnitude
+    _run(tmp_path, "free", safeguard=False, recovery=None)
     free = read_jsonl(tmp_path / "free" / "metrics.jsonl")
     assert free[0]["batch_changes"][0]["reason"].startswith("schedule")
     assert [r["lr"] for r in free[1:]] == pytest.approx([1.6, 1.6])
@@ -89,3 +90,33 @@ def test_a_growth_within_the_limit_passes_whole(tmp_path):
     assert records[1]["lr"] == pytest.approx(0.6)
     # the reading is recorded all the same: the growth's margin to the limit
     assert change["lr_cap"] is None and change["gauge_lr"] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_the_recovery_undoes_the_lr_step_of_a_growth_after_which_the_loss_rose(tmp_path):
+    # two epochs at 16 and LR 0.4 bring the loss near its floor; without the safeguard
+    # the growth to 64 takes the LR to 1.6, past the limit 1, so the loss of the epoch
+    # after it rises above the epoch before, and the recovery (on by default) scales the
+    # LR back by the growth's factor 4, to 0.4, where it converges again
+    _run(tmp_path, "recovered", safeguard=False, epochs=5, grow_at=512)
+    records = read_jsonl(tmp_path / "recovered" / "metrics.jsonl")
+    assert records[1]["batch_changes"][0]["reason"].startswith("schedule")
+    assert records[2]["lr"] == pytest.approx(1.6)
+    (change,) = records[2]["batch_changes"]
+    assert change["reason"] == "recovery" and change["batch_size"] == 64
+    assert change["lr_scale"] == pytest.approx(0.25)
+    # the windows compared are the epochs' training losses (one decision point each)
+    assert change["loss_before"] == pytest.approx(records[1]["train_loss"], rel=1e-5)
+    assert change["loss_after"] == pytest.approx(records[2]["train_loss"], rel=1e-5)
+    assert change["loss_after"] > 1.5 * change["loss_before"]
+    assert [r["lr"] for r in records[3:]] == pytest.approx([0.4, 0.4])
+    assert records[-1]["train_loss"] < 2 * records[1]["train_loss"]
+    assert len([c for r in records for c in r["batch_changes"]]) == 2
+    # the scale is run state: a resumed run keeps it
+    _run(tmp_path, "recovered", safeguard=False, epochs=6, grow_at=512, resume=True)
+    resumed = read_jsonl(tmp_path / "recovered" / "metrics.jsonl")
+    assert len(resumed) == 6 and resumed[5]["lr"] == pytest.approx(0.4)
+    # without the recovery the loss keeps climbing
+    _run(tmp_path, "free", safeguard=False, epochs=5, grow_at=512, recovery=None)
+    free = read_jsonl(tmp_path / "free" / "metrics.jsonl")
+    assert [r["lr"] for r in free[2:]] == pytest.approx([1.6] * 3)
+    assert free[-1]["train_loss"] > 1000 * records[-1]["train_loss"]

@@ -89,6 +89,7 @@ def settings(config: TrainConfig) -> Settings:
         augment=config.augment,
         seed=config.seed,
         loader_workers=config.loader_workers,
+        recovery=config.recovery_tolerance,
     )
 
 
@@ -252,6 +253,9 @@ def make_controller(
             confirmations=config.gns_confirmations,
             lr_rule=lr_rule,
             milestones_by=config.gns_milestones,
+            rule=config.gns_rule,
+            tolerance=config.gns_tolerance,
+            total_samples=num_samples * config.epochs,
             **adv,
         )
     else:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from largebatch.checks import MAX_SEED
+from largebatch.controllers import GROWTH_RULES
 from largebatch.errors import ConfigError
 from largebatch.parallel import PARALLEL_KINDS
 
@@ -84,8 +85,13 @@ class TrainConfig:
     abs_duration: int = 10  # grow anyway after this many epochs without a growth
     # gns: the batch doubles while below the measured gradient noise scale
     gns_every: float = 0.25  # epochs between decision points
-    gns_kappa: float = 1.0  # double when batch <= kappa * noise scale ...
-    gns_confirmations: int = 2  # ... on this many decision points in a row
+    # gns_rule budget: double while the run gives up at most gns_tolerance of the fixed
+    # batch's training progress (counted from the noise scale); kappa: double when
+    # batch <= gns_kappa * noise scale, whatever it costs (the rule before budget)
+    gns_rule: str = "budget"
+    gns_tolerance: float = 0.2
+    gns_kappa: float = 1.0
+    gns_confirmations: int = 2  # decision points in a row that must agree on a growth
     gns_micro_batch: int | None = None  # noise meter's part of an update (None: half the batch)
     gns_decay: float = 0.95  # per-update decay of the meter's moving averages
     batch_schedule: str | None = None  # schedule: "0:32 200k:64 800k:128" (samples)
@@ -100,6 +106,10 @@ class TrainConfig:
     # capped at the largest stable LR that the gauge reads along the grown batch's step
     safeguard: bool = False  # off by default until its defaults are measured (issue 36)
     safeguard_samples: int = 256  # probe samples of the gauge
+    # recovery after a growth: when the training loss of one of the two decision windows
+    # after a growth that raised the LR exceeds the window before it by more than
+    # recovery_tolerance (relative), the growth's LR step is undone (null: off)
+    recovery_tolerance: float | None = 0.5
     # adversarial training: on for absa by default; true/false forces it for any method
     adversarial: bool | None = None
     adv_ratio: float = 0.2  # initial fraction g0 of each micro-batch replaced by attacks
@@ -183,10 +193,17 @@ class TrainConfig:
         for key in ("gns_every", "guard_every"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key)}")
+        _choice("gns_rule", self.gns_rule, GROWTH_RULES)
         if not self.gns_kappa > 0:
             raise ConfigError(f"gns_kappa must be > 0, got {self.gns_kappa}")
+        if not 0 <= self.gns_tolerance <= 1:
+            raise ConfigError(f"gns_tolerance must be in [0, 1], got {self.gns_tolerance}")
         if not 0 <= self.gns_decay < 1:
             raise ConfigError(f"gns_decay must be in [0, 1), got {self.gns_decay}")
+        if self.recovery_tolerance is not None and not self.recovery_tolerance > 0:
+            raise ConfigError(
+                f"recovery_tolerance must be > 0 (or null: off), got {self.recovery_tolerance}"
+            )
         if not 0 < self.guard_fraction <= 1:
             raise ConfigError(f"guard_fraction must be in (0, 1], got {self.guard_fraction}")
         for key in ("gns_confirmations", "guard_samples", "safeguard_samples"):

@@ -116,6 +116,11 @@ class Settings:
         augment: random crop and flip of the training images.
         seed: seed of the data order and the augmentation.
         loader_workers: decoding processes of lazily read images (None: automatic).
+        recovery: the recovery after a growth: when the training loss of a decision
+            window within ``RECOVERY_POINTS`` decision points after a growth that raised
+            the LR exceeds the window before the growth by more than this fraction (or
+            is not finite), the growth's LR step is undone (``progress.lr_scale``) and
+            ``reason: recovery`` goes to ``batch_changes``. None: off.
     """
 
     epochs: int
@@ -127,6 +132,11 @@ class Settings:
     augment: bool = False
     seed: int = 0
     loader_workers: int | None = None
+    recovery: float | None = None
+
+
+#: decision points after a growth that the recovery watches
+RECOVERY_POINTS = 2
 
 
 class TrainingInterrupted(Exception):
@@ -245,7 +255,8 @@ def run(
                 channels_last=channels_last, loss_fn=parts.loss_fn, accuracy=fits.accuracy,
             )  # fmt: skip
             point = Point(progress.epoch, progress.samples, epoch_end=True)
-            measured = epochs.decide(progress, point, {"test_acc": test[1], "test_loss": test[0]})
+            told = {"test_acc": test[1], "test_loss": test[0], "window_loss": epochs.window_loss}
+            measured = epochs.decide(progress, point, told)
             progress.wall_s += time.perf_counter() - started
             record = progress.end_epoch(
                 train,
@@ -304,6 +315,7 @@ class _Epochs:
         self.last_batch = self.controller.decision().batch_size
         self.last_adv_ratio = self.controller.decision().adv_ratio
         self.stop_reason: str | None = None  # set once this or another rank asked to stop
+        self.window_loss: float | None = None  # the epoch's last window, for its end
 
     def wanted(self) -> list[Meter]:
         return [self.meters[n] for n in sorted(self.controller.wants) if n in self.meters]
@@ -333,6 +345,7 @@ class _Epochs:
         after = checked_decision(controller, controller.decision())
         tempered = self.safeguard(progress, before, after)
         seconds += tempered.get("gauge_s", 0.0)
+        self.recover(progress, point.samples, before, after, told.get("window_loss"))
         current = optimizer.param_groups[0]["lr"]
         progress.note_point(
             point.samples,
@@ -379,6 +392,43 @@ class _Epochs:
             "gauge_s": time.perf_counter() - started,
         }
 
+    def recover(
+        self,
+        progress: Progress,
+        samples: int,
+        before: Decision,
+        after: Decision,
+        window: float | None,
+    ) -> None:
+        """The recovery after a growth (``settings.recovery``): a growth watched since a
+        decision point whose window loss now exceeds the loss before it by more than the
+        tolerance has its LR step undone (``progress.lr_scale`` scaled by the factor in
+        force before over the one after); then this decision's growth, if it raises the
+        LR factor in force, is watched for the next ``RECOVERY_POINTS`` points."""
+        tolerance = self.settings.recovery
+        if tolerance is None:
+            return
+        watch = progress.watch
+        if watch is not None and window is not None:
+            if not window <= watch["loss"] * (1 + tolerance):  # NaN or inf is a rise too
+                progress.lr_scale *= watch["before"] / watch["after"]
+                progress.watch = None
+                progress.note_change(
+                    samples, replace(after, lr_factor=progress.factor(after)), "recovery",
+                    loss_before=watch["loss"], loss_after=window,
+                    lr_scale=progress.lr_scale,
+                )  # fmt: skip
+            elif watch["points"] > 1:
+                progress.watch = {**watch, "points": watch["points"] - 1}
+            else:
+                progress.watch = None
+        in_force, grown = progress.factor(before), progress.factor(after)
+        raises = after.batch_size > before.batch_size and grown > in_force
+        if raises and window is not None and math.isfinite(window):
+            progress.watch = {
+                "loss": window, "before": in_force, "after": grown, "points": RECOVERY_POINTS
+            }  # fmt: skip
+
     def train(
         self, progress: Progress, should_stop: Callable[[], str | None]
     ) -> dict[str, Any] | None:
@@ -415,11 +465,15 @@ class _Epochs:
                     progress.augment_rng = augment_rng.get_state()
                     return None
                 if progress.position < order.num_samples:  # a decision point in the epoch
-                    self.decide(progress, Point(epoch, progress.samples, epoch_end=False))
+                    told = {"window_loss": self._window(progress, running)}
+                    self.decide(progress, Point(epoch, progress.samples, epoch_end=False), told)
         finally:
             bar.close()
         loss, correct = running.totals()
         dropped, seen = progress.dropped, max(order.num_samples - progress.dropped, 1)
+        if self.settings.recovery is not None:
+            self.window_loss = progress.window_loss(loss, order.num_samples - dropped)
+        progress.mark_loss, progress.mark_seen = 0.0, 0
         progress.position, progress.partial_loss, progress.partial_correct = 0, 0.0, 0
         progress.augment_rng, progress.dropped = None, 0
         return {
@@ -427,6 +481,14 @@ class _Epochs:
             "train_acc": correct / seen if self.accuracy else None,
             "dropped_samples": dropped,
         }
+
+    def _window(self, progress: Progress, running: RunningScore) -> float | None:
+        """The training loss since the last decision point (a collective; only with the
+        recovery on)."""
+        if self.settings.recovery is None:
+            return None
+        loss, _ = running.totals()
+        return progress.window_loss(loss, progress.position - progress.dropped)
 
     def _segment(
         self,

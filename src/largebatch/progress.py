@@ -59,6 +59,13 @@ class Progress:
     # Stability safeguard: the largest LR factor allowed since a tempered growth (None:
     # the controller's factor as it is), until the next growth that raises the LR.
     lr_cap: float | None = None
+    # Recovery after a growth: the epoch's training loss sum and samples at its last
+    # decision point (the window since then is compared), and the growth on watch: the
+    # window loss before it, the LR factors in force before and after it, and the
+    # decision points of watch left.
+    mark_loss: float = 0.0
+    mark_seen: int = 0
+    watch: dict[str, Any] | None = None
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     # Batch changes of the epoch in progress: sample count, new batch, LR factor, reason.
     changes: list[dict[str, Any]] = field(default_factory=list)
@@ -97,6 +104,15 @@ class Progress:
                 **more,
             }
         )
+
+    def window_loss(self, loss_sum: float, seen: int) -> float | None:
+        """The mean training loss of the samples since the last decision point, from the
+        epoch's running ``loss_sum`` over ``seen`` samples; marks this point. None when
+        no sample was seen since."""
+        window = seen - self.mark_seen
+        mean = (loss_sum - self.mark_loss) / window if window > 0 else None
+        self.mark_loss, self.mark_seen = loss_sum, seen
+        return mean
 
     def factor(self, decision: Decision) -> float:
         """The LR factor in force under ``decision``: the controller's, capped by the
