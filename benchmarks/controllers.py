@@ -2,7 +2,8 @@
 
 Methods: ``bl``, ``fb`` (warm-up), ``gg``, ``abs``, ``absa``, ``gns``, ``gns`` with the
 curvature guard (``gns+guard``), ``gns`` with adversarial training (``gns+adv``), and
-``gns`` and ``abs`` with the stability safeguard (``gns+safeguard``, ``abs+safeguard``).
+``gns`` and ``abs`` without the stability safeguard (``gns-nosafeguard``,
+``abs-nosafeguard``), and ``gns``'s other growth rules and tolerances.
 Datasets: Fashion-MNIST with C1 (a subset), MNIST-1D with an MLP, scikit-learn's digits
 with an MLP. Per dataset only the training basics differ (base batch, LR, epochs, cap);
 every controller setting is its default on all three.
@@ -53,9 +54,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "gns-kappa0.5": {"method": "gns", "gns_rule": "kappa", "gns_kappa": 0.5},
     "gns+guard": {"method": "gns", "curvature_guard": True},
     "gns+adv": {"method": "gns", "adversarial": True},
-    # the stability safeguard (off by default until measured)
-    "gns+safeguard": {"method": "gns", "safeguard": True},
-    "abs+safeguard": {"method": "abs", "safeguard": True},
+    # without the stability safeguard (on by default for the growing methods)
+    "gns-nosafeguard": {"method": "gns", "safeguard": False},
+    "abs-nosafeguard": {"method": "abs", "safeguard": False},
 }
 
 #: the training basics of each dataset (no controller settings here)

@@ -9,9 +9,10 @@ every LR of the family's grid trains once with BL on seed 100, and the one with 
 final test accuracy is kept (this favours BL, if anything). Then every method trains on
 seeds 0, 1 and 2 at that LR, for the same epochs as BL.
 
-Methods: ``bl``; ``gns`` with every default; ``gns-kappa`` (the growth rule before the
-budget rule: double when the batch is at most the noise scale); ``gns+safeguard``;
-``gns-norecovery`` (without the recovery after a growth).
+Methods: ``bl``; ``gns`` with every default; ``gns-nosafeguard`` (without the stability
+safeguard); ``gns-kappa`` (the growth rule before the budget rule: double when the
+batch is at most the noise scale) and ``gns-norecovery`` (without the recovery after a
+growth), both without the safeguard as well.
 Each finished run appends one JSON line to ``OUT/runs.jsonl`` (a run already there is
 skipped, so an interrupted benchmark continues); ``OUT/README.md`` gets the tables.
 
@@ -42,9 +43,9 @@ from largebatch.io import atomic_write_text, read_jsonl
 METHODS: dict[str, dict[str, Any]] = {
     "bl": {"method": "bl"},
     "gns": {"method": "gns"},
-    "gns-kappa": {"method": "gns", "gns_rule": "kappa"},
-    "gns+safeguard": {"method": "gns", "safeguard": True},
-    "gns-norecovery": {"method": "gns", "recovery_tolerance": None},
+    "gns-nosafeguard": {"method": "gns", "safeguard": False},
+    "gns-kappa": {"method": "gns", "gns_rule": "kappa", "safeguard": False},
+    "gns-norecovery": {"method": "gns", "recovery_tolerance": None, "safeguard": False},
 }
 
 
@@ -248,6 +249,13 @@ def main() -> None:
     path = args.out / "runs.jsonl"
     report = [
         "# gns on models it has never seen",
+        "",
+        "One thread per run (CPU only); the reading of these tables is in `ANALYSIS.md`. "
+        "\"below BL's mean\": BL's mean minus the method's, in points (positive: below); "
+        '"worst seed below": BL\'s mean minus the worst seed. "tempered": growths the '
+        'stability safeguard capped; "recovered": growths whose LR step the recovery '
+        "undid; \"meters' share\": the noise meter's and the gauge's seconds over the "
+        "run's wall time (median of the seeds).",
         "",
         f"Regenerate: `python benchmarks/unseen.py --out {args.out} --families "
         f"{' '.join(args.families)} --methods {' '.join(args.methods)} --seeds "

@@ -13,8 +13,17 @@ from PIL import Image
 
 
 def without_times(records: list[dict]) -> list[dict]:
-    """Metrics records without the wall-clock fields, which differ between equal runs."""
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+    """Metrics records without the wall-clock fields, which differ between equal runs
+    (those of the batch changes too: the safeguard's ``gauge_s``)."""
+
+    def untimed(entry: dict) -> dict:
+        return {k: v for k, v in entry.items() if not k.endswith("_s")}
+
+    return [
+        {**untimed(r), **({"batch_changes": [untimed(c) for c in r["batch_changes"]]}
+                          if "batch_changes" in r else {})}
+        for r in records
+    ]  # fmt: skip
 
 
 def at_training_forward(build: Callable[..., torch.nn.Module], count: int, action: Callable):
@@ -160,6 +169,12 @@ def assert_runs_close(a: Path, b: Path) -> None:
     from largebatch.io import read_jsonl
 
     def close(x, y, where):
+        if where.rsplit(".", 1)[-1] in ("gauge_sharpness", "gauge_lr"):
+            # the safeguard's reading of a growth that passed: a second difference of
+            # nearly equal losses, which the ranks' order of summation moves (-0.016
+            # against -0.032 near zero curvature); tests/test_noise_ranks.py checks the
+            # reading itself, and the cap it sets (lr_cap, lr_factor) is compared here
+            return
         if isinstance(x, float) and isinstance(y, float):
             assert y == pytest.approx(x, rel=1e-4, abs=1e-6), where
         elif isinstance(x, dict) and isinstance(y, dict):

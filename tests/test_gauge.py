@@ -152,3 +152,36 @@ def test_bad_input_is_refused_in_one_line():
         SharpnessMeter(_mean, [(torch.zeros(0, 1), torch.zeros(0))], optimizer)
     with pytest.raises(InvalidValueError, match="SharpnessMeter: step must be in"):
         SharpnessMeter(_mean, PROBE, optimizer).measure(model, step=-1.0)
+
+
+def test_with_batch_norm_the_gauge_reads_the_loss_on_batch_statistics():
+    # batch norm after a bias-free layer makes the loss invariant to that layer's scale:
+    # along the radial step u = W, with batch statistics (as training sees it), the loss
+    # does not change and the sharpness is 0. On running statistics (eval mode) the
+    # step is not renormalised and reads sharp: the gauge used to temper growths there
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+                          nn.Linear(8, 3))  # fmt: skip
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    model.train()
+    for _ in range(3):  # running statistics away from their initial values
+        model(x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gauge = SharpnessMeter(F.cross_entropy, [(x, y)], optimizer)
+    radial = [p.detach().clone() if p is model[0].weight else torch.zeros_like(p)
+              for p in model.parameters()]  # fmt: skip
+    eta = 0.2
+    sharpness, evals = gauge.measure(model, direction=radial, step=eta)
+    # the same second difference by hand on running statistics
+    model.eval()
+    weight = model[0].weight
+    with torch.no_grad():
+        start = weight.clone()
+        losses = []
+        for t in (0.0, eta, -eta):
+            weight.copy_(start * (1 + t))
+            losses.append(float(F.cross_entropy(model(x), y)))
+        weight.copy_(start)
+    on_running = (losses[1] + losses[2] - 2 * losses[0]) / (eta**2 * float((start**2).sum()))
+    assert evals == 3 and on_running > 0.01
+    assert abs(sharpness) < 1e-3 * on_running

@@ -141,12 +141,14 @@ def test_four_ranks_agree_with_one_process_within_the_standard_error(tmp_path):
     assert [e[1] for e in four[:3]] != pytest.approx([e[1] for e in one[:3]], rel=1e-3)
 
 
-def _gauge(world):
-    """The gauge's readings on a small convnet with batch norm, for two batch sizes."""
+def _gauge(world, norm=True):
+    """The gauge's readings on a small convnet, with batch norm (every rank runs the
+    whole probe) or without (the ranks share it), for two batch sizes."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)
-    )
+        nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4) if norm else nn.Identity(), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16, 3),
+    )  # fmt: skip
     x, y = _population(96)
     x = x[:, None, :]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -160,22 +162,23 @@ def _gauge(world):
     return readings
 
 
-def _gauge_worker(rank, size, port, out):
+def _gauge_worker(rank, size, port, out, norm):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=60))
     try:
-        readings = _gauge(World(rank=rank, size=size, local_rank=rank))
+        readings = _gauge(World(rank=rank, size=size, local_rank=rank), norm)
         if rank == 0:
             torch.save(readings, out)
     finally:
         dist.destroy_process_group()
 
 
-def test_the_stability_gauge_reads_on_three_ranks_what_one_process_reads(tmp_path):
-    one = _gauge(World())
+@pytest.mark.parametrize("norm", [True, False], ids=["batch-norm", "no-norm"])
+def test_the_stability_gauge_reads_on_three_ranks_what_one_process_reads(tmp_path, norm):
+    one = _gauge(World(), norm)
     out = tmp_path / "gauge.pt"
-    mp.spawn(_gauge_worker, args=(3, free_port(), str(out)), nprocs=3, join=True)
+    mp.spawn(_gauge_worker, args=(3, free_port(), str(out), norm), nprocs=3, join=True)
     three = torch.load(out)
     assert all(sharpness is not None and sharpness > 0 for sharpness, _ in one)
     # a second difference of float32 losses summed in another order: 1e-4 apart (measured

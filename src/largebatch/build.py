@@ -63,7 +63,12 @@ __all__ = [
     "make_attack",
     "make_rollback",
     "model_spec",
+    "GROWING_METHODS",
 ]
+
+
+#: the built-in methods whose batch grows (the stability safeguard reads at their growths)
+GROWING_METHODS = ("gg", "abs", "absa", "gns", "seesaw", "schedule")
 
 
 def model_spec(config: TrainConfig, data: DataSource) -> dict[str, Any]:
@@ -130,7 +135,9 @@ def build_parts(
         rollback=make_rollback(config),
         count=token_count if config.loss_weights == "tokens" else None,
         parallel=parallel,
-        gauge=make_gauge(config, data, loss_fn, optimizer, device, world),
+        gauge=make_gauge(
+            config, data, loss_fn, optimizer, device, world, growing=controller is not None
+        ),
     )
 
 
@@ -141,11 +148,13 @@ def make_gauge(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     world: World,
+    growing: bool = False,
 ) -> SharpnessMeter | None:
     """The stability safeguard's gauge (``safeguard: true``) on a probe of
     ``safeguard_samples`` training samples drawn once, the same on every rank (the gauge
-    runs its share of them); None without the safeguard."""
-    if not config.safeguard:
+    runs its share of them); None without the safeguard, and for a method whose batch
+    never grows (``bl``, ``fb``) unless ``growing`` (a controller of the user's)."""
+    if not config.safeguard or not (growing or config.method in GROWING_METHODS):
         return None
     probe = probe_batches(
         data.train_x,

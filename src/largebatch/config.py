@@ -104,11 +104,12 @@ class TrainConfig:
     guard_samples: int = 1024  # probe samples of the guard's eigenvalue estimates
     # stability safeguard (any growth that raises the LR): the LR factor of a growth is
     # capped at the largest stable LR that the gauge reads along the grown batch's step
-    safeguard: bool = False  # off by default until its defaults are measured (issue 36)
+    safeguard: bool = True  # on for the methods that grow the batch (not bl, fb)
     safeguard_samples: int = 256  # probe samples of the gauge
     # recovery after a growth: when the training loss of one of the two decision windows
     # after a growth that raised the LR exceeds the window before it by more than
-    # recovery_tolerance (relative), the growth's LR step is undone (null: off)
+    # recovery_tolerance times that loss (at least a tenth of the run's first window
+    # loss), the growth's LR step is undone (null: off)
     recovery_tolerance: float | None = 0.5
     # adversarial training: on for absa by default; true/false forces it for any method
     adversarial: bool | None = None

@@ -118,9 +118,11 @@ class Settings:
         loader_workers: decoding processes of lazily read images (None: automatic).
         recovery: the recovery after a growth: when the training loss of a decision
             window within ``RECOVERY_POINTS`` decision points after a growth that raised
-            the LR exceeds the window before the growth by more than this fraction (or
-            is not finite), the growth's LR step is undone (``progress.lr_scale``) and
-            ``reason: recovery`` goes to ``batch_changes``. None: off.
+            the LR exceeds the window before the growth by more than this fraction of
+            it (of ``RECOVERY_FLOOR`` times the run's first window loss, when that is
+            larger), or is not finite, the growth's LR step is undone
+            (``progress.lr_scale``) and ``reason: recovery`` goes to ``batch_changes``.
+            None: off.
     """
 
     epochs: int
@@ -137,6 +139,8 @@ class Settings:
 
 #: decision points after a growth that the recovery watches
 RECOVERY_POINTS = 2
+#: a rise is measured against at least this share of the run's first window loss
+RECOVERY_FLOOR = 0.1
 
 
 class TrainingInterrupted(Exception):
@@ -408,9 +412,14 @@ class _Epochs:
         tolerance = self.settings.recovery
         if tolerance is None:
             return
+        if progress.first_loss is None and window is not None and math.isfinite(window):
+            progress.first_loss = window
         watch = progress.watch
         if watch is not None and window is not None:
-            if not window <= watch["loss"] * (1 + tolerance):  # NaN or inf is a rise too
+            # near a zero training loss a small window's noise is no rise: the scale is
+            # at least a tenth of the run's first window loss
+            scale = max(watch["loss"], RECOVERY_FLOOR * (progress.first_loss or 0.0))
+            if not window <= watch["loss"] + tolerance * scale:  # NaN or inf is a rise too
                 progress.lr_scale *= watch["before"] / watch["after"]
                 progress.watch = None
                 progress.note_change(

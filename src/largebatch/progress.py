@@ -66,6 +66,7 @@ class Progress:
     mark_loss: float = 0.0
     mark_seen: int = 0
     watch: dict[str, Any] | None = None
+    first_loss: float | None = None  # the run's first window loss (the loss scale)
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     # Batch changes of the epoch in progress: sample count, new batch, LR factor, reason.
     changes: list[dict[str, Any]] = field(default_factory=list)
