@@ -568,8 +568,7 @@ class NoiseScaleBatch(BatchController):
     end, with few samples left, it costs little; within the last decision interval,
     where it would save next to nothing and only raise the final LR, none is taken.
     Since ``phi`` tends to rise as training goes on, the projection errs on the cautious
-    side. ``tolerance`` is the one knob:
-    more updates saved for more progress given up.
+    side. ``tolerance`` is the one knob: more updates saved for more progress given up.
     ``rule="kappa"`` is the rule before it: double when ``B <= kappa * phi``, whatever
     the cost (on MNIST-1D with an MLP it gave up about half the progress and ended 1.8
     points below the fixed batch).
