@@ -25,7 +25,7 @@ from largebatch.config import check_number, check_seed
 from largebatch.distributed import resolve_device
 from largebatch.errors import UsageError
 from largebatch.evaluate import load_trained_with_data
-from largebatch.feed import materialize
+from largebatch.feed import loaded
 from largebatch.figures import pyplot, save
 from largebatch.hessian import TRACE_METHODS, hessian_trace, spectral_density, top_eigenvalues
 from largebatch.io import atomic_write_json
@@ -78,7 +78,8 @@ class _WholeSet:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for rows in cuts(len(self.y), self.batch_size):
-            yield materialize(self.x[rows]).to(self.device), self.y[rows].to(self.device)
+            x, y = loaded(self.x[rows], self.y[rows])
+            yield x.to(self.device), y.to(self.device)
 
 
 def analyze_checkpoint(
@@ -142,7 +143,7 @@ def analyze_checkpoint(
         batches, used = _WholeSet(data.train_x, data.train_y, batch_size, dev), len(data.train_y)
     else:
         batches = [
-            (materialize(xb).to(dev), yb.to(dev))
+            tuple(part.to(dev) for part in loaded(xb, yb))
             for xb, yb in probe_batches(data.train_x, data.train_y, samples, batch_size, seed)
         ]
         used = sum(len(yb) for _, yb in batches)

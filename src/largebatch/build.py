@@ -37,7 +37,7 @@ from largebatch.distributed import World, shard
 from largebatch.divergence import Rollback
 from largebatch.engine import Parts, Settings
 from largebatch.errors import ConfigError, UsageError
-from largebatch.feed import materialize
+from largebatch.feed import loaded
 from largebatch.hessian import EigenTracker
 from largebatch.lr import momentum_of, rule_for
 from largebatch.meters import (
@@ -163,7 +163,7 @@ def make_gauge(
         config.micro_batch_size or config.batch_size,
         seed=probe_seed(config.seed) + 1,  # not the Hessian's probe
     )
-    probe = [(materialize(x).to(device), y.to(device)) for x, y in probe]
+    probe = [tuple(part.to(device) for part in loaded(x, y)) for x, y in probe]
     return SharpnessMeter(loss_fn, probe, optimizer, world)
 
 
@@ -352,9 +352,7 @@ def make_tracker(
         config.micro_batch_size or config.batch_size,
         seed=probe_seed(config.seed),
     )
-    probe = [
-        (shard(materialize(x), world).to(device), shard(y, world).to(device)) for x, y in probe
-    ]
+    probe = [tuple(shard(part, world).to(device) for part in loaded(x, y)) for x, y in probe]
     probe = [(x, y) for x, y in probe if len(y)]
     if config.hessian_mode == "reference":
         return EigenTracker(loss_fn, probe, method="reference", seed=config.seed)

@@ -35,7 +35,7 @@ from largebatch.config import TrainConfig, check_number, check_seed
 from largebatch.distributed import resolve_device
 from largebatch.errors import UsageError
 from largebatch.evaluate import load_trained_with_data
-from largebatch.feed import materialize
+from largebatch.feed import loaded
 from largebatch.figures import pyplot, save
 from largebatch.io import atomic_write_json, atomic_write_text
 from largebatch.lr import rule_for, scaling_factor
@@ -120,7 +120,7 @@ def measure_critical_batch(
             rows = order[(step - 1) * batch : step * batch]
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            x, y = materialize(data.train_x[rows]).to(dev), data.train_y[rows].to(dev)
+            x, y = (part.to(dev) for part in loaded(data.train_x[rows], data.train_y[rows]))
             accumulate(model, F.cross_entropy, x, y, micro)
             optimizer.step()
             bar.update(1)
@@ -189,7 +189,7 @@ def _probe_loss(model: torch.nn.Module, data: Any, probe: torch.Tensor, dev: tor
     with torch.no_grad():
         for rows in cuts(len(probe), 1024):
             index = probe[rows]
-            x, y = materialize(data.train_x[index]).to(dev), data.train_y[index].to(dev)
+            x, y = (part.to(dev) for part in loaded(data.train_x[index], data.train_y[index]))
             total += float(F.cross_entropy(model(x).float(), y, reduction="sum"))
     model.train()
     return total / len(probe)
@@ -218,7 +218,7 @@ def _noise_scale(
         pieces = []
         for part in cuts(batch, micro):
             index = rows[part]
-            x, y = materialize(data.train_x[index]).to(dev), data.train_y[index].to(dev)
+            x, y = (part.to(dev) for part in loaded(data.train_x[index], data.train_y[index]))
             loss = F.cross_entropy(model(x), y)
             grads = torch.autograd.grad(loss, params)
             pieces.append(torch.cat([g.reshape(-1) for g in grads]).double())

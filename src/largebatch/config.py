@@ -57,7 +57,7 @@ class TrainConfig:
     limit_train: int | None = None  # use only the first N training samples
     limit_test: int | None = None
     image_size: int | None = None  # image-folder datasets: side of the decoded images
-    loader_workers: int | None = None  # image-folder datasets: decoding processes (None: auto)
+    loader_workers: int | None = None  # lazily read data: reading processes (None: auto)
     threads: int | None = None  # torch threads per process (None: auto, see README)
     parallel: str = "ddp"  # how the ranks' gradients meet under torchrun: ddp | flat
     # model and method

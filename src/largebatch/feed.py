@@ -6,15 +6,18 @@ Two kinds of data reach the loop:
   which costs less than any loader could, so they skip the loader entirely. Train-time
   augmentation runs on the whole global batch from one generator (on the training device,
   so a GPU does its own cropping and flipping).
-- Images on disk (a :class:`largebatch.source.LazySplit`, such as
-  :class:`largebatch.data.imagefolder.LazyImages`): a persistent pool of
+- Data read on demand (a :class:`largebatch.source.LazySplit`: images on disk, such as
+  :class:`largebatch.data.imagefolder.LazyImages`, or a user's map-style Dataset, a
+  :class:`largebatch.source.DatasetSplit` whose items carry their targets): a persistent pool of
   :class:`torch.utils.data.DataLoader` worker processes decodes them. The pool is created
   once per run and reused by every epoch and every evaluation, whatever the batch size:
   the loader's items are *requests* (a chunk of sample indices and an augmentation seed)
   that the main process lays out for the whole epoch, so prefetching runs ahead across
   update boundaries and a batch-size change is only a different list of requests.
   Augmentation randomness comes from ``(seed, sample index)``, so the decoded batch does
-  not depend on the number of workers, processes or the chunking.
+  not depend on the number of workers, processes or the chunking; a Dataset is read
+  item by item (``dataset[i]``), each training sample once per epoch, by this rank only
+  for its own slice.
 
 On CUDA the loader pins its output so host-to-device copies can be asynchronous.
 """
@@ -30,10 +33,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from largebatch.accumulate import cuts
 from largebatch.distributed import World, shard
-from largebatch.errors import DataError
-from largebatch.source import DataSource
+from largebatch.errors import UsageError
+from largebatch.source import DataSource, IndexedSplit
 
-__all__ = ["Feed", "is_lazy", "materialize", "default_workers"]
+__all__ = ["Feed", "is_lazy", "loaded", "default_workers"]
 
 #: Samples per loader request: small enough to spread a large batch over the workers.
 CHUNK = 64
@@ -44,9 +47,12 @@ def is_lazy(x: Any) -> bool:
     return not isinstance(x, torch.Tensor)
 
 
-def materialize(x: Any) -> torch.Tensor:
-    """``x`` as a tensor: lazy images are decoded with the evaluation transform."""
-    return x.load() if is_lazy(x) else x
+def loaded(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A subset's ``(inputs, targets)`` as tensors: lazy images decoded with the evaluation
+    transform, a user's Dataset items read (its targets come with them)."""
+    if getattr(x, "paired", False):
+        return x.load()
+    return (x.load() if is_lazy(x) else x), y
 
 
 def default_workers() -> int:
@@ -74,8 +80,9 @@ class _Requests(Sampler):
 class _Decoder(Dataset):
     """Runs in the workers: decodes one request ``(split, root indices, augment seed)``.
 
-    A :class:`DataError` (an unreadable image) is returned, not raised, so that the main
-    process can raise it with its one-line message instead of the loader's wrapped traceback.
+    A :class:`UsageError` (an unreadable image, a failing ``__getitem__``) is returned, not
+    raised, so that the main process can raise it with its one-line message instead of
+    the loader's wrapped traceback.
     """
 
     def __init__(self, splits: dict[str, Any]) -> None:
@@ -85,7 +92,7 @@ class _Decoder(Dataset):
         split, indices, seed = request
         try:
             return self.splits[split].decode(list(indices), augment_seed=seed)
-        except DataError as exc:
+        except UsageError as exc:
             return exc
 
     def __len__(self) -> int:  # not used: the sampler says what to load
@@ -121,6 +128,7 @@ class Feed:
             self._loader = DataLoader(
                 _Decoder({"train": data.train_x, "test": data.test_x}),
                 batch_size=None,
+                collate_fn=_as_is,  # not default_convert: a pair stays a tuple
                 sampler=self._requests,
                 num_workers=count,
                 persistent_workers=count > 0,
@@ -144,7 +152,7 @@ class Feed:
         what a mid-epoch checkpoint saves); lazy images use ``augment_seed`` per sample.
         """
         data = self.data
-        if not self.lazy:
+        if not is_lazy(data.train_x):
             for indices in batches:
                 if augment and data.augment is not None:
                     # augment the whole global batch, so each rank's slice is what one
@@ -160,13 +168,13 @@ class Feed:
         seed = augment_seed if augment else None
         plan = []  # per update: (global indices, [(local micro-batch positions, n chunks)])
         requests: list[tuple[str, tuple[int, ...], int | None]] = []
-        roots = data.train_x.root_indices()
+        roots = _root_positions(data.train_x)
         for indices in batches:
             local = shard(indices, self.world)
             micros = []
             for piece in cuts(len(local), micro):
                 part = local[piece]
-                chunks = _chunks(roots[part].tolist())
+                chunks = _chunks((part if roots is None else roots[part]).tolist())
                 requests.extend(("train", c, seed) for c in chunks)
                 micros.append((part, len(chunks)))
             plan.append((indices, micros))
@@ -175,7 +183,7 @@ class Feed:
             yield (
                 indices,
                 [
-                    (self._join([next(decoded) for _ in range(n)]), data.train_y[part])
+                    self._batch([next(decoded) for _ in range(n)], data.train_y, part)
                     for part, n in micros
                 ],
             )
@@ -196,15 +204,15 @@ class Feed:
             for piece in cuts(len(y), batch_size):
                 yield x[piece], y[piece]
             return
-        roots = x.root_indices()
         requests, counts = [], []
+        roots = x.root_indices()
         for piece in cuts(len(y), batch_size):
             chunks = _chunks(roots[piece].tolist())
             requests.extend((split, c, None) for c in chunks)
             counts.append((piece, len(chunks)))
         decoded = self._run(requests)
         for piece, n in counts:
-            yield self._join([next(decoded) for _ in range(n)]), y[piece]
+            yield self._batch([next(decoded) for _ in range(n)], y, piece)
 
     # ---------------------------------------------------------------- the pool
 
@@ -213,9 +221,18 @@ class Feed:
         assert self._loader is not None
         self._requests.items = requests
         for item in self._loader:
-            if isinstance(item, DataError):
-                raise DataError(str(item))
+            if isinstance(item, UsageError):
+                raise type(item)(str(item)) from None
             yield item
+
+    def _batch(
+        self, parts: list[Any], targets: Any, rows: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch ``(x, y)`` from its decoded chunks: ``targets[rows]`` are its labels,
+        unless the chunks are ``(inputs, targets)`` pairs (a user's Dataset)."""
+        if isinstance(parts[0], tuple):
+            return self._join([p[0] for p in parts]), self._join([p[1] for p in parts])
+        return self._join(parts), targets[rows]
 
     def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """One batch from its decoded chunks. On CUDA each (pinned) chunk is copied to the
@@ -238,6 +255,18 @@ class Feed:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _root_positions(split: Any) -> torch.Tensor | None:
+    """Where a subset's samples sit in the full split; None for a full split of an
+    :class:`~largebatch.source.IndexedSplit` (sample ``i`` is at ``i``: no N-long table)."""
+    if isinstance(split, IndexedSplit) and split._positions is None:
+        return None
+    return split.root_indices()
 
 
 def _chunks(indices: Sequence[int]) -> list[tuple[int, ...]]:

@@ -118,6 +118,7 @@ class RunFolder:
         else:
             raise UsageError(f"{self.what} {path} keeps changing under us; choose another folder")
         self._fd, self._created = fd, created
+        _HELD.add(fd)
         try:
             probe_writable(path)
         except OSError as exc:
@@ -141,8 +142,26 @@ class RunFolder:
             except OSError:
                 break
         self._created = []
+        _HELD.discard(self._fd)
         os.close(self._fd)  # releases the lock
         self._fd = None
+
+
+# The descriptors of the run folders this process holds. A process forked from it (a
+# data-reading worker) closes its copies at once: a lock taken with flock belongs to
+# every copy of its descriptor, so a worker that outlived a killed run would otherwise
+# hold the folder until it noticed and exited.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 @contextlib.contextmanager

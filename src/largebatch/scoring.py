@@ -22,7 +22,7 @@ from torch import nn
 from largebatch.accumulate import to_device
 from largebatch.distributed import World, all_reduce_
 from largebatch.errors import UsageError
-from largebatch.feed import Feed, materialize
+from largebatch.feed import Feed, loaded
 from largebatch.precision import autocast
 from largebatch.source import DataSource, is_classification
 
@@ -72,8 +72,8 @@ def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torc
     and sample (``BatchNorm1d`` on ``(batch, features)``): in training mode that layer
     fails on a batch of one sample."""
     rows = _check_rows(data.train_y)
-    x = materialize(data.train_x[rows]).to(device)
-    y = data.train_y[rows].to(device)
+    x, y = loaded(data.train_x[rows], data.train_y[rows])
+    x, y = x.to(device), y.to(device)
     classes = is_classification(data.train_y)
     was_training = model.training
     model.eval()
@@ -101,8 +101,8 @@ def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torc
             raise UsageError("no parameter of the model gets a gradient from the loss")
         if len(data.test_y):
             test_rows = _check_rows(data.test_y)[-1:]
-            x_test = materialize(data.test_x[test_rows]).to(device)
-            y_test = data.test_y[test_rows].to(device)
+            x_test, y_test = loaded(data.test_x[test_rows], data.test_y[test_rows])
+            x_test, y_test = x_test.to(device), y_test.to(device)
             _check_outputs(*_run_user_model(model, loss_fn, x_test, y_test, False, "test"), "test")
     finally:
         for hook in hooks:
@@ -117,10 +117,11 @@ def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torc
     return Fit(accuracy, any(single_values))
 
 
-def _check_rows(labels: torch.Tensor) -> torch.Tensor:
-    """The first two samples, and for class labels those with the smallest and largest."""
+def _check_rows(labels: Any) -> torch.Tensor:
+    """The first two samples, and for class labels in memory those with the smallest and
+    largest (a Dataset's labels are not known before its items are read)."""
     rows = list(range(min(2, len(labels))))
-    if is_classification(labels) and len(labels) > 2:
+    if isinstance(labels, torch.Tensor) and is_classification(labels) and len(labels) > 2:
         rows += [int(labels.argmin()), int(labels.argmax())]
     return torch.tensor(rows)
 

@@ -45,7 +45,7 @@ from largebatch.outputs import RunWriter, run_folder, summary
 from largebatch.parallel import unwrapped
 from largebatch.scalars import ScalarLog
 from largebatch.scoring import LossFn
-from largebatch.source import DataSource, as_source, checked_range
+from largebatch.source import Collate, DataSource, as_source, checked_range
 
 __all__ = [
     "train",
@@ -154,6 +154,8 @@ def fit(
     echo: Callable[[str], None] | None = None,
     stop_after: int | None = None,
     verbose: bool = True,
+    workers: int | None = None,
+    collate_fn: Collate | None = None,
     **config: Any,
 ) -> dict[str, Any]:
     """Train ``model`` on ``train_data`` with the loop the command line uses; return the
@@ -162,9 +164,13 @@ def fit(
     Args:
         model: any ``nn.Module`` taking a batch of inputs; under torchrun, also one you
             wrapped in ``DistributedDataParallel`` (used as it is; see the README).
-        train_data, eval_data: a map-style ``torch.utils.data.Dataset`` whose items are
-            ``(input, target)`` pairs, or a pair of tensors ``(inputs, targets)``; read
-            once into memory. ``eval_data`` None skips evaluation.
+        train_data, eval_data: a pair of tensors ``(inputs, targets)`` (or a
+            ``TensorDataset``), used in memory; or a map-style ``torch.utils.data.Dataset``,
+            read lazily: ``dataset[i]`` is called when a batch needs sample ``i`` (each
+            training sample once per epoch, by the rank that trains on it), by ``workers``
+            processes, so data larger than memory trains. Its items are ``(input,
+            target)`` pairs of equal shapes, or anything ``collate_fn`` turns into a
+            batch. ``eval_data`` None skips evaluation.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean loss; default
             cross-entropy. Accuracy is reported when the targets are integer labels and
             the outputs are ``(batch, classes)`` logits; otherwise loss only.
@@ -184,6 +190,13 @@ def fit(
         echo: receives the table of epochs, one line each; default ``print``.
         stop_after: end the call after that many epochs, as an interruption would.
         verbose: False silences the table and the progress bar (as Keras's ``fit``).
+        workers: processes that read a Dataset's items (None: the usable cores, up to 8;
+            0: read in the training process). The run does not depend on it: the samples
+            and their order are the same; only a Dataset that draws random numbers of its
+            own (random augmentation) differs with the number of workers.
+        collate_fn: ``collate_fn(items) -> (inputs, targets)``, a list of a Dataset's
+            items to one batch (two tensors with a first axis over samples); default:
+            each item's ``(input, target)`` made tensors and stacked.
         **config: keys of :class:`~largebatch.config.TrainConfig` (``method``, ``epochs``,
             ``batch_size``, ``max_batch_size``, ``micro_batch_size``, ``seed``,
             ``device``, ``precision``, adversarial and Hessian settings, ``resume``, ...).
@@ -194,7 +207,13 @@ def fit(
         KeyboardInterrupt: Ctrl-C while a Dataset is read, before training; its message
             names the item; nothing was written.
     """
-    cfg = _fit_config(model, train_data, optimizer, out, config)
+    if workers is not None:
+        checks.integer(workers, "fit()", "workers", minimum=0)
+    if collate_fn is not None and not callable(collate_fn):
+        raise InvalidTypeError(
+            f"collate_fn is a {_shown(collate_fn)}; pass a function items -> (inputs, targets)"
+        )
+    cfg = _fit_config(model, train_data, optimizer, out, config, workers)
     input_range = _check_fit_objects(loss_fn, optimizer, controller, meters, input_range)
     _check_call_options("fit()", show_progress=show_progress, echo=echo, stop_after=stop_after)
     _check_flag(verbose, "verbose")
@@ -208,7 +227,7 @@ def fit(
     with thread_count(cfg.threads), run_folder(out_folder, world, cfg.resume, what="out"):
         data = as_source(
             train_data, eval_data, name=cfg.dataset, input_range=input_range,
-            reading=deliver_interrupts,
+            reading=deliver_interrupts, collate_fn=collate_fn,
         )  # fmt: skip
         return _run(
             cfg,
@@ -291,7 +310,12 @@ def _check_fit_objects(
 
 
 def _fit_config(
-    model: Any, train_data: Any, optimizer: Any, out: Any, config: dict[str, Any]
+    model: Any,
+    train_data: Any,
+    optimizer: Any,
+    out: Any,
+    config: dict[str, Any],
+    workers: int | None = None,
 ) -> TrainConfig:
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"model is a {type(model).__name__}, not a torch.nn.Module")
@@ -299,6 +323,8 @@ def _fit_config(
         raise InvalidTypeError(
             f"out must be a folder path (str or pathlib.Path), got {type(out).__name__} {out!r}"
         )
+    if "loader_workers" in config:
+        raise ConfigError("fit() takes the processes that read a Dataset as workers=")
     for key in _RECIPE_KEYS:
         if key in config:
             raise ConfigError(
@@ -316,7 +342,9 @@ def _fit_config(
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r} (see largebatch.config.TrainConfig)")
     labels = {"dataset": type(train_data).__name__, "model": type(unwrapped(model)).__name__}
-    cfg = TrainConfig(**labels, **config, out=str(out) if out is not None else "(none)")
+    cfg = TrainConfig(
+        **labels, **config, loader_workers=workers, out=str(out) if out is not None else "(none)"
+    )
     if cfg.resume and out is None:
         raise ConfigError("resume needs out, the folder of the run to continue")
     if cfg.tensorboard and out is None:

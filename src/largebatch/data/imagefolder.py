@@ -27,7 +27,6 @@ import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from PIL import Image
 
 from largebatch.data.files import describe
 from largebatch.errors import DataError
+from largebatch.source import IndexedSplit, positions
 
 __all__ = ["LazyImages"]
 
@@ -86,7 +86,7 @@ class _FileList:
         self.root, self._blob, self._ends = state
 
 
-class LazyImages:
+class LazyImages(IndexedSplit):
     """Images on disk, decoded on demand to float32 ``(B, 3, S, S)`` in [0, 1].
 
     Indexing (a slice, a 1-D integer tensor or array, a sequence of ints, or an int, which
@@ -119,12 +119,11 @@ class LazyImages:
         self._files = _FileList(root, relative_paths)
         self._size = int(image_size)
         self._eval_resize = round(image_size / crop_fraction)
-        self._positions: np.ndarray | None = None  # None: every file, in order
 
     # ------------------------------------------------------------------ indexing
 
-    def __len__(self) -> int:
-        return len(self._files) if self._positions is None else len(self._positions)
+    def _root_count(self) -> int:
+        return len(self._files)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -136,32 +135,9 @@ class LazyImages:
         """Side ``S`` of the decoded square images."""
         return self._size
 
-    def __getitem__(self, key: Any) -> LazyImages:
-        count = len(self)
-        if isinstance(key, slice):
-            chosen = np.arange(count)[key]
-        elif isinstance(key, torch.Tensor) and key.dim() == 0:
-            chosen = _positions(key.reshape(1), count)
-        elif isinstance(key, numbers.Integral) and not isinstance(key, bool):
-            chosen = _positions([key], count)
-        else:
-            chosen = _positions(key, count)
-        subset = object.__new__(LazyImages)
-        subset._files = self._files  # shared, never copied
-        subset._size = self._size
-        subset._eval_resize = self._eval_resize
-        subset._positions = chosen if self._positions is None else self._positions[chosen]
-        return subset
-
-    def root_indices(self) -> torch.Tensor:
-        """Positions of this subset's samples in the full file list, int64 ``(len(self),)``."""
-        if self._positions is None:
-            return torch.arange(len(self._files), dtype=torch.int64)
-        return torch.from_numpy(self._positions.astype(np.int64, copy=True))
-
     def path(self, root_index: int) -> Path:
         """The file of the sample at position ``root_index`` of the full file list."""
-        return Path(self._files.path(int(_positions([root_index], len(self._files))[0])))
+        return Path(self._files.path(int(positions([root_index], len(self._files))[0])))
 
     def __repr__(self) -> str:
         size = self._size
@@ -189,9 +165,9 @@ class LazyImages:
             isinstance(augment_seed, bool) or not isinstance(augment_seed, numbers.Integral)
         ):
             raise TypeError(f"augment_seed must be an int or None, got {augment_seed!r}")
-        positions = _positions(root_indices, len(self._files))
-        out = torch.empty((len(positions), 3, self._size, self._size), dtype=torch.float32)
-        for row, index in enumerate(positions.tolist()):
+        rows = positions(root_indices, len(self._files))
+        out = torch.empty((len(rows), 3, self._size, self._size), dtype=torch.float32)
+        for row, index in enumerate(rows.tolist()):
             out[row] = self._decode_one(index, augment_seed)  # uint8 -> float32
         return out.div_(255.0)
 
@@ -219,32 +195,6 @@ class LazyImages:
             ) from exc
         chw = torch.from_numpy(pixels).permute(2, 0, 1)
         return chw.flip(2) if flip else chw
-
-
-def _positions(key: Any, count: int) -> np.ndarray:
-    """1-D int64 positions in ``[0, count)`` from integer indices (negative ones count from the
-    end) or a boolean mask of length ``count``."""
-    if isinstance(key, torch.Tensor):
-        array = key.detach().cpu().numpy()
-    elif isinstance(key, range):
-        array = np.arange(key.start, key.stop, key.step, dtype=np.int64)
-    else:
-        array = np.asarray(key)
-    if array.ndim != 1:
-        raise IndexError(f"LazyImages takes 1-D indices, got shape {array.shape}")
-    if array.dtype == np.bool_:
-        if len(array) != count:
-            raise IndexError(f"boolean mask of length {len(array)} for {count} images")
-        return np.flatnonzero(array).astype(np.int64)
-    if array.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"LazyImages indices must be integers, got dtype {array.dtype}")
-    array = array.astype(np.int64)
-    bad = (array < -count) | (array >= count)
-    if bad.any():
-        raise IndexError(f"index {int(array[bad][0])} is out of range for {count} images")
-    return np.where(array < 0, array + count, array)
 
 
 def _sample_generator(seed: int, index: int) -> np.random.Generator:

@@ -53,7 +53,8 @@ def load_dataset(
     Args:
         name: dataset name; ``_`` is accepted for ``-`` and case is ignored. A
             ``package.module:callable`` path names a function of yours that returns
-            ``(train, test)`` datasets (see :func:`largebatch.source.as_tensors`); it
+            ``(train, test)`` datasets (see :func:`largebatch.source.as_source`: tensors
+            stay in memory, any other Dataset is read lazily by ``loader_workers``); it
             is given ``data_dir=`` and ``seed=`` when its signature takes them.
         data_dir: folder holding the dataset files. ``None`` uses :data:`DEFAULT_DATA_DIRS`
             (only Fashion-MNIST has one). For ``mnist1d`` it is the cache folder; ``None``
