@@ -210,7 +210,7 @@ def test_bad_data_and_models_are_one_line_errors():
             return x[i], y[i], 0
 
     cases = [
-        (Stream(), "iterable-style dataset"),
+        (Stream(), r"a stream \(an IterableDataset\) without __len__; pass samples_per_epoch"),
         (Triples(), r"train_data\[0\] is a tuple of 3 items"),
         ((x, y[:10]), "64 inputs but 10 targets"),
         ((x.clone().fill_(float("nan")), y), "NaN"),

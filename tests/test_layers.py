@@ -25,7 +25,7 @@ LAYERS = ("leaves", "hessian", "engine", "recipe", "apps")
 #: the layer of each module, by its first name under the package; a package (a folder)
 #: puts all of its modules in its layer
 LAYER_OF = {
-    **dict.fromkeys(("errors", "io", "checks", "figures"), "leaves"),
+    **dict.fromkeys(("errors", "io", "checks", "figures", "inputs"), "leaves"),
     "hessian": "hessian",
     **dict.fromkeys(
         (

@@ -88,3 +88,32 @@ def test_the_run_seeds_keep_their_numbers():
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             expected = torch.randperm(50, generator=generator)
             assert torch.equal(EpochSampler(50, seed).order(epoch), expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4099])
+def test_the_lazy_shuffle_is_a_permutation(n):
+    from largebatch.sampler import Shuffle
+
+    for seed in (0, 1, 12345):
+        order = Shuffle(n, seed)(torch.arange(n))
+        assert torch.equal(order.sort().values, torch.arange(n))
+
+
+def test_a_large_epoch_order_is_computed_batch_by_batch_and_resumes(monkeypatch):
+    import largebatch.sampler as sampler
+
+    monkeypatch.setattr(sampler, "LAZY_ORDER_ABOVE", 100)  # 1000 samples count as large
+    order = EpochSampler(1000, seed=5)
+    first = torch.cat(list(order.batches(0, 64)))
+    assert torch.equal(first.sort().values, torch.arange(1000))  # each sample once
+    assert torch.equal(first, order.order(0))
+    resumed = torch.cat(list(order.batches(0, 100, start=320)))  # another batch size
+    assert torch.equal(resumed, first[320:])
+    second = order.order(1)
+    assert not torch.equal(first, second)
+    # shuffled: the positions of the first half spread over the whole range
+    assert 350 < float(first[:500].float().mean()) < 650
+    assert abs(float(torch.corrcoef(torch.stack([first.float(), second.float()]))[0, 1])) < 0.1
+    probe = sampler.probe_batches(torch.arange(1000), torch.arange(1000), 40, 16, seed=3)
+    rows = torch.cat([x for x, _ in probe])
+    assert len(rows) == 40 and len(set(rows.tolist())) == 40

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch import checks
+from largebatch import checks, inputs
 from largebatch.distributed import World
 from largebatch.errors import DivergedError, InvalidValueError
+from largebatch.inputs import Inputs
 from largebatch.meters import Meter, Point, reads_micro_batches
 from largebatch.parallel import Flat, Parallel
 from largebatch.precision import autocast, make_scaler
@@ -48,9 +49,10 @@ def cuts(count: int, size: int) -> list[slice]:
 def micro_batches(
     x: torch.Tensor, y: torch.Tensor, size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, y)`` cut into consecutive pieces of at most ``size`` samples."""
+    """``(x, y)`` cut into consecutive pieces of at most ``size`` samples (``x`` one tensor
+    or a dict of them, see :mod:`largebatch.inputs`)."""
     size = _checked(x, y, size, "micro_batches", "size")  # at the call, not at the first batch
-    return ((x[piece], y[piece]) for piece in cuts(len(y), size))
+    return ((inputs.rows(x, piece), y[piece]) for piece in cuts(len(y), size))
 
 
 def backward_share(
@@ -102,7 +104,7 @@ def accumulate(
     total = 0.0
     for (xb, yb), share in zip(pieces, shares, strict=True):
         if share:  # a micro-batch of padding only has no mean loss: it is skipped
-            loss = loss_fn(model(xb), yb)
+            loss = loss_fn(inputs.run(model, xb), yb)
             backward_share(loss, share, whole)
             total += float(loss.detach()) * share
     return total / max(whole, 1)
@@ -110,14 +112,15 @@ def accumulate(
 
 def _checked(x: torch.Tensor, y: torch.Tensor, size: int, who: str, field: str) -> int:
     """``size`` as an integer >= 1; ``x`` and ``y`` must hold as many samples."""
-    if len(x) != len(y):
-        raise InvalidValueError(f"{who}: x has {len(x)} samples but y has {len(y)}")
+    if inputs.count(x) != len(y):
+        raise InvalidValueError(f"{who}: x has {inputs.count(x)} samples but y has {len(y)}")
     return checks.integer(size, who, field, minimum=1)
 
 
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """``x`` on ``device`` (without waiting for the copy), channels-last when asked."""
-    x = x.to(device, non_blocking=True)
+def to_device(x: Inputs, device: torch.device, channels_last: bool = False) -> Inputs:
+    """``x`` (a tensor, or a dict of them) on ``device`` (without waiting for the copy),
+    channels-last when asked."""
+    x = inputs.each(x, lambda t: t.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -263,7 +266,7 @@ class GlobalBatch:
                 xb = self.attack(model, xb, yb, adv_ratio, self.loss_fn)
             with self.parallel.micro_batch(sync and index == last) as module:
                 with autocast(device, self.precision):
-                    out = module(xb)
+                    out = inputs.run(module, xb)
                     loss = self.loss_fn(out, yb)
                 backward_share(loss, share, whole, scaler)
             if loss_sum is None:

@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from largebatch import checks
-from largebatch.errors import InvalidTypeError, InvalidValueError
+from largebatch.errors import InvalidTypeError, InvalidValueError, UsageError
+
+#: why a batch whose inputs are a dict of tensors gets no adversarial examples
+NOT_ONE_TENSOR = (
+    "adversarial examples (adversarial, method absa) perturb inputs that are one tensor; "
+    "this data's inputs are a dict of tensors"
+)
 
 __all__ = ["fgsm", "pgd", "eval_mode", "AdversarialShare"]
 
@@ -153,6 +159,10 @@ class AdversarialShare:
         ratio: float,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            if ratio > 0 and self.eps > 0:
+                raise UsageError(NOT_ONE_TENSOR)
+            return x
         count = round(ratio * len(x))
         if ratio * len(x) < 1 or count < 1 or self.eps == 0:
             return x

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from largebatch.accumulate import token_count
+from largebatch import inputs
+from largebatch.accumulate import to_device, token_count
 from largebatch.adversarial import AdversarialShare
 from largebatch.checks import number
 from largebatch.config import TrainConfig
@@ -163,7 +164,7 @@ def make_gauge(
         config.micro_batch_size or config.batch_size,
         seed=probe_seed(config.seed) + 1,  # not the Hessian's probe
     )
-    probe = [tuple(part.to(device) for part in loaded(x, y)) for x, y in probe]
+    probe = [tuple(to_device(part, device) for part in loaded(x, y)) for x, y in probe]
     return SharpnessMeter(loss_fn, probe, optimizer, world)
 
 
@@ -352,7 +353,10 @@ def make_tracker(
         config.micro_batch_size or config.batch_size,
         seed=probe_seed(config.seed),
     )
-    probe = [tuple(shard(part, world).to(device) for part in loaded(x, y)) for x, y in probe]
+    probe = [
+        tuple(inputs.each(part, lambda t: shard(t, world).to(device)) for part in loaded(x, y))
+        for x, y in probe
+    ]
     probe = [(x, y) for x, y in probe if len(y)]
     if config.hessian_mode == "reference":
         return EigenTracker(loss_fn, probe, method="reference", seed=config.seed)

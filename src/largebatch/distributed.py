@@ -266,6 +266,15 @@ def broadcast_object(obj: Any, world: World) -> Any:
     return holder[0]
 
 
+def gather_objects(obj: Any, world: World) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (picklable objects)."""
+    if not world.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available, else CPU; asking for CUDA without one is an error."""
     if name == "auto":

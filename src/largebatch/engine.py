@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from largebatch import inputs
 from largebatch.accumulate import GlobalBatch, micro_batches
+from largebatch.adversarial import NOT_ONE_TENSOR
 from largebatch.checkpoint import RunCheckpoint
 from largebatch.controllers import BatchController, Decision, checked_decision
 from largebatch.distributed import World, broadcast_object
@@ -48,7 +50,7 @@ from largebatch.lr import (
 from largebatch.meters import Meter, Point, SharpnessMeter, time_of
 from largebatch.parallel import Parallel
 from largebatch.progress import RECORD_DEFAULTS, Progress, meter_defaults
-from largebatch.sampler import EpochSampler, augment_rng_seed, augment_seed
+from largebatch.sampler import EpochSampler, StreamOrder, augment_rng_seed, augment_seed
 from largebatch.scoring import LossFn, RunningScore, check_fits, score
 from largebatch.source import DataSource
 
@@ -189,6 +191,9 @@ def run(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     fits = check_fits(model, parts.loss_fn, data, device)
+    if not fits.tensor_inputs and getattr(parts.attack, "eps", 0) > 0:
+        if controller.decision().adv_ratio > 0:
+            raise UsageError(NOT_ONE_TENSOR)
     if fits.needs_pairs and len(data.train_y) < 2 * world.size:  # no update could run
         raise UsageError(
             f"the model's batch norm needs at least 2 samples per process in every update, "
@@ -225,7 +230,7 @@ def run(
     # closing: a wrapper that synchronises in the backward pass (DDP's hooks on the
     # parameters) must not outlive the run: the model is the user's
     with Feed(data, device, world, settings.loader_workers) as feed, closing(update.parallel):
-        order = EpochSampler(len(data.train_y), settings.seed)
+        order = (StreamOrder if feed.streams else EpochSampler)(len(data.train_y), settings.seed)
         epochs = _Epochs(parts, settings, feed, update, lr, order, world, fits, show_progress)
         broadcast_object(None, world)  # every rank has read the checkpoint before any write
         reason = should_stop()
@@ -469,9 +474,12 @@ class _Epochs:
         )
         try:
             while progress.position < order.num_samples:
-                if self._segment(progress, should_stop, running, augment_rng, bar):
+                stopped = self._segment(progress, should_stop, running, augment_rng, bar)
+                progress.skipped += self.feed.stream_skipped()
+                if stopped:
                     progress.partial_loss, progress.partial_correct = running.totals()
                     progress.augment_rng = augment_rng.get_state()
+                    progress.stream = self.feed.stream_state()
                     return None
                 if progress.position < order.num_samples:  # a decision point in the epoch
                     told = {"window_loss": self._window(progress, running)}
@@ -485,10 +493,13 @@ class _Epochs:
         progress.mark_loss, progress.mark_seen = 0.0, 0
         progress.position, progress.partial_loss, progress.partial_correct = 0, 0.0, 0
         progress.augment_rng, progress.dropped = None, 0
+        skipped, progress.skipped, progress.stream = progress.skipped, 0, None
         return {
             "train_loss": loss / seen,
             "train_acc": correct / seen if self.accuracy else None,
             "dropped_samples": dropped,
+            # a resumed stream without a state read its epoch up to the position again
+            **({"skipped_samples": skipped} if skipped else {}),
         }
 
     def _window(self, progress: Progress, running: RunningScore) -> float | None:
@@ -532,6 +543,8 @@ class _Epochs:
             augment=settings.augment,
             augment_rng=augment_rng,
             augment_seed=augment_seed(settings.seed, progress.epoch),
+            epoch=progress.epoch,
+            stream_state=progress.stream,
         )
         self.last_batch, self.last_adv_ratio = global_batch, decision.adv_ratio
         for step, (indices, pieces) in enumerate(batches, start=first_step):
@@ -572,12 +585,13 @@ class _Epochs:
 
 
 def _recut(pieces: Batches, size: int) -> Batches:
-    """The same samples, in order, in micro-batches of ``size`` (the last may be short)."""
-    if len(pieces) == 1:
-        x, y = pieces[0]
-    else:
-        x = torch.cat([x for x, _ in pieces])
-        y = torch.cat([y for _, y in pieces])
+    """The same samples, in order, in micro-batches of ``size`` (the last may be short);
+    micro-batches that cannot be joined (inputs padded to different lengths by a
+    collate_fn) are cut one by one."""
+    if not inputs.joinable([x for x, _ in pieces]):
+        return [piece for x, y in pieces for piece in micro_batches(x, y, size)]
+    x = inputs.join([x for x, _ in pieces])
+    y = pieces[0][1] if len(pieces) == 1 else torch.cat([y for _, y in pieces])
     return list(micro_batches(x, y, size))
 
 
@@ -587,7 +601,9 @@ def _without_single_samples(pieces: Batches) -> Batches:
     if len(pieces) < 2 or len(pieces[-1][1]) != 1:
         return pieces
     (x1, y1), (x2, y2) = pieces[-2:]
-    return [*pieces[:-2], (torch.cat([x1, x2]), torch.cat([y1, y2]))]
+    if not inputs.joinable([x1, x2]):
+        return pieces
+    return [*pieces[:-2], (inputs.join([x1, x2]), torch.cat([y1, y2]))]
 
 
 def _next_decision_point(

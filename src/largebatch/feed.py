@@ -25,16 +25,19 @@ On CUDA the loader pins its output so host-to-device copies can be asynchronous.
 from __future__ import annotations
 
 import os
+import re
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from largebatch import inputs
 from largebatch.accumulate import cuts
-from largebatch.distributed import World, shard
-from largebatch.errors import UsageError
-from largebatch.source import DataSource, IndexedSplit
+from largebatch.distributed import World, gather_objects, shard
+from largebatch.errors import DataError, UsageError
+from largebatch.source import DataSource, IndexedSplit, user_failures
 
 __all__ = ["Feed", "is_lazy", "loaded", "default_workers"]
 
@@ -64,17 +67,22 @@ def default_workers() -> int:
     return max(1, min(8, cores))
 
 
+#: what the loader's workers decode: ``(split, root indices, augment seed)``
+Request = tuple[str, tuple[int, ...], int | None]
+
+
 class _Requests(Sampler):
-    """The loader's sampler: whatever list of requests was set before ``iter(loader)``."""
+    """The loader's sampler: whatever requests were set before ``iter(loader)`` (made as
+    the loader asks for them)."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, tuple[int, ...], int | None]] = []
+        self.items: Iterable[Request] = []
 
-    def __iter__(self) -> Iterator[tuple[str, tuple[int, ...], int | None]]:
+    def __iter__(self) -> Iterator[Request]:
         return iter(self.items)
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def __len__(self) -> int:  # not known ahead; the loader does not ask
+        raise TypeError("the feed's requests are made as the loader asks for them")
 
 
 class _Decoder(Dataset):
@@ -122,8 +130,13 @@ class Feed:
         self.world = world or World()
         self.lazy = is_lazy(data.train_x) or is_lazy(data.test_x)
         self._loader: DataLoader | None = None
+        count = default_workers() if workers is None else workers
+        self._streams = {
+            split: _Stream(x, self.world, count)
+            for split, x in (("train", data.train_x), ("test", data.test_x))
+            if _is_stream(x)
+        }
         if self.lazy:
-            count = default_workers() if workers is None else workers
             self._requests = _Requests()
             self._loader = DataLoader(
                 _Decoder({"train": data.train_x, "test": data.test_x}),
@@ -145,13 +158,21 @@ class Feed:
         augment: bool,
         augment_rng: torch.Generator,
         augment_seed: int,
+        epoch: int = 0,
+        stream_state: list[Any] | None = None,
     ) -> Iterator[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]:
         """Per update: the global batch's indices and this rank's micro-batches ``(x, y)``.
 
         ``augment_rng`` drives in-memory augmentation (its state advances per batch and is
         what a mid-epoch checkpoint saves); lazy images use ``augment_seed`` per sample.
+        A stream's indices are the positions in ``epoch``; its pass goes on where the last
+        call left it, or starts anew there (``stream_state``: the ranks' states that
+        :meth:`stream_state` gave at that position, when the stream keeps one).
         """
         data = self.data
+        if "train" in self._streams:
+            yield from self._stream_batches(batches, micro, epoch, stream_state)
+            return
         if not is_lazy(data.train_x):
             for indices in batches:
                 if augment and data.augment is not None:
@@ -166,27 +187,60 @@ class Feed:
                 yield indices, [(x[piece], y[piece]) for piece in cuts(len(y), micro)]
             return
         seed = augment_seed if augment else None
-        plan = []  # per update: (global indices, [(local micro-batch positions, n chunks)])
-        requests: list[tuple[str, tuple[int, ...], int | None]] = []
         roots = _root_positions(data.train_x)
+        size = _chunk_size(data.train_x)
+
+        def updates() -> Iterator[tuple[torch.Tensor, list[tuple[torch.Tensor, list[Request]]]]]:
+            for indices in batches:
+                local, micros = shard(indices, self.world), []
+                for piece in cuts(len(local), micro):
+                    part = local[piece]
+                    chunks = _chunks((part if roots is None else roots[part]).tolist(), size)
+                    micros.append((part, [("train", c, seed) for c in chunks]))
+                yield indices, micros
+
+        for indices, micros in self._decoded(updates()):
+            yield indices, [self._batch(parts, data.train_y, part) for part, parts in micros]
+
+    def _stream_batches(
+        self, batches: Iterable[torch.Tensor], micro: int, epoch: int, state: list[Any] | None
+    ) -> Iterator[tuple[torch.Tensor, list[tuple[Any, torch.Tensor]]]]:
+        stream, split = self._streams["train"], self.data.train_x
+        started = False
         for indices in batches:
-            local = shard(indices, self.world)
-            micros = []
-            for piece in cuts(len(local), micro):
-                part = local[piece]
-                chunks = _chunks((part if roots is None else roots[part]).tolist())
-                requests.extend(("train", c, seed) for c in chunks)
-                micros.append((part, len(chunks)))
-            plan.append((indices, micros))
-        decoded = self._run(requests)
-        for indices, micros in plan:
+            if not started:
+                stream.seek(epoch, int(indices[0]), state)
+                started = True
+            mine = stream.mine(indices)
+            items = stream.take(len(mine), epoch)
+            stream.position = int(indices[-1]) + 1
+            names = [f"{split.what} item {p} of epoch {epoch + 1}" for p in mine.tolist()]
             yield (
                 indices,
                 [
-                    self._batch([next(decoded) for _ in range(n)], data.train_y, part)
-                    for part, n in micros
+                    tuple(self._join([part]) for part in split.collated(items[piece], names[piece]))
+                    for piece in cuts(len(items), micro)
                 ],
             )
+
+    @property
+    def streams(self) -> bool:
+        """Whether the training data is a stream (read in order, position by position)."""
+        return "train" in self._streams
+
+    def stream_skipped(self) -> int:
+        """Samples that resumed passes read and dropped since the last call."""
+        stream = self._streams.get("train")
+        if stream is None:
+            return 0
+        skipped, stream.skipped = stream.skipped, 0
+        return skipped
+
+    def stream_state(self) -> list[Any] | None:
+        """The training stream's state on every rank, where its pass stands (a collective;
+        None for data that is not a stream keeping a state)."""
+        stream = self._streams.get("train")
+        return None if stream is None else stream.state()
 
     # ---------------------------------------------------------------- evaluation
 
@@ -198,32 +252,90 @@ class Feed:
         Lazy images get the evaluation transform (no augmentation).
         """
         x, y = getattr(self.data, f"{split}_x"), getattr(self.data, f"{split}_y")
+        if split in self._streams:  # one whole pass, this rank's positions
+            yield from self._streams[split].whole_pass(batch_size, self._join)
+            return
         mine = shard(torch.arange(len(y)), self.world)
         x, y = (x[mine[0] : mine[-1] + 1] if len(mine) else x[:0]), y[mine]
         if not is_lazy(x):
             for piece in cuts(len(y), batch_size):
                 yield x[piece], y[piece]
             return
-        requests, counts = [], []
-        roots = x.root_indices()
-        for piece in cuts(len(y), batch_size):
-            chunks = _chunks(roots[piece].tolist())
-            requests.extend((split, c, None) for c in chunks)
-            counts.append((piece, len(chunks)))
-        decoded = self._run(requests)
-        for piece, n in counts:
-            yield self._batch([next(decoded) for _ in range(n)], y, piece)
+        roots, size = x.root_indices(), _chunk_size(x)
+        steps = (
+            (piece, [(piece, [(split, c, None) for c in _chunks(roots[piece].tolist(), size)])])
+            for piece in cuts(len(y), batch_size)
+        )
+        for piece, [(_, parts)] in self._decoded(steps):
+            yield self._batch(parts, y, piece)
 
     # ---------------------------------------------------------------- the pool
 
-    def _run(self, requests: list[tuple[str, tuple[int, ...], int | None]]) -> Iterator[Any]:
+    def _decoded(
+        self, steps: Iterable[tuple[Any, list[tuple[Any, list[Request]]]]]
+    ) -> Iterator[tuple[Any, list[tuple[Any, list[Any]]]]]:
+        """Each step ``(key, [(part, requests)])`` as ``(key, [(part, decoded chunks)])``,
+        in order. The steps are planned only as the loader asks for their requests (it
+        runs a bounded number ahead of training), so no list of an epoch's requests is
+        held: memory does not grow with the data."""
+        plan: deque[tuple[Any, list[tuple[Any, int]]]] = deque()
+
+        def requests() -> Iterator[Request]:
+            for key, parts in steps:
+                plan.append((key, [(part, len(asked)) for part, asked in parts]))
+                for _, asked in parts:
+                    yield from asked
+
+        decoded = self._run(requests())
+        early: deque[Any] = deque()  # chunks that came before their step was taken
+        while True:
+            while not plan:
+                item = next(decoded, _END)
+                if item is _END:
+                    break
+                early.append(item)
+            if not plan:
+                return
+            key, parts = plan.popleft()
+            yield key, [
+                (part, [early.popleft() if early else next(decoded) for _ in range(n)])
+                for part, n in parts
+            ]
+
+    def _run(self, requests: Iterable[Request]) -> Iterator[Any]:
         """Decoded chunks for ``requests``, in order; a decoding error is raised here."""
         assert self._loader is not None
         self._requests.items = requests
-        for item in self._loader:
-            if isinstance(item, UsageError):
-                raise type(item)(str(item)) from None
-            yield item
+        try:
+            for item in self._loader:
+                if isinstance(item, UsageError):
+                    raise type(item)(str(item)) from None
+                yield item
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise DataError(self._worker_died(str(exc))) from None
+
+    def _worker_died(self, message: str) -> str:
+        """One line for a reading worker that died: its pid and, for a user's Dataset, the
+        item it was reading."""
+        found = re.search(r"pid(?:\(s\))? ([\d, ]+)\)(.*)", message)
+        pids = [int(p) for p in re.findall(r"\d+", found.group(1))] if found else []
+        why = " ".join((found.group(2) if found else message).split()).rstrip(".")
+        reading = [
+            item
+            for split in (self.data.train_x, self.data.test_x)
+            if hasattr(split, "item_read_by")
+            for item in map(split.item_read_by, pids)
+            if item is not None
+        ]
+        where = f" while reading {max(reading)[1]}" if reading else ""
+        return (
+            f"a data-reading worker (pid {', '.join(map(str, pids)) or '?'}) died{where} "
+            f"({why}); "
+            "the item may crash the process (native code) or exhaust memory (try workers=0 "
+            "to see its error)"
+        )
 
     def _batch(
         self, parts: list[Any], targets: Any, rows: Any
@@ -239,8 +351,9 @@ class Feed:
         device asynchronously and the chunks are joined there: joining them on the host
         would put the batch in unpinned memory and make its copy synchronous."""
         if self.device.type == "cuda":
-            parts = [part.to(self.device, non_blocking=True) for part in parts]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            device = self.device
+            parts = [inputs.each(part, lambda t: t.to(device, non_blocking=True)) for part in parts]
+        return inputs.join(parts)
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the feed is garbage-collected)."""
@@ -261,6 +374,120 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def _is_stream(x: Any) -> bool:
+    return bool(getattr(x, "stream", False))
+
+
+class _Stream:
+    """This rank's reading of a stream (:class:`~largebatch.source.StreamSplit`): a pass
+    per epoch, its items in order, position ``p`` of the epoch to rank ``p % W``.
+
+    Read by ``workers`` loader processes, or in this process for a stream that keeps a
+    state (``state_dict``): its state then stands exactly where training does, and a
+    resumed run goes on from it. Without one, a resumed pass reads and drops the items
+    before its position (counted in :attr:`skipped`).
+    """
+
+    def __init__(self, split: Any, world: World, workers: int) -> None:
+        self.split, self.world = split, world
+        self.workers = 0 if split.stateful else workers
+        self.epoch: int | None = None
+        self.position = 0  # the next position of the epoch this pass gives
+        self.read = 0  # items this rank took from the pass
+        self.skipped = 0  # items dropped to reach a resumed position
+        self._items: Iterator[Any] | None = None
+
+    def _start(self) -> Iterator[Any]:
+        dataset = self.split.dataset
+        if self.workers == 0:
+            with user_failures(f"starting a pass over {self.split.what}"):
+                return iter(dataset)
+        loader = DataLoader(
+            dataset, batch_size=None, collate_fn=_as_is, num_workers=self.workers,
+            prefetch_factor=4,
+        )  # fmt: skip
+        return iter(loader)
+
+    def seek(self, epoch: int, position: int, state: list[Any] | None) -> None:
+        """Go on from ``position`` of ``epoch``: where the pass stands, or a new pass."""
+        if self._items is not None and (self.epoch, self.position) == (epoch, position):
+            return
+        dataset, what = self.split.dataset, self.split.what
+        if callable(getattr(dataset, "set_epoch", None)):
+            with user_failures(f"{what}.set_epoch({epoch})"):
+                dataset.set_epoch(epoch)
+        restored = (
+            position > 0
+            and self.split.stateful
+            and state is not None
+            and len(state) == self.world.size
+        )
+        if restored:
+            with user_failures(f"{what}.load_state_dict()"):
+                dataset.load_state_dict(state[self.world.rank])
+        self._items, self.epoch, self.position, self.read = self._start(), epoch, 0, 0
+        self.skipped = 0
+        ahead = len(range(self.world.rank, position, self.world.size))
+        if restored:
+            self.position, self.read = position, ahead
+        else:
+            self.take(ahead, epoch)
+            self.skipped = ahead
+        self.position = position
+
+    def mine(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's positions among a batch's."""
+        if not self.world.enabled:
+            return indices
+        return indices[indices % self.world.size == self.world.rank]
+
+    def take(self, count: int, epoch: int) -> list[Any]:
+        """The pass's next ``count`` items of this rank; a pass that ends first is an error."""
+        assert self._items is not None
+        items = []
+        for _ in range(count):
+            with user_failures(f"reading {self.split.what} item {self.read}"):
+                item = next(self._items, _END)
+            if item is _END:
+                raise DataError(
+                    f"{self.split.what} ended after {self.read} items on this process in "
+                    f"epoch {epoch + 1}, short of samples_per_epoch "
+                    f"({len(self.split)} over {self.world.size} process(es)); lower it"
+                )
+            items.append(item)
+            self.read += 1
+        return items
+
+    def state(self) -> list[Any] | None:
+        if not self.split.stateful:
+            return None
+        with user_failures(f"{self.split.what}.state_dict()"):
+            mine = self.split.dataset.state_dict()
+        return gather_objects(mine, self.world)
+
+    def whole_pass(self, batch_size: int, join: Any) -> Iterator[tuple[Any, torch.Tensor]]:
+        """A new pass to its end, this rank's positions, in batches (evaluation)."""
+        items = self._start()
+        position, kept = 0, []
+        while True:
+            with user_failures(f"reading {self.split.what} item {position}"):
+                item = next(items, _END)
+            if item is _END or len(kept) == batch_size:
+                if kept:
+                    names = [f"{self.split.what} item {p}" for p, _ in kept]
+                    x, y = self.split.collated([i for _, i in kept], names)
+                    yield join([x]), join([y])
+                kept = []
+            if item is _END:
+                break
+            if position % self.world.size == self.world.rank:
+                kept.append((position, item))
+            position += 1
+
+
+_END = object()
+
+
 def _root_positions(split: Any) -> torch.Tensor | None:
     """Where a subset's samples sit in the full split; None for a full split of an
     :class:`~largebatch.source.IndexedSplit` (sample ``i`` is at ``i``: no N-long table)."""
@@ -269,5 +496,13 @@ def _root_positions(split: Any) -> torch.Tensor | None:
     return split.root_indices()
 
 
-def _chunks(indices: Sequence[int]) -> list[tuple[int, ...]]:
-    return [tuple(indices[piece]) for piece in cuts(len(indices), CHUNK)]
+def _chunk_size(split: Any) -> int | None:
+    """Samples per request: :data:`CHUNK`, or None (one request per batch) for a split
+    whose batches must be made whole (a Dataset with a collate_fn)."""
+    return CHUNK if getattr(split, "chunkable", True) else None
+
+
+def _chunks(indices: Sequence[int], size: int | None = CHUNK) -> list[tuple[int, ...]]:
+    if size is None:
+        return [tuple(indices)] if len(indices) else []
+    return [tuple(indices[piece]) for piece in cuts(len(indices), size)]

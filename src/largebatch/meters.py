@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch import checks
+from largebatch import checks, inputs
 from largebatch.distributed import World, all_reduce_, shard
 from largebatch.errors import InvalidTypeError, InvalidValueError
 from largebatch.hessian import EigenTracker, HessianOperatorError, preserved_model_state
@@ -599,11 +599,11 @@ class SharpnessMeter(Meter):
         (a graph on this rank's share)."""
         total, left = None, samples
         for x, y in self.probe:
-            x, y = x[:left], y[:left]
+            x, y = inputs.rows(x, slice(None, left)), y[:left]
             left -= len(y)
-            x, y = shard(x, self._ranks()), shard(y, self._ranks())
+            x, y = inputs.each(x, lambda t: shard(t, self._ranks())), shard(y, self._ranks())
             if len(y):
-                term = self.loss_fn(model(x), y).double() * len(y)
+                term = self.loss_fn(inputs.run(model, x), y).double() * len(y)
                 total = term if total is None else total + term
             if left <= 0:
                 break

@@ -54,6 +54,10 @@ class Progress:
     # Samples of the epoch in progress left out: a last batch that would give a rank a
     # single sample, with a batch norm that cannot train on one (see engine.run).
     dropped: int = 0
+    # A stream (IterableDataset): every rank's state where the epoch was stopped (when it
+    # keeps one), and the samples a resumed pass without one read again and dropped.
+    stream: list[Any] | None = None
+    skipped: int = 0
     # Divergence guard: LR multiplier after rollbacks, and what happened.
     lr_scale: float = 1.0
     # Stability safeguard: the largest LR factor allowed since a tempered growth (None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from largebatch import checks
@@ -18,6 +19,9 @@ from largebatch.errors import InvalidValueError
 
 __all__ = [
     "EpochSampler",
+    "Shuffle",
+    "LAZY_ORDER_ABOVE",
+    "StreamOrder",
     "GrowingBatchSampler",
     "probe_batches",
     "order_seed",
@@ -60,8 +64,56 @@ def probe_seed(seed: int) -> int:
     return seed + PROBE_SEED_OFFSET
 
 
+#: Above this many samples an epoch's order is a keyed bijection computed batch by batch
+#: (:class:`Shuffle`): a permutation held in memory would take 8 bytes per sample (256 MB
+#: at 32M). At or below it, the order is torch's ``randperm``, as runs have always used.
+LAZY_ORDER_ABOVE = 1 << 22
+
+
+class Shuffle:
+    """A pseudo-random permutation of ``range(n)`` chosen by ``seed``, computed for any
+    positions without holding it: a 4-round Feistel network on the smallest even number
+    of bits that covers ``n``, walked again from values at or past ``n`` until they fall
+    inside (each step is a bijection, so the walk is one too)."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        keys = np.random.default_rng([seed, n]).integers(0, 1 << 62, self.ROUNDS, np.uint64)
+        self.keys = [np.uint64(k) for k in keys]
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        """Where the permutation sends each position (int64, same shape)."""
+        values = positions.numpy().astype(np.uint64)
+        out = self._permute(values)
+        outside = out >= self.n
+        while outside.any():
+            out[outside] = self._permute(out[outside])
+            outside = out >= self.n
+        return torch.from_numpy(out.astype(np.int64))
+
+    def _permute(self, values: np.ndarray) -> np.ndarray:
+        half, mask = np.uint64(self.half), self.mask
+        left, right = values >> half, values & mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        return (left << half) | right
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """A 64-bit integer hash (the finaliser of splitmix64), arithmetic modulo 2**64."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 class EpochSampler:
-    """Shuffled order of ``num_samples`` indices per epoch, cut into batches on demand."""
+    """Shuffled order of ``num_samples`` indices per epoch, cut into batches on demand
+    (above :data:`LAZY_ORDER_ABOVE` samples, computed batch by batch: :class:`Shuffle`)."""
 
     def __init__(self, num_samples: int, seed: int) -> None:
         who = type(self).__name__
@@ -71,8 +123,13 @@ class EpochSampler:
     def order(self, epoch: int) -> torch.Tensor:
         """The permutation of sample indices for ``epoch`` (int64, shape (num_samples,))."""
         epoch = checks.integer(epoch, f"{type(self).__name__}.order", "epoch", minimum=0)
+        if self.num_samples > LAZY_ORDER_ABOVE:
+            return self._shuffle(epoch)(torch.arange(self.num_samples))
         generator = torch.Generator().manual_seed(order_seed(self.seed, epoch))
         return torch.randperm(self.num_samples, generator=generator)
+
+    def _shuffle(self, epoch: int) -> Shuffle:
+        return Shuffle(self.num_samples, order_seed(self.seed, epoch))
 
     def batches(
         self, epoch: int, batch_size: int, start: int = 0, stop: int | None = None
@@ -83,9 +140,15 @@ class EpochSampler:
         batch_size, start = self._checked(who, batch_size, start)
         if stop is not None:
             stop = checks.integer(stop, who, "stop", minimum=start)
-        order = self.order(epoch)
         end = self.num_samples if stop is None else min(stop, self.num_samples)
         # a generator returned, not a generator function: the checks run at the call
+        if self.num_samples > LAZY_ORDER_ABOVE:
+            shuffle = self._shuffle(epoch)
+            return (
+                shuffle(torch.arange(i, min(i + batch_size, end)))
+                for i in range(start, end, batch_size)
+            )
+        order = self.order(epoch)
         return (order[i : min(i + batch_size, end)] for i in range(start, end, batch_size))
 
     def num_batches(self, batch_size: int, start: int = 0) -> int:
@@ -99,6 +162,22 @@ class EpochSampler:
             checks.integer(batch_size, who, "batch_size", minimum=1),
             checks.integer(start, who, "start", minimum=0, maximum=self.num_samples),
         )
+
+
+class StreamOrder(EpochSampler):
+    """The order of a stream: its positions as they come, ``0 .. num_samples - 1`` every
+    epoch (the seed is not used), cut into batches without an order held in memory."""
+
+    def order(self, epoch: int) -> torch.Tensor:
+        return torch.arange(self.num_samples)
+
+    def batches(
+        self, epoch: int, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        who = f"{type(self).__name__}.batches"
+        batch_size, start = self._checked(who, batch_size, start)
+        end = self.num_samples if stop is None else min(stop, self.num_samples)
+        return (torch.arange(i, min(i + batch_size, end)) for i in range(start, end, batch_size))
 
 
 class GrowingBatchSampler:
@@ -203,5 +282,11 @@ def probe_batches(
     Used for curvature estimates, which need the same data on every call.
     """
     count = min(samples, len(y))
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:count]
+    if getattr(x, "stream", False):  # a stream's head: its first samples, read once
+        x.head(count)  # in one pass, not batch by batch
+        order = torch.arange(count)
+    elif len(y) > LAZY_ORDER_ABOVE:  # no permutation of every sample held for a few
+        order = Shuffle(len(y), seed)(torch.arange(count))
+    else:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:count]
     return [(x[order[piece]], y[order[piece]]) for piece in cuts(count, batch_size)]

@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largebatch import inputs
 from largebatch.accumulate import to_device
 from largebatch.distributed import World, all_reduce_
 from largebatch.errors import UsageError
 from largebatch.feed import Feed, loaded
+from largebatch.inputs import Inputs
 from largebatch.precision import autocast
 from largebatch.source import DataSource, is_classification
 
@@ -58,6 +60,7 @@ class Fit(NamedTuple):
 
     accuracy: bool  # integer labels and (batch, classes) logits: accuracy applies
     needs_pairs: bool  # a batch norm sees one value per channel and sample
+    tensor_inputs: bool = True  # one tensor of inputs (not a dict): what the attacks take
 
 
 def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torch.device) -> Fit:
@@ -73,7 +76,7 @@ def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torc
     fails on a batch of one sample."""
     rows = _check_rows(data.train_y)
     x, y = loaded(data.train_x[rows], data.train_y[rows])
-    x, y = x.to(device), y.to(device)
+    x, y = to_device(x, device), y.to(device)
     classes = is_classification(data.train_y)
     was_training = model.training
     model.eval()
@@ -102,7 +105,7 @@ def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torc
         if len(data.test_y):
             test_rows = _check_rows(data.test_y)[-1:]
             x_test, y_test = loaded(data.test_x[test_rows], data.test_y[test_rows])
-            x_test, y_test = x_test.to(device), y_test.to(device)
+            x_test, y_test = to_device(x_test, device), y_test.to(device)
             _check_outputs(*_run_user_model(model, loss_fn, x_test, y_test, False, "test"), "test")
     finally:
         for hook in hooks:
@@ -114,7 +117,7 @@ def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torc
         and len(outputs) == len(y)
         and data.num_classes <= outputs.shape[1]
     )
-    return Fit(accuracy, any(single_values))
+    return Fit(accuracy, any(single_values), isinstance(x, torch.Tensor))
 
 
 def _check_rows(labels: Any) -> torch.Tensor:
@@ -129,14 +132,14 @@ def _check_rows(labels: Any) -> torch.Tensor:
 def _run_user_model(
     model: nn.Module,
     loss_fn: LossFn,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     grad: bool,
     split: str = "training",
 ) -> tuple[torch.Tensor, Any]:
     """``model(x)`` and ``loss_fn(outputs, y)``; what fails in them is one line."""
     with torch.set_grad_enabled(grad):
-        outputs = _user_call(lambda: model(x), x, y, split)
+        outputs = _user_call(lambda: inputs.run(model, x), x, y, split)
         if not isinstance(outputs, torch.Tensor):
             raise UsageError(
                 f"the model returns a {type(outputs).__name__}, not one tensor; wrap it so "
@@ -153,14 +156,14 @@ def _run_user_model(
         return outputs, _user_call(lambda: loss_fn(outputs, y), x, y, split)
 
 
-def _user_call(call: Callable[[], Any], x: torch.Tensor, y: torch.Tensor, split: str) -> Any:
+def _user_call(call: Callable[[], Any], x: Inputs, y: torch.Tensor, split: str) -> Any:
     try:
         return call()
     except UsageError:
         raise
     except Exception as exc:
         raise UsageError(
-            f"the model or loss_fn fails on {split} samples of shape {tuple(x.shape[1:])} "
+            f"the model or loss_fn fails on {split} samples of shape {inputs.describe(x)} "
             f"with targets {tuple(y.shape[1:])} {y.dtype}: {type(exc).__name__}: "
             + " ".join(str(exc).split())[:300]
         ) from None
@@ -240,14 +243,16 @@ def score(
         return None, None
     was_training = model.training
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, samples
     for xb, yb in feed.eval_batches(split, batch_size):
         xb, yb = to_device(xb, device, channels_last), yb.to(device, non_blocking=True)
         with autocast(device, precision):
-            out = model(xb)
+            out = inputs.run(model, xb)
         sums[0] += loss_fn(out.float(), yb).double() * len(yb)
         if accuracy:
             sums[1] += (out.argmax(1) == yb).sum()
+        sums[2] += len(yb)
     model.train(was_training)
-    loss_sum, correct = all_reduce_(sums, feed.world).tolist()
-    return loss_sum / total, (correct / total if accuracy else None)
+    loss_sum, correct, seen = all_reduce_(sums, feed.world).tolist()
+    seen = seen or total
+    return loss_sum / seen, (correct / seen if accuracy else None)

@@ -13,18 +13,28 @@ import contextlib
 import copy
 import math
 import numbers
+import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, TensorDataset
+from torch.utils.data import Dataset, IterableDataset, TensorDataset, get_worker_info
 from tqdm import tqdm
 
-from largebatch.errors import InvalidTypeError, InvalidValueError, UsageError, UserCodeError
+from largebatch.distributed import World, gather_objects
+from largebatch.errors import (
+    DataError,
+    InvalidTypeError,
+    InvalidValueError,
+    UsageError,
+    UserCodeError,
+)
+from largebatch.inputs import Inputs
 
 __all__ = [
     "UNIT_RANGE",
@@ -139,6 +149,9 @@ def positions(key: Any, count: int) -> np.ndarray:
     return np.where(array < 0, array + count, array)
 
 
+#: reading workers whose current item a :class:`DatasetSplit` keeps (more are not named)
+MAX_READERS = 64
+
 #: ``collate_fn(items) -> (inputs, targets)``: a list of a Dataset's items to one batch.
 Collate = Callable[[list[Any]], Any]
 
@@ -150,98 +163,342 @@ class DatasetSplit(IndexedSplit):
     Unlike image folders, whose labels are in memory, its items carry their targets, so
     it is *paired*: :meth:`decode` and :meth:`load` return ``(inputs, targets)``, and the
     :class:`DataSource` holds :attr:`targets` (a view with their count, dtype and shape)
-    as ``train_y``. Sample ``i`` of the full split is ``dataset[i]``; a batch is the items
-    collated by ``collate_fn``, or by default each item's ``(input, target)`` made a tensor
-    as :func:`as_tensors` does and stacked.
+    as ``train_y``. Sample ``i`` of the full split is ``dataset[i]``. A batch is:
 
-    The first item is read here, to learn the sample shape and the targets' type and to
-    refuse a dataset that cannot work before training starts.
+    - by default, each item's ``(input, target)`` made tensors as :func:`as_tensors` does
+      and stacked; with ``target_key``, each item a dict of tensors (or arrays or
+      numbers), stacked entry by entry, whose ``target_key`` entry is the target and the
+      rest the inputs (a dict: the model is called as ``model(**inputs)``);
+    - with ``collate_fn``, whatever it makes of the list of items: ``(inputs, targets)``
+      with ``inputs`` a tensor or a dict of tensors, or with ``target_key`` a dict
+      holding the targets under that key. Each micro-batch is collated in one call (so
+      it may pad its sequences to their longest); the samples are then the first axis of
+      the targets.
+
+    The first item is read here, to learn the shapes and the targets' type and to refuse
+    a dataset that cannot work before training starts.
     """
 
     paired = True
 
-    def __init__(self, dataset: Any, what: str, collate_fn: Collate | None = None) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        what: str,
+        collate_fn: Collate | None = None,
+        target_key: str | None = None,
+    ) -> None:
         with user_failures(f"reading len({what})"):
             count = len(dataset)
         if isinstance(count, bool) or not isinstance(count, numbers.Integral):
             raise UsageError(f"len({what}) is a {type(count).__name__}, not an integer")
         if count < 1:
             raise UsageError(f"{what} is empty")
-        self.dataset, self.what, self.collate_fn = dataset, what, collate_fn
+        self.dataset, self.what = dataset, what
+        self.collate_fn, self.target_key = collate_fn, target_key
         self._count = int(count)
-        self._sample: tuple[int, ...] | None = None  # shape of one input, from the first item
+        # per reading worker: (its pid, the item it reads, when it began), so that the feed
+        # can name the item a worker died on; in shared memory, written by the workers
+        self._now = torch.full((MAX_READERS, 3), -1, dtype=torch.int64).share_memory_()
+        self._sample: Any = None  # per-sample shapes of the first item's inputs
         x, y = self.decode([0])
-        self._sample = tuple(x.shape[1:])
+        self._sample = _shapes(x)
         self.targets = ItemTargets(self, y.dtype, tuple(y.shape[1:]))
+        if self._count > 1:  # a __len__ beyond the items fails here, not at the epoch's end
+            self.decode([self._count - 1])
+
+    @property
+    def chunkable(self) -> bool:
+        """Whether a batch may be read in pieces and joined (not with a collate_fn, which
+        sees each micro-batch whole)."""
+        return self.collate_fn is None
 
     def _root_count(self) -> int:
         return self._count
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """``(len(self), *sample_shape)``, the shape of the inputs :meth:`load` returns."""
-        return (len(self), *(self._sample or ()))
+        """``(len(self), *sample_shape)`` of the inputs :meth:`load` returns (only the
+        first axis for inputs that are a dict)."""
+        sample = self._sample if isinstance(self._sample, tuple) else ()
+        return (len(self), *sample)
 
     def decode(
         self, root_indices: Any, augment_seed: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[Inputs, torch.Tensor]:
         """``(inputs, targets)`` of the items at those positions of the full dataset
         (``augment_seed`` is not used: a Dataset does its own augmentation)."""
         rows = positions(root_indices, self._count).tolist()
         items = []
+        info = get_worker_info()
         for i in rows:
+            if info is not None and info.id < MAX_READERS:
+                self._now[info.id] = torch.tensor([os.getpid(), i, time.monotonic_ns()])
             with user_failures(f"reading {self.what}[{i}]"):
-                items.append(self.dataset[i])
+                try:
+                    items.append(self.dataset[i])
+                except IndexError as exc:
+                    raise UsageError(
+                        f"reading {self.what}[{i}] failed: IndexError: {exc}, though "
+                        f"len({self.what}) is {self._count}; __len__ must count the items"
+                    ) from None
+        return self.collated(items, [f"{self.what}[{i}]" for i in rows])
+
+    def collated(self, items: list[Any], names: list[str]) -> tuple[Inputs, torch.Tensor]:
+        """``(inputs, targets)`` of these items (of this dataset's kind), collated by
+        ``collate_fn`` or stacked; ``names`` name the items in messages."""
         if self.collate_fn is None:
-            return self._stacked(rows, items)
-        shown = ", ".join(map(str, rows[:3])) + (", ..." if len(rows) > 3 else "")
-        where = f"collate_fn on {self.what}[{shown}]"
+            return self._stacked(names, items)
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        where = f"collate_fn on {shown}"
         with user_failures(where):
             batch = self.collate_fn(items)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2) or not all(
-            isinstance(part, torch.Tensor) for part in batch
-        ):
-            raise UsageError(
-                f"{where}: collate_fn returned a {type(batch).__name__}; it must return "
-                "(inputs, targets), two tensors with a first axis over samples"
-            )
-        x, y = batch
-        if x.ndim < 1 or y.ndim < 1 or len(x) != len(y) or len(y) != len(rows):
-            raise UsageError(
-                f"{where}: collate_fn returned inputs of shape {tuple(x.shape)} and targets "
-                f"of shape {tuple(y.shape)} for {len(rows)} items; both need a first axis "
-                "of one entry per item"
-            )
-        return x, _wide_labels(y)
+        return self._checked_batch(batch, len(names), where)
 
-    def load(self, augment_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, augment_seed: int | None = None) -> tuple[Inputs, torch.Tensor]:
         """``(inputs, targets)`` of every sample of this subset."""
         return self.decode(self.root_indices(), augment_seed)
 
-    def _stacked(self, rows: list[int], items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The default collate: each item an ``(input, target)`` pair of tensors (or arrays
-        or numbers) of the first item's shapes, stacked."""
-        inputs, targets = [], []
-        for i, item in zip(rows, items, strict=True):
-            x, y = _pair(item, f"{self.what}[{i}]")
-            if self._sample is not None and tuple(x.shape) != self._sample:
+    def item_read_by(self, pid: int) -> tuple[int, str] | None:
+        """When the reading worker of process ``pid`` began its last item of this split,
+        and which (``"train_data[57]"``); None when it read none."""
+        for worker_pid, index, began in self._now.tolist():
+            if worker_pid == pid:
+                return began, f"{self.what}[{index}]"
+        return None
+
+    def _stacked(self, names: list[str], items: list[Any]) -> tuple[Inputs, torch.Tensor]:
+        """The default collate: items of the first item's shapes, stacked."""
+        pairs = [self._item(item, name) for name, item in zip(names, items, strict=True)]
+        if self._sample is not None:
+            for name, (x, y) in zip(names, pairs, strict=True):
+                self._check_like_first(x, y, name)
+        xs = [x for x, _ in pairs]
+        x = (
+            {key: torch.stack([part[key] for part in xs]) for key in xs[0]}
+            if isinstance(xs[0], dict)
+            else torch.stack(xs)
+        )
+        return x, _wide_labels(torch.stack([y for _, y in pairs]))
+
+    def _item(self, item: Any, what: str) -> tuple[Inputs, torch.Tensor]:
+        """One item as ``(input, target)`` tensors: a pair, or with ``target_key`` a dict."""
+        if self.target_key is None:
+            return _pair(item, what)
+        if not isinstance(item, Mapping) or self.target_key not in item:
+            raise UsageError(
+                f"{what} is a {type(item).__name__}"
+                + (f" with keys {sorted(map(str, item))[:5]}" if isinstance(item, Mapping) else "")
+                + f"; with target_key={self.target_key!r} each item must be a dict holding it"
+            )
+        x = {
+            str(key): _tensor(value, f"{what}[{key!r}]")
+            for key, value in item.items()
+            if key != self.target_key
+        }
+        if not x:
+            raise UsageError(f"{what} holds only its target {self.target_key!r}: no inputs")
+        return x, _tensor(item[self.target_key], f"{what}[{self.target_key!r}]")
+
+    def _check_like_first(self, x: Inputs, y: torch.Tensor, what: str) -> None:
+        if _shapes(x, full=True) != self._sample:  # one item: no sample axis
+            raise UsageError(
+                f"{what} input has shape {_shown(_shapes(x, full=True))}, the first item's "
+                f"{_shown(self._sample)}; pad the inputs or pass a collate_fn"
+            )
+        if tuple(y.shape) != self.targets.sample_shape or y.dtype != self.targets.dtype:
+            raise UsageError(
+                f"{what} target is {y.dtype} {tuple(y.shape)}, the first item's "
+                f"{self.targets.dtype} {self.targets.sample_shape}"
+            )
+
+    def _checked_batch(self, batch: Any, count: int, where: str) -> tuple[Inputs, torch.Tensor]:
+        """``collate_fn``'s result as ``(inputs, targets)``, or one line saying what is wrong."""
+        key = self.target_key
+        if key is not None and isinstance(batch, Mapping):
+            if key not in batch:
                 raise UsageError(
-                    f"{self.what}[{i}] input has shape {tuple(x.shape)}, the first item's "
-                    f"{self._sample}; pad the inputs or pass a collate_fn"
+                    f"{where}: collate_fn returned a dict without the target_key {key!r} "
+                    f"(keys {sorted(map(str, batch))[:5]})"
                 )
-            if self._sample is not None and (
-                tuple(y.shape) != self.targets.sample_shape or y.dtype != self.targets.dtype
-            ):
-                raise UsageError(
-                    f"{self.what}[{i}] target is {y.dtype} {tuple(y.shape)}, the first item's "
-                    f"{self.targets.dtype} {self.targets.sample_shape}"
-                )
-            inputs.append(x)
-            targets.append(y)
-        return torch.stack(inputs), _wide_labels(torch.stack(targets))
+            batch = ({k: v for k, v in batch.items() if k != key}, batch[key])
+        wanted = (
+            f"a dict holding the targets under {key!r}, or (inputs, targets)"
+            if key is not None
+            else "(inputs, targets)"
+        )
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise UsageError(
+                f"{where}: collate_fn returned a {type(batch).__name__}; it must return "
+                f"{wanted}: inputs a tensor or a dict of tensors, targets a tensor, each "
+                "with a first axis over samples"
+            )
+        x, y = batch
+        parts = list(x.values()) if isinstance(x, Mapping) else [x]
+        if (
+            not isinstance(y, torch.Tensor)
+            or not parts
+            or not all(isinstance(part, torch.Tensor) for part in parts)
+        ):
+            raise UsageError(
+                f"{where}: collate_fn returned inputs of type {type(x).__name__} and targets "
+                f"of type {type(y).__name__}; inputs must be a tensor or a dict of tensors, "
+                "targets a tensor"
+            )
+        lengths = {len(part) if part.ndim else None for part in [*parts, y]}
+        if lengths != {count}:
+            raise UsageError(
+                f"{where}: collate_fn returned inputs {_shown(_shapes(x, full=True))} and "
+                f"targets of shape {tuple(y.shape)} for {count} items; each needs a first "
+                "axis of one entry per item"
+            )
+        return (dict(x) if isinstance(x, Mapping) else x), _wide_labels(y)
 
     def __repr__(self) -> str:
         return f"DatasetSplit({len(self)} of {type(self.dataset).__name__} {self.what})"
+
+
+def _shapes(x: Any, full: bool = False) -> Any:
+    """Per-sample shapes: a tuple, or a dict of them for inputs that are a dict."""
+    start = 0 if full else 1
+    if isinstance(x, Mapping):
+        return {key: tuple(value.shape[start:]) for key, value in x.items()}
+    return tuple(x.shape[start:])
+
+
+def _shown(shapes: Any) -> str:
+    if isinstance(shapes, Mapping):
+        return "{" + ", ".join(f"{key}: {value}" for key, value in shapes.items()) + "}"
+    return str(shapes)
+
+
+class StreamSplit:
+    """A user's ``IterableDataset`` (a stream): read in order, ``samples_per_epoch``
+    samples per epoch over all ranks, every epoch a new pass (``iter(dataset)``, after
+    ``dataset.set_epoch(epoch)`` when it has one). The feed reads it; here only what is
+    known without a pass: its length per epoch, and its *head*, the first items of a
+    fresh pass, read once and kept, which the checks and the curvature probes index
+    (``split[rows]`` for rows within the head).
+
+    Under torchrun, rank ``r`` of ``W`` trains on the epoch's positions ``p`` with
+    ``p % W == r``, in order, from its own pass: the dataset should yield rank ``r`` its
+    own share, the items ``i`` with ``i % W == r`` (and, with reading workers, split that
+    again by ``torch.utils.data.get_worker_info()``), as torch's DataLoader expects of an
+    iterable dataset. Then each item is read once, and the run is the one a single
+    process would make.
+    """
+
+    paired = True
+    stream = True
+
+    def __init__(
+        self,
+        dataset: Any,
+        what: str,
+        samples_per_epoch: int | None,
+        collate_fn: Collate | None = None,
+        target_key: str | None = None,
+        world: World | None = None,
+    ) -> None:
+        self.dataset, self.what, self.world = dataset, what, world or World()
+        if samples_per_epoch is None and hasattr(dataset, "__len__"):
+            with user_failures(f"reading len({what})"):
+                samples_per_epoch = len(dataset)
+        elif samples_per_epoch is None and what == "eval_data":  # counted by one pass
+            with user_failures(f"counting the items of {what}"):
+                samples_per_epoch = sum(1 for _ in dataset)
+        elif samples_per_epoch is None:
+            raise UsageError(
+                f"{what} is a stream (an IterableDataset) without __len__; pass "
+                "samples_per_epoch=, the samples of one epoch over all processes"
+            )
+        if (
+            isinstance(samples_per_epoch, bool)
+            or not isinstance(samples_per_epoch, numbers.Integral)
+            or samples_per_epoch < 1
+        ):
+            raise UsageError(
+                f"samples_per_epoch must be a positive integer, got {samples_per_epoch!r}"
+            )
+        self.collate_fn, self.target_key = collate_fn, target_key
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.stateful = callable(getattr(dataset, "state_dict", None)) and callable(
+            getattr(dataset, "load_state_dict", None)
+        )
+        self._head: list[Any] = []
+        self._ended = False  # a pass yields fewer items than the head asked for
+        self._reader: DatasetSplit | None = None
+        first = self.head(1)  # the first item: the shapes and the targets' type
+        self.targets = ItemTargets(self, first.targets.dtype, first.targets.sample_shape)
+        self._sample = first._sample
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        sample = self._sample if isinstance(self._sample, tuple) else ()
+        return (len(self), *sample)
+
+    def head(self, count: int) -> DatasetSplit:
+        """The first ``count`` items of a fresh pass (fewer if the stream is shorter), as
+        a :class:`DatasetSplit` that reads them from memory. A longer head is read by a
+        new pass; a stateful dataset gets its state back afterwards. Under torchrun every
+        rank calls it: each reads its own positions and all get the same head."""
+        if count > len(self._head) and not self._ended:
+            rank, size = self.world.rank, self.world.size
+            state = self._state_dict() if self.stateful else None
+            with user_failures(f"starting a pass over {self.what}"):
+                items = iter(self.dataset)
+            mine: list[Any] = []
+            while len(mine) < len(range(rank, count, size)):
+                with user_failures(f"reading {self.what} item {rank + len(mine) * size}"):
+                    item = next(items, _END)
+                if item is _END:
+                    break
+                mine.append(item)
+            shares = gather_objects(mine, self.world)  # rank r holds positions r, r + W, ...
+            head = []
+            for position in range(count):
+                share = shares[position % size]
+                if position // size >= len(share):
+                    self._ended = True
+                    break
+                head.append(share[position // size])
+            self._head, self._reader = head, None
+            if state is not None:
+                with user_failures(f"{self.what}.load_state_dict()"):
+                    self.dataset.load_state_dict(state)
+        if not self._head:
+            raise UsageError(f"{self.what} is empty: a pass over it yields no item")
+        if self._reader is None:
+            self._reader = DatasetSplit(self._head, self.what, self.collate_fn, self.target_key)
+        return self._reader
+
+    def collated(self, items: list[Any], names: list[str]) -> tuple[Inputs, torch.Tensor]:
+        """A micro-batch of the stream's items, collated and checked as the head's."""
+        return self.head(1).collated(items, names)
+
+    def _state_dict(self) -> Any:
+        with user_failures(f"{self.what}.state_dict()"):
+            return self.dataset.state_dict()
+
+    def __getitem__(self, key: Any) -> Any:
+        rows = np.arange(len(self))[key] if isinstance(key, slice) else positions(key, len(self))
+        count = int(rows.max()) + 1 if len(rows) else 1
+        head = self.head(count)
+        if len(head) < count:
+            raise DataError(
+                f"{self.what} ended after {len(head)} items of a pass, short of the {count} "
+                f"needed (samples_per_epoch is {len(self)}); lower samples_per_epoch"
+            )
+        return head[rows]
+
+    def __repr__(self) -> str:
+        return f"StreamSplit({type(self.dataset).__name__} {self.what}, {len(self)} per epoch)"
+
+
+_END = object()
 
 
 class ItemTargets:
@@ -473,26 +730,32 @@ def as_source(
     input_range: Sequence[float] | None = None,
     reading: Reading = contextlib.nullcontext,
     collate_fn: Collate | None = None,
+    target_key: str | None = None,
+    samples_per_epoch: int | None = None,
+    world: World | None = None,
 ) -> DataSource:
     """A :class:`DataSource` from user data; ``test`` may be None.
 
     Tensors (a pair, or a ``TensorDataset``) stay in memory (see :func:`as_tensors`). Any
     other map-style ``Dataset`` is read lazily: a :class:`DatasetSplit` whose items the
-    feed reads and collates (``collate_fn``, or stacked ``(input, target)`` pairs) when a
-    batch needs them; only its first item is read here, inside ``reading()``.
+    feed reads and collates (``collate_fn``, or stacked ``(input, target)`` pairs, or
+    dicts holding the target under ``target_key``) when a batch needs them; only its
+    first item is read here, inside ``reading()``.
 
     For integer labels in memory, ``num_classes`` is one more than the largest label of
     either split; otherwise 0 (not known without reading every sample, or no classes).
     """
-    train_x, train_y = _split(train, "train_data", reading, collate_fn)
+    train_x, train_y = _split(
+        train, "train_data", reading, collate_fn, target_key, samples_per_epoch, world
+    )
     if test is None:
         test_x, test_y = train_x[:0], train_y[:0]
     else:
-        test_x, test_y = _split(test, "eval_data", reading, collate_fn)
-        if collate_fn is None and test_x.shape[1:] != train_x.shape[1:]:
+        test_x, test_y = _split(test, "eval_data", reading, collate_fn, target_key, None, world)
+        if collate_fn is None and _sample_shapes(test_x) != _sample_shapes(train_x):
             raise UsageError(
-                f"eval_data inputs have shape {tuple(test_x.shape[1:])}, train_data "
-                f"{tuple(train_x.shape[1:])}"
+                f"eval_data inputs have shape {_shown(_sample_shapes(test_x))}, train_data "
+                f"{_shown(_sample_shapes(train_x))}"
             )
         if test_y.shape[1:] != train_y.shape[1:] or test_y.dtype != train_y.dtype:
             raise UsageError("eval_data targets differ from train_data's in shape or type")
@@ -519,22 +782,40 @@ def as_source(
 
 
 def _split(
-    data: Any, what: str, reading: Reading, collate_fn: Collate | None
-) -> tuple[torch.Tensor | DatasetSplit, torch.Tensor | ItemTargets]:
+    data: Any,
+    what: str,
+    reading: Reading,
+    collate_fn: Collate | None,
+    target_key: str | None,
+    samples_per_epoch: int | None = None,
+    world: World | None = None,
+) -> tuple[Any, Any]:
     """One split: tensors in memory, or a :class:`DatasetSplit` and its targets."""
     if _in_memory(data):
-        if collate_fn is not None:
-            raise UsageError(
-                f"{what} is tensors, read as they are; collate_fn applies to a Dataset's items"
-            )
+        for name, value in (("collate_fn", collate_fn), ("target_key", target_key)):
+            if value is not None:
+                raise UsageError(
+                    f"{what} is tensors, used as they are; {name} applies to a Dataset's items"
+                )
         return as_tensors(data, what)
-    if isinstance(data, IterableDataset) or not (
-        hasattr(data, "__getitem__") and hasattr(data, "__len__")
-    ):
+    if isinstance(data, IterableDataset):
+        with reading():
+            stream = StreamSplit(data, what, samples_per_epoch, collate_fn, target_key, world)
+        return stream, stream.targets
+    if samples_per_epoch is not None:
+        raise UsageError(
+            f"samples_per_epoch applies to a stream (an IterableDataset); {what} is a "
+            f"{type(data).__name__}, whose epoch is all of it"
+        )
+    if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         return as_tensors(data, what)  # refused there, with the reason
     with reading():  # the user's __getitem__ may be slow: Ctrl-C stops it
-        split = DatasetSplit(data, what, collate_fn)
+        split = DatasetSplit(data, what, collate_fn, target_key)
     return split, split.targets
+
+
+def _sample_shapes(x: Any) -> Any:
+    return x._sample if isinstance(x, (DatasetSplit, StreamSplit)) else tuple(x.shape[1:])
 
 
 def _in_memory(data: Any) -> bool:

@@ -156,6 +156,8 @@ def fit(
     verbose: bool = True,
     workers: int | None = None,
     collate_fn: Collate | None = None,
+    target_key: str | None = None,
+    samples_per_epoch: int | None = None,
     **config: Any,
 ) -> dict[str, Any]:
     """Train ``model`` on ``train_data`` with the loop the command line uses; return the
@@ -170,7 +172,15 @@ def fit(
             training sample once per epoch, by the rank that trains on it), by ``workers``
             processes, so data larger than memory trains. Its items are ``(input,
             target)`` pairs of equal shapes, or anything ``collate_fn`` turns into a
-            batch. ``eval_data`` None skips evaluation.
+            batch. Or a stream, an ``IterableDataset``: read in order, a new pass every
+            epoch (after ``set_epoch(epoch)`` when it has one), ``samples_per_epoch``
+            samples per epoch; under torchrun rank ``r`` of ``W`` trains on the positions
+            ``p % W == r``, from its own pass, which should yield the items ``i % W == r``
+            (split again by ``get_worker_info()`` between its workers). A stream with
+            ``state_dict``/``load_state_dict`` is read in the training process and
+            resumes from its state; another resumed mid-epoch reads its pass up to the
+            position again (``skipped_samples`` in that epoch's record). ``eval_data``
+            None skips evaluation; a stream there is read whole.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean loss; default
             cross-entropy. Accuracy is reported when the targets are integer labels and
             the outputs are ``(batch, classes)`` logits; otherwise loss only.
@@ -195,8 +205,16 @@ def fit(
             and their order are the same; only a Dataset that draws random numbers of its
             own (random augmentation) differs with the number of workers.
         collate_fn: ``collate_fn(items) -> (inputs, targets)``, a list of a Dataset's
-            items to one batch (two tensors with a first axis over samples); default:
-            each item's ``(input, target)`` made tensors and stacked.
+            items to one micro-batch (called once per micro-batch, so it may pad to the
+            longest item): ``inputs`` a tensor or a dict of tensors (the model is then
+            called as ``model(**inputs)``), ``targets`` a tensor, each with a first axis
+            over samples, which is what the run counts. Default: each item's ``(input,
+            target)`` made tensors and stacked.
+        target_key: items (or ``collate_fn``'s batches) are dicts holding the target
+            under this key and the inputs under the others: ``model(**inputs)``, as
+            Hugging Face models take a batch.
+        samples_per_epoch: a stream's epoch, in samples over all processes (default: its
+            ``len()``, for a stream that has one).
         **config: keys of :class:`~largebatch.config.TrainConfig` (``method``, ``epochs``,
             ``batch_size``, ``max_batch_size``, ``micro_batch_size``, ``seed``,
             ``device``, ``precision``, adversarial and Hessian settings, ``resume``, ...).
@@ -213,6 +231,8 @@ def fit(
         raise InvalidTypeError(
             f"collate_fn is a {_shown(collate_fn)}; pass a function items -> (inputs, targets)"
         )
+    if target_key is not None and not isinstance(target_key, str):
+        raise InvalidTypeError(f"target_key is a {_shown(target_key)}; pass a key name (str)")
     cfg = _fit_config(model, train_data, optimizer, out, config, workers)
     input_range = _check_fit_objects(loss_fn, optimizer, controller, meters, input_range)
     _check_call_options("fit()", show_progress=show_progress, echo=echo, stop_after=stop_after)
@@ -227,7 +247,8 @@ def fit(
     with thread_count(cfg.threads), run_folder(out_folder, world, cfg.resume, what="out"):
         data = as_source(
             train_data, eval_data, name=cfg.dataset, input_range=input_range,
-            reading=deliver_interrupts, collate_fn=collate_fn,
+            reading=deliver_interrupts, collate_fn=collate_fn, target_key=target_key,
+            samples_per_epoch=samples_per_epoch, world=world,
         )  # fmt: skip
         return _run(
             cfg,

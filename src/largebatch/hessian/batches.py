@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from largebatch.errors import InvalidValueError
+from largebatch.inputs import count, each
 
 __all__ = [
     "Batch",
@@ -67,7 +68,10 @@ def check_finite(batch: Batch, index: int, who: str) -> None:
     """Refuse a pair whose floating-point inputs or targets hold NaN or infinity: the
     curvature of a loss on such data is not a number, and the solvers would fail later
     in a linear-algebra routine with a message that says nothing of the data."""
-    for part, name in zip(batch, ("inputs", "targets"), strict=True):
+    inputs, targets = batch
+    parts = [*(inputs.values() if isinstance(inputs, Mapping) else [inputs]), targets]
+    names = ["inputs"] * (len(parts) - 1) + ["targets"]
+    for part, name in zip(parts, names, strict=True):
         if (
             isinstance(part, torch.Tensor)
             and part.is_floating_point()
@@ -82,18 +86,28 @@ def check_finite(batch: Batch, index: int, who: str) -> None:
 def sample_count(batch: Batch) -> int:
     """Number of samples in ``batch``: the length of its targets (or inputs)."""
     inputs, targets = batch
-    for part in (targets, inputs):
-        if isinstance(part, torch.Tensor) and part.dim() > 0:
-            return int(part.shape[0])
+    if isinstance(targets, torch.Tensor) and targets.dim() > 0:
+        return int(targets.shape[0])
+    if isinstance(inputs, Mapping) or (isinstance(inputs, torch.Tensor) and inputs.dim() > 0):
+        return count(inputs)
     return len(targets)
 
 
 def is_pair(obj: object) -> bool:
-    """One ``(inputs, targets)`` pair (a tuple or list of two, the first a tensor)."""
-    return isinstance(obj, tuple | list) and len(obj) == 2 and isinstance(obj[0], torch.Tensor)
+    """One ``(inputs, targets)`` pair (a tuple or list of two, the first a tensor or a dict
+    of tensors, see :mod:`largebatch.inputs`)."""
+    return (
+        isinstance(obj, tuple | list)
+        and len(obj) == 2
+        and (isinstance(obj[0], torch.Tensor) or _is_tensor_dict(obj[0]))
+    )
+
+
+def _is_tensor_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def _to(obj: Any, device: torch.device | None) -> Any:
-    if device is not None and isinstance(obj, torch.Tensor):
-        return obj.to(device)
+    if device is not None and (isinstance(obj, torch.Tensor) or _is_tensor_dict(obj)):
+        return each(obj, lambda t: t.to(device))
     return obj

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from largebatch.inputs import count as sample_count
+from largebatch.inputs import rows
+
 __all__ = ["all_reduce_sum", "broadcast_seed", "distributed_enabled", "shard_batch"]
 
 
@@ -50,10 +53,10 @@ def shard_batch(
     """
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
-    count = int(inputs.shape[0])
+    count = sample_count(inputs)
     if int(targets.shape[0]) != count:
         raise ValueError("inputs and targets hold different numbers of samples")
     base, extra = divmod(count, world)
     start = rank * base + min(rank, extra)
     stop = start + base + (1 if rank < extra else 0)
-    return inputs[start:stop], targets[start:stop]
+    return rows(inputs, slice(start, stop)), targets[start:stop]

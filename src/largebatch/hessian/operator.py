@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack, nullcontext
 from typing import Any
 
@@ -24,6 +24,7 @@ from largebatch.hessian.distributed import all_reduce_sum, broadcast_seed, distr
 from largebatch.hessian.fast_graph import fast_double_backward
 from largebatch.hessian.model_state import preserved_model_state
 from largebatch.hessian.params import ParamSpec, flatten, select_parameters, unflatten
+from largebatch.inputs import run
 
 __all__ = [
     "HVP_METHODS",
@@ -304,7 +305,7 @@ class HessianOperator:
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         inputs, targets = batch
-        return self.loss_fn(self.model(inputs), targets)
+        return self.loss_fn(run(self.model, inputs), targets)
 
     def _gradient_graph(self, index: int) -> tuple[torch.Tensor, ...]:
         cached = self._graphs[index]
@@ -359,7 +360,8 @@ class HessianOperator:
 
         def weighted_loss(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
             replaced = dict(zip(self.param_names, values, strict=True))
-            outputs = torch.func.functional_call(self.model, replaced, (inputs,))
+            args, kwargs = ((), inputs) if isinstance(inputs, Mapping) else ((inputs,), None)
+            outputs = torch.func.functional_call(self.model, replaced, args, kwargs)
             return self.loss_fn(outputs, targets) * weight
 
         primals = tuple(p.detach() for p in self.params)
