@@ -22,6 +22,7 @@ from helpers import assert_runs_close, free_port, threads_like_a_rank
 from largebatch import fit
 from largebatch.checkpoint import load_checkpoint
 from largebatch.errors import ConfigError, DataError, UsageError, UserCodeError
+from largebatch.feed import CHUNK
 from largebatch.io import read_jsonl
 from largebatch.sampler import EpochSampler
 from largebatch.train import TrainingInterrupted
@@ -459,8 +460,9 @@ def test_a_worker_that_dies_is_one_error_naming_the_item_it_read():
 
 class Stream(IterableDataset):
     """``(x[i], y[i])`` in order, each read logged (as :class:`Counted`). It yields rank
-    ``r`` of ``W`` the items ``i % W == r``, split again between the loader's workers
-    round-robin, so that the loader gives each rank its share in order."""
+    ``r`` of ``W`` the items ``i % W == r``, split again between the loader's workers in
+    blocks of ``CHUNK`` taken in turn, so that the loader gives each rank its share in
+    order."""
 
     def __init__(self, x, y, log):
         self.x, self.y, self.log, self.epochs = x, y, Path(log), []
@@ -477,7 +479,11 @@ class Stream(IterableDataset):
         rank = dist.get_rank() if dist.is_initialized() else 0
         mine = list(range(rank, len(self.y), world))
         info = torch.utils.data.get_worker_info()
-        return mine if info is None else mine[info.id :: info.num_workers]
+        if info is None:
+            return mine
+        # the loader takes its workers' items in turns of CHUNK: blocks of CHUNK in turn
+        blocks = [mine[i : i + CHUNK] for i in range(0, len(mine), CHUNK)]
+        return [i for block in blocks[info.id :: info.num_workers] for i in block]
 
     def __iter__(self):
         for i in self._share():

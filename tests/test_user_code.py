@@ -67,6 +67,13 @@ USER_MODULE = textwrap.dedent(
 
     def train_only(seed=0):
         return data(seed)[0], None
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    def stream():
+        return Stream(), None
     """
 )
 
@@ -124,6 +131,7 @@ def test_model_and_dataset_by_import_path_from_the_command_line(tmp_path):
         (["--model", "lazy:net"], "reading 'net' failed: RuntimeError: lazy net"),
         (["--dataset", "mycode:a_dict"], "reading train_data[0] failed: KeyError: 0"),
         (["--dataset", "mycode:unmeasurable"], "len(train_data) failed: OSError: no size"),
+        (["--dataset", "mycode:stream"], "train a stream with largebatch.fit(samples_per_epoch"),
     ],
 )
 def test_bad_import_paths_are_one_error_line(tmp_path, flags, message):

@@ -212,16 +212,17 @@ class Feed:
                 stream.seek(epoch, int(indices[0]), state)
                 started = True
             mine = stream.mine(indices)
-            items = stream.take(len(mine), epoch)
+            got = stream.take(len(mine), epoch)
             stream.position = int(indices[-1]) + 1
-            names = [f"{split.what} item {p} of epoch {epoch + 1}" for p in mine.tolist()]
-            yield (
-                indices,
-                [
-                    tuple(self._join([part]) for part in split.collated(items[piece], names[piece]))
-                    for piece in cuts(len(items), micro)
-                ],
-            )
+            if isinstance(got, tuple):  # stacked by the workers
+                x, y = got
+                pieces = [(inputs.rows(x, piece), y[piece]) for piece in cuts(len(y), micro)]
+            else:
+                names = [f"{split.what} item {p} of epoch {epoch + 1}" for p in mine.tolist()]
+                pieces = [
+                    split.collated(got[piece], names[piece]) for piece in cuts(len(got), micro)
+                ]
+            yield indices, [tuple(self._join([part]) for part in piece) for piece in pieces]
 
     @property
     def streams(self) -> bool:
@@ -297,10 +298,13 @@ class Feed:
             if not plan:
                 return
             key, parts = plan.popleft()
-            yield key, [
-                (part, [early.popleft() if early else next(decoded) for _ in range(n)])
-                for part, n in parts
-            ]
+            yield (
+                key,
+                [
+                    (part, [early.popleft() if early else next(decoded) for _ in range(n)])
+                    for part, n in parts
+                ],
+            )
 
     def _run(self, requests: Iterable[Request]) -> Iterator[Any]:
         """Decoded chunks for ``requests``, in order; a decoding error is raised here."""
@@ -374,6 +378,16 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+class _Stacked:
+    """A stream's chunk of items stacked in the worker that read them (default collate)."""
+
+    def __init__(self, split: Any) -> None:
+        self.split = split
+
+    def __call__(self, items: list[Any]) -> tuple[Any, torch.Tensor]:
+        return self.split.collated(items, [f"{self.split.what} item"] * len(items))
+
+
 def _is_stream(x: Any) -> bool:
     return bool(getattr(x, "stream", False))
 
@@ -382,29 +396,34 @@ class _Stream:
     """This rank's reading of a stream (:class:`~largebatch.source.StreamSplit`): a pass
     per epoch, its items in order, position ``p`` of the epoch to rank ``p % W``.
 
-    Read by ``workers`` loader processes, or in this process for a stream that keeps a
-    state (``state_dict``): its state then stands exactly where training does, and a
-    resumed run goes on from it. Without one, a resumed pass reads and drops the items
-    before its position (counted in :attr:`skipped`).
+    Read by ``workers`` loader processes, which stack the items in chunks of
+    :data:`CHUNK` (without a collate_fn: a tensor per item would cost more to pass than
+    to read) or send them as they are; or in this process, item by item, for a stream
+    that keeps a state (``state_dict``): its state then stands exactly where training
+    does, and a resumed run goes on from it. Without one, a resumed pass reads and drops
+    the items before its position (counted in :attr:`skipped`).
     """
 
     def __init__(self, split: Any, world: World, workers: int) -> None:
         self.split, self.world = split, world
         self.workers = 0 if split.stateful else workers
+        self.stacked = self.workers > 0 and split.collate_fn is None  # chunks, not items
         self.epoch: int | None = None
         self.position = 0  # the next position of the epoch this pass gives
         self.read = 0  # items this rank took from the pass
         self.skipped = 0  # items dropped to reach a resumed position
         self._items: Iterator[Any] | None = None
+        self._chunk: tuple[Any, torch.Tensor, int] | None = None  # stacked, rows used
 
     def _start(self) -> Iterator[Any]:
         dataset = self.split.dataset
+        self._chunk = None
         if self.workers == 0:
             with user_failures(f"starting a pass over {self.split.what}"):
                 return iter(dataset)
         loader = DataLoader(
-            dataset, batch_size=None, collate_fn=_as_is, num_workers=self.workers,
-            prefetch_factor=4,
+            dataset, batch_size=CHUNK if self.stacked else None, num_workers=self.workers,
+            collate_fn=_Stacked(self.split) if self.stacked else _as_is, prefetch_factor=4,
         )  # fmt: skip
         return iter(loader)
 
@@ -441,22 +460,45 @@ class _Stream:
             return indices
         return indices[indices % self.world.size == self.world.rank]
 
-    def take(self, count: int, epoch: int) -> list[Any]:
-        """The pass's next ``count`` items of this rank; a pass that ends first is an error."""
+    def take(self, count: int, epoch: int) -> list[Any] | tuple[Any, torch.Tensor]:
+        """The pass's next ``count`` items of this rank: a list of items, or stacked
+        ``(inputs, targets)`` when the workers stack them; a pass that ends first is an
+        error."""
         assert self._items is not None
+        if self.stacked and count:
+            return self._rows(count, epoch)
         items = []
         for _ in range(count):
-            with user_failures(f"reading {self.split.what} item {self.read}"):
-                item = next(self._items, _END)
-            if item is _END:
-                raise DataError(
-                    f"{self.split.what} ended after {self.read} items on this process in "
-                    f"epoch {epoch + 1}, short of samples_per_epoch "
-                    f"({len(self.split)} over {self.world.size} process(es)); lower it"
-                )
-            items.append(item)
+            items.append(self._next(epoch))
             self.read += 1
         return items
+
+    def _next(self, epoch: int) -> Any:
+        with user_failures(f"reading {self.split.what} item {self.read}"):
+            item = next(self._items, _END)  # type: ignore[arg-type]
+        if item is _END:
+            raise DataError(
+                f"{self.split.what} ended after {self.read} items on this process in "
+                f"epoch {epoch + 1}, short of samples_per_epoch "
+                f"({len(self.split)} over {self.world.size} process(es)); lower it"
+            )
+        return item
+
+    def _rows(self, count: int, epoch: int) -> tuple[Any, torch.Tensor]:
+        """``count`` rows from the workers' stacked chunks."""
+        xs, ys, needed = [], [], count
+        while needed:
+            if self._chunk is None:
+                x, y = self._next(epoch)
+                self._chunk = (x, y, 0)
+            x, y, used = self._chunk
+            n = min(needed, len(y) - used)
+            xs.append(inputs.rows(x, slice(used, used + n)))
+            ys.append(y[used : used + n])
+            self._chunk = (x, y, used + n) if used + n < len(y) else None
+            needed -= n
+            self.read += n
+        return inputs.join(xs), torch.cat(ys)
 
     def state(self) -> list[Any] | None:
         if not self.split.stateful:
@@ -466,8 +508,10 @@ class _Stream:
         return gather_objects(mine, self.world)
 
     def whole_pass(self, batch_size: int, join: Any) -> Iterator[tuple[Any, torch.Tensor]]:
-        """A new pass to its end, this rank's positions, in batches (evaluation)."""
-        items = self._start()
+        """A new pass to its end, this rank's positions, in batches (evaluation; read in
+        this process)."""
+        with user_failures(f"starting a pass over {self.split.what}"):
+            items = iter(self.split.dataset)
         position, kept = 0, []
         while True:
             with user_failures(f"reading {self.split.what} item {position}"):

@@ -104,8 +104,8 @@ class IndexedSplit:
 
     def __getitem__(self, key: Any) -> Any:
         count = len(self)
-        if isinstance(key, slice):
-            chosen = np.arange(count)[key]
+        if isinstance(key, slice):  # a range, not an index of every sample
+            chosen = _range_positions(range(count)[key])
         elif isinstance(key, torch.Tensor) and key.dim() == 0:
             chosen = positions(key.reshape(1), count)
         elif isinstance(key, numbers.Integral) and not isinstance(key, bool):
@@ -121,6 +121,10 @@ class IndexedSplit:
         if self._positions is None:
             return torch.arange(self._root_count(), dtype=torch.int64)
         return torch.from_numpy(self._positions.astype(np.int64, copy=True))
+
+
+def _range_positions(chosen: range) -> np.ndarray:
+    return np.arange(chosen.start, chosen.stop, chosen.step, dtype=np.int64)
 
 
 def positions(key: Any, count: int) -> np.ndarray:
@@ -383,9 +387,9 @@ class StreamSplit:
     Under torchrun, rank ``r`` of ``W`` trains on the epoch's positions ``p`` with
     ``p % W == r``, in order, from its own pass: the dataset should yield rank ``r`` its
     own share, the items ``i`` with ``i % W == r`` (and, with reading workers, split that
-    again by ``torch.utils.data.get_worker_info()``), as torch's DataLoader expects of an
-    iterable dataset. Then each item is read once, and the run is the one a single
-    process would make.
+    again by ``torch.utils.data.get_worker_info()``, in blocks of ``feed.CHUNK`` items
+    taken in turn), as torch's DataLoader expects of an iterable dataset. Then each item
+    is read once, and every update trains on the samples a single process would.
     """
 
     paired = True
@@ -484,7 +488,10 @@ class StreamSplit:
             return self.dataset.state_dict()
 
     def __getitem__(self, key: Any) -> Any:
-        rows = np.arange(len(self))[key] if isinstance(key, slice) else positions(key, len(self))
+        if isinstance(key, slice):
+            rows = _range_positions(range(len(self))[key])
+        else:
+            rows = positions(key, len(self))
         count = int(rows.max()) + 1 if len(rows) else 1
         head = self.head(count)
         if len(head) < count:

@@ -176,7 +176,8 @@ def fit(
             epoch (after ``set_epoch(epoch)`` when it has one), ``samples_per_epoch``
             samples per epoch; under torchrun rank ``r`` of ``W`` trains on the positions
             ``p % W == r``, from its own pass, which should yield the items ``i % W == r``
-            (split again by ``get_worker_info()`` between its workers). A stream with
+            (split again by ``get_worker_info()`` between its workers; they are taken in
+            turns of 64 items, ``largebatch.feed.CHUNK``). A stream with
             ``state_dict``/``load_state_dict`` is read in the training process and
             resumes from its state; another resumed mid-epoch reads its pass up to the
             position again (``skipped_samples`` in that epoch's record). ``eval_data``

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.data import IterableDataset
 
 from largebatch.data.cifar import load_cifar
 from largebatch.data.idx import load_idx
@@ -108,6 +109,11 @@ def _user_dataset(path: str, data_dir: Any, seed: int) -> DataSource:
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise UsageError(
             f"{what} returned a {type(result).__name__}; it must return (train, test) datasets"
+        )
+    if any(isinstance(part, IterableDataset) for part in result):
+        raise UsageError(
+            f"{what} returned a stream (an IterableDataset); the command line takes map-style "
+            "datasets: train a stream with largebatch.fit(samples_per_epoch=...)"
         )
     return as_source(result[0], result[1], name=path, input_range=None, reading=deliver_interrupts)
 
