@@ -10,11 +10,13 @@ from largebatch.hessian import (
     HessianOperator,
     HessianOperatorError,
     NondeterministicHessianError,
+    NoSecondDerivativeError,
     dense_hessian,
     hessian_trace,
     spectral_density,
     top_eigenvalues,
 )
+from largebatch.hessian.operator import second_derivatives
 
 # torch.func's first jvp scripts some decompositions with the deprecated torch.jit.script.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -345,3 +347,57 @@ def test_streaming_refuses_one_pass_data_and_catches_changing_data():
             op.matvec(vector)
     with pytest.raises(ValueError, match="element 0 is not an"):
         top_eigenvalues(model, F.cross_entropy, [x[:5]], operator_options={"stream": True})
+
+
+class _Attention(nn.Module):
+    """One causal self-attention layer and a head: ``scaled_dot_product_attention``, or
+    the same attention written out (softmax of masked scores), which any kernel
+    differentiates twice."""
+
+    def __init__(self, written_out: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.head, self.written_out = nn.Linear(4, 12), nn.Linear(4, 3), written_out
+
+    def forward(self, x):  # x: (batch, tokens, 4)
+        q, k, v = self.qkv(x).unflatten(-1, (3, 1, 4)).permute(2, 0, 3, 1, 4)
+        if self.written_out:
+            scores = q @ k.transpose(-1, -2) / 2.0
+            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+            mixed = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+        else:
+            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(mixed.squeeze(1).mean(1))
+
+
+def test_curvature_goes_through_fused_attention_and_matches_a_dense_hessian():
+    # The default attention kernels (flash on CPU) have no double backward; the operator
+    # builds its graphs with the math kernel. Ground truth: the dense Hessian of the same
+    # weights with the attention written out.
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
+    fused, written = _Attention(), _Attention(written_out=True)
+    written.load_state_dict(fused.state_dict())
+    names = [name for name, _ in written.named_parameters()]
+    shapes = [p.shape for p in written.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in written.parameters()])
+
+    def loss(vector):
+        values = torch.split(vector, [s.numel() for s in shapes])
+        params = {n: v.reshape(s) for n, v, s in zip(names, values, shapes, strict=True)}
+        return F.cross_entropy(torch.func.functional_call(written, params, (x,)), y)
+
+    dense = torch.autograd.functional.hessian(loss, flat)
+    expected = torch.linalg.eigvalsh(dense.double()).flip(0)[:2]
+    result = top_eigenvalues(fused, F.cross_entropy, (x, y), k=2, tol=1e-6, seed=0)
+    assert torch.allclose(result.values, expected, rtol=1e-4)
+    with HessianOperator(fused, F.cross_entropy, (x, y)) as op:
+        assert torch.allclose(op.dense(), dense, atol=1e-5)
+    # and without the math kernel, the raw error that users met
+    q = torch.randn(1, 1, 3, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(
+        F.scaled_dot_product_attention(q, q, q).sum(), q, create_graph=True
+    )
+    with pytest.raises(NoSecondDerivativeError, match=r"runs aten::\S+backward.* abs, absa"):
+        with second_derivatives():
+            torch.autograd.grad(grad.sum(), q)

@@ -26,7 +26,7 @@ def _has_max_pool(model: nn.Module) -> bool:
     return any(isinstance(m, nn.MaxPool2d) for m in model.modules())
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [m for m in MODELS if m != "transformer"])  # tokens: test_text
 @pytest.mark.parametrize(("shape", "classes"), [((1, 28, 28), 10), ((3, 32, 32), 100)])
 def test_image_models_map_a_batch_to_logits(name, shape, classes):
     torch.manual_seed(0)

@@ -33,10 +33,11 @@ from largebatch.controllers import (
     ScheduledBatch,
     Seesaw,
     checked_decision,
+    parse_schedule,
 )
 from largebatch.distributed import World, shard
 from largebatch.divergence import Rollback
-from largebatch.engine import Parts, Settings
+from largebatch.engine import Parts, Settings, tokens_per_sample
 from largebatch.errors import ConfigError, UsageError
 from largebatch.feed import loaded
 from largebatch.hessian import EigenTracker
@@ -49,6 +50,7 @@ from largebatch.meters import (
     Meter,
     SharpnessMeter,
 )
+from largebatch.models import TRANSFORMER_SIZES
 from largebatch.parallel import make_parallel, unwrapped
 from largebatch.sampler import probe_batches, probe_seed
 from largebatch.scoring import LossFn, check_parameters
@@ -74,13 +76,16 @@ GROWING_METHODS = ("gg", "abs", "absa", "gns", "seesaw", "schedule")
 
 def model_spec(config: TrainConfig, data: DataSource) -> dict[str, Any]:
     """What :func:`largebatch.models.build_model` needs to rebuild the model from a checkpoint."""
-    return {
+    spec: dict[str, Any] = {
         "name": config.model,
         "input_shape": list(data.input_shape),
         "num_classes": data.num_classes,
         "mean": list(data.mean),
         "std": list(data.std),
     }
+    if config.model == "transformer":
+        spec["sizes"] = {key: getattr(config, key) for key in TRANSFORMER_SIZES}
+    return spec
 
 
 def settings(config: TrainConfig) -> Settings:
@@ -123,6 +128,7 @@ def build_parts(
     controller = controller or make_controller(
         config, len(data.train_y), float(group["lr"]), momentum_of(optimizer),
         lr_rule=rule_for(config.lr_scaling, optimizer),
+        tokens_per_sample=tokens_per_sample(data),
     )  # fmt: skip
     checked_decision(controller, controller.decision())
     return Parts(
@@ -182,12 +188,23 @@ def make_rollback(config: TrainConfig) -> Rollback | None:
     return Rollback(config.divergence_lr_factor, config.max_rollbacks)
 
 
+def _schedule_in_samples(config: TrainConfig, tokens_per_sample: int) -> Any:
+    """``batch_schedule`` with its points in samples: ``schedule_unit: tokens`` points are
+    divided by the target tokens per sample (rounded up), so that a change comes at the
+    first update past its token point."""
+    text = config.batch_schedule or ""
+    if config.schedule_unit == "samples":
+        return text
+    return [(-(-at // tokens_per_sample), batch) for at, batch in parse_schedule(text)]
+
+
 def make_controller(
     config: TrainConfig,
     num_samples: int | None = None,
     lr: float | None = None,
     momentum: float | None = None,
     lr_rule: str | None = None,
+    tokens_per_sample: int = 1,
 ) -> BatchController:
     """The controller for ``config.method``.
 
@@ -240,7 +257,7 @@ def make_controller(
         if num_samples is None:
             raise ConfigError("method schedule needs the number of training samples")
         controller = ScheduledBatch(
-            config.batch_schedule or "",
+            _schedule_in_samples(config, tokens_per_sample),
             config.batch_size,
             config.max_batch_size,
             milestones,

@@ -108,8 +108,15 @@ def checked_model_spec(state: Mapping[str, Any], path: Any) -> dict[str, Any]:
         )
     spec = checked_part(state, "model_spec", dict, path)
     problem = None
-    if set(spec) != {"name", "input_shape", "num_classes", "mean", "std"}:
+    if set(spec) - {"sizes"} != {"name", "input_shape", "num_classes", "mean", "std"}:
         problem = f"its keys are {sorted(map(str, spec))}"
+    elif "sizes" in spec and not (
+        isinstance(spec["sizes"], dict)
+        and set(spec["sizes"]) <= {"d_model", "n_layers", "n_heads"}
+        and _numbers(list(spec["sizes"].values()), True)
+        and all(1 <= v <= 1 << 16 for v in spec["sizes"].values())
+    ):
+        problem = f"sizes {spec['sizes']!r} are not the transformer's positive sizes"
     elif not isinstance(spec["name"], str):
         problem = "the model name is not a string"
     elif not _numbers(spec["input_shape"], True) or not 1 <= len(spec["input_shape"]) <= 3:

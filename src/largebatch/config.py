@@ -58,6 +58,10 @@ class TrainConfig:
     limit_test: int | None = None
     image_size: int | None = None  # image-folder datasets: side of the decoded images
     loader_workers: int | None = None  # lazily read data: reading processes (None: auto)
+    seq_len: int = 128  # text: tokens per sample
+    d_model: int = 128  # transformer: width
+    n_layers: int = 2  # transformer: blocks
+    n_heads: int = 4  # transformer: attention heads (d_model a multiple of it)
     threads: int | None = None  # torch threads per process (None: auto, see README)
     parallel: str = "ddp"  # how the ranks' gradients meet under torchrun: ddp | flat
     # model and method
@@ -95,6 +99,7 @@ class TrainConfig:
     gns_micro_batch: int | None = None  # noise meter's part of an update (None: half the batch)
     gns_decay: float = 0.95  # per-update decay of the meter's moving averages
     batch_schedule: str | None = None  # schedule: "0:32 200k:64 800k:128" (samples)
+    schedule_unit: str = "samples"  # batch_schedule's points: samples | tokens (of targets)
     lr_scaling: str = "auto"  # abs/gns LR rule: auto (by optimizer) | linear | sqrt | adascale
     gns_milestones: str = "samples"  # gns: lr_decay_epochs count samples, or progress
     # curvature guard (any method): lr <= guard_fraction * 2 (1 + momentum) / eigenvalue
@@ -162,6 +167,7 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("adv_attack", self.adv_attack, ("fgsm", "pgd"))
         _choice("adv_clamp", self.adv_clamp, ("range", "batch"))
+        _choice("schedule_unit", self.schedule_unit, ("samples", "tokens"))
         _choice("hessian_mode", self.hessian_mode, ("tracker", "reference"))
         _choice("on_divergence", self.on_divergence, ("stop", "rollback"))
         _choice("lr_scaling", self.lr_scaling, ("adascale", "auto", "linear", "sqrt"))
@@ -242,6 +248,12 @@ class TrainConfig:
             _at_least(key, getattr(self, key), 1)
         if self.loader_workers is not None:
             _at_least("loader_workers", self.loader_workers, 0)
+        for key in ("seq_len", "d_model", "n_layers", "n_heads"):
+            _at_least(key, getattr(self, key), 1)
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
+            )
         if self.threads is not None:
             _at_least("threads", self.threads, 1)
         if self.target_train_loss is not None and not self.target_train_loss > 0:

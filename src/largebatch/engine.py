@@ -276,6 +276,7 @@ def run(
                 adv_ratio=epochs.last_adv_ratio,
                 stability=stability(measured["eigenvalue"], lr_now, momentum_of(optimizer)),
                 own_keys=epochs.own_keys,
+                tokens_per_sample=tokens_per_sample(data),
             )
             checkpoint.save(saved, progress)
             on_record(record)
@@ -288,6 +289,11 @@ def run(
                     else f"{reason}: stopped after epoch {progress.epoch}"
                 )
     return progress
+
+
+def tokens_per_sample(data: DataSource) -> int:
+    """Target entries per sample: 1 for a label, ``seq_len`` for a sequence of next tokens."""
+    return math.prod(tuple(data.train_y.shape[1:]))
 
 
 def reached_target(settings: Settings, progress: Progress) -> bool:

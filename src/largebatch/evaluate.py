@@ -18,6 +18,7 @@ from largebatch.feed import Feed
 from largebatch.io import atomic_write_json
 from largebatch.models import build_model
 from largebatch.outputs import check_output_file
+from largebatch.source import is_classification
 
 __all__ = [
     "ATTACKS",
@@ -62,6 +63,7 @@ def load_trained_with_data(
         data_dir or config.get("data_dir"),
         seed=config["seed"],
         image_size=config.get("image_size"),
+        seq_len=config.get("seq_len"),
         **limits,
     )
     return model, config, data
@@ -101,6 +103,12 @@ def evaluate_checkpoint(
     model, config, data = load_trained_with_data(
         checkpoint, dev, data_dir, **{f"limit_{split}": limit}
     )
+    if not is_classification(data.train_y):
+        raise UsageError(
+            f"evaluate measures classification accuracy; the targets of {config['dataset']!r} "
+            "are not class labels (token sequences, say): the run's metrics.jsonl holds its "
+            "validation loss"
+        )
     if len(getattr(data, f"{split}_y")) == 0:
         raise UsageError(
             f"the run's dataset has no test split; to evaluate {checkpoint}, its dataset "

@@ -41,11 +41,21 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from largebatch.errors import UsageError
 
-__all__ = ["MODELS", "Normalize", "ResNet", "SqueezeNext", "build_model", "count_parameters"]
+__all__ = [
+    "MODELS",
+    "TRANSFORMER_SIZES",
+    "Normalize",
+    "ResNet",
+    "SqueezeNext",
+    "Transformer",
+    "build_model",
+    "count_parameters",
+]
 
 MODELS: tuple[str, ...] = (
     "mlp",
@@ -56,7 +66,11 @@ MODELS: tuple[str, ...] = (
     "resnet50",
     "squeezenext",
     "squeezenext-2x",
+    "transformer",
 )
+
+#: the transformer's sizes when a config or a checkpoint does not give them
+TRANSFORMER_SIZES: dict[str, int] = {"d_model": 128, "n_layers": 2, "n_heads": 4}
 
 
 class Normalize(nn.Module):
@@ -375,6 +389,67 @@ def _squeezenext_2x(input_shape: tuple[int, ...], num_classes: int) -> nn.Module
     return SqueezeNext(input_shape[0], num_classes, width=2.0, large_input=large)
 
 
+class Transformer(nn.Module):
+    """A small causal Transformer over token ids (GPT-style, pre-norm): token and position
+    embeddings, ``n_layers`` blocks of causal self-attention
+    (``F.scaled_dot_product_attention``) and a 4x GELU MLP, a final norm, and a head that
+    shares the token embedding's weight. Maps ``(batch, tokens)`` int64 ids to logits laid
+    out ``(batch, vocab, tokens)``: the layout cross-entropy takes with ``(batch, tokens)``
+    targets, so the default loss is the mean next-token cross-entropy."""
+
+    def __init__(self, vocab: int, seq_len: int, d_model: int, n_layers: int, n_heads: int):
+        super().__init__()
+        if d_model % n_heads:
+            raise UsageError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
+        self.tokens = nn.Embedding(vocab, d_model)
+        self.positions = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(_Block(d_model, n_heads) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.head.weight = self.tokens.weight  # tied: one tensor, one gradient
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(ids) + self.positions(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h)).transpose(1, 2)
+
+
+class _Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.heads = n_heads
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model)
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, d = h.shape
+        qkv = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(mixed.transpose(1, 2).reshape(b, t, d))
+        return h + self.mlp(self.norm2(h))
+
+
+def _transformer(
+    input_shape: tuple[int, ...], num_classes: int, sizes: dict[str, int] | None = None
+) -> nn.Module:
+    if len(input_shape) != 1 or num_classes < 2:
+        raise UsageError(
+            f"model transformer needs token sequences (dataset text), got inputs of shape "
+            f"{input_shape} and {num_classes} classes"
+        )
+    return Transformer(num_classes, input_shape[0], **{**TRANSFORMER_SIZES, **(sizes or {})})
+
+
 _BUILDERS = {
     "mlp": _mlp,
     "c1": _c1,
@@ -384,6 +459,7 @@ _BUILDERS = {
     "resnet50": _resnet50,
     "squeezenext": _squeezenext,
     "squeezenext-2x": _squeezenext_2x,
+    "transformer": _transformer,
 }
 
 
@@ -393,8 +469,13 @@ def build_model(
     num_classes: int,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> nn.Module:
     """Build model ``name`` for inputs of shape ``input_shape`` (per sample, e.g. (1, 28, 28)).
+
+    ``sizes``: the transformer's ``d_model``, ``n_layers`` and ``n_heads`` (default
+    :data:`TRANSFORMER_SIZES`); its inputs are ``(seq_len,)`` token ids and
+    ``num_classes`` is the vocabulary.
 
     ``name`` is one of :data:`MODELS` or a ``package.module:callable`` path to a function
     of yours returning an ``nn.Module``; it gets ``num_classes=`` and ``input_shape=``
@@ -408,6 +489,8 @@ def build_model(
     if name not in _BUILDERS:
         raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     shape = tuple(int(s) for s in input_shape)
+    if name == "transformer":
+        return nn.Sequential(nn.Identity(), _transformer(shape, num_classes, sizes))
     if name != "mlp" and len(shape) != 3:
         raise UsageError(
             f"model {name} needs image inputs (channels, height, width), got shape {shape}; "

@@ -137,6 +137,7 @@ class Progress:
         adv_ratio: float,
         stability: float | None,
         own_keys: Sequence[str] = (),
+        tokens_per_sample: int = 1,
     ) -> dict[str, Any]:
         """Close the epoch (its evaluation and decision point are done) and return its
         record. ``train``: the epoch's training numbers; ``test``: test loss and
@@ -152,6 +153,8 @@ class Progress:
             "adv_ratio": adv_ratio,
             "updates": self.updates,
             "samples": self.samples,
+            # sequence targets (a language model's): the target tokens seen, cumulative
+            **({"tokens": self.samples * tokens_per_sample} if tokens_per_sample > 1 else {}),
             **train,
             "test_loss": test[0],
             "test_acc": test[1],

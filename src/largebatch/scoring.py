@@ -12,7 +12,7 @@ evaluation pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -67,8 +67,9 @@ def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torc
     """Run the model and the loss on a few training samples (eval mode): the first two and
     those with the extreme labels, then one test sample. What would crash or go wrong
     later fails here with one line: a model or loss that does not fit the data, labels
-    beyond the output width, outputs that are not one tensor, non-finite outputs or loss,
-    a loss that no parameter's gradient reaches.
+    beyond the output width, outputs that the loss cannot take, non-finite outputs or
+    loss, a loss that no parameter's gradient reaches. Outputs that are not one tensor (a
+    dict, a tuple, a Hugging Face ``ModelOutput``) reach ``loss_fn`` as they are.
 
     Returns whether accuracy applies (integer labels and ``(batch, classes)`` logits with
     an output for every label), and whether a batch-norm layer sees one value per channel
@@ -113,6 +114,7 @@ def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torc
         model.train(was_training)
     accuracy = (
         classes
+        and isinstance(outputs, torch.Tensor)
         and outputs.ndim == 2
         and len(outputs) == len(y)
         and data.num_classes <= outputs.shape[1]
@@ -140,13 +142,14 @@ def _run_user_model(
     """``model(x)`` and ``loss_fn(outputs, y)``; what fails in them is one line."""
     with torch.set_grad_enabled(grad):
         outputs = _user_call(lambda: inputs.run(model, x), x, y, split)
-        if not isinstance(outputs, torch.Tensor):
+        if not isinstance(outputs, torch.Tensor) and loss_fn is F.cross_entropy:
             raise UsageError(
-                f"the model returns a {type(outputs).__name__}, not one tensor; wrap it so "
-                "that forward returns what the loss takes (e.g. the logits: a forward that "
-                "returns model(x)[0])"
+                f"the model returns a {type(outputs).__name__}, not one tensor, and the "
+                "default loss (cross-entropy) takes logits; pass a loss_fn that takes what "
+                "it returns (e.g. lambda out, y: F.cross_entropy(out['logits'], y))"
             )
-        if loss_fn is F.cross_entropy and is_classification(y) and outputs.ndim == 2:
+        logits = isinstance(outputs, torch.Tensor) and outputs.ndim == 2
+        if logits and loss_fn is F.cross_entropy and is_classification(y):
             top = int(y.max())  # cross-entropy reads an output per class
             if top >= outputs.shape[1]:
                 raise UsageError(
@@ -169,7 +172,7 @@ def _user_call(call: Callable[[], Any], x: Inputs, y: torch.Tensor, split: str) 
         ) from None
 
 
-def _check_outputs(outputs: torch.Tensor, loss: Any, split: str = "training") -> None:
+def _check_outputs(outputs: Any, loss: Any, split: str = "training") -> None:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise UsageError(
             "loss_fn(outputs, targets) must return the batch's mean loss, one number; got "
@@ -179,13 +182,27 @@ def _check_outputs(outputs: torch.Tensor, loss: Any, split: str = "training") ->
                 else type(loss).__name__
             )
         )
-    if not bool(torch.isfinite(outputs.detach()).all()):
+    if not all(bool(torch.isfinite(t.detach()).all()) for t in _float_tensors(outputs)):
         raise UsageError(
             f"the model's outputs on the first {split} samples are not finite (NaN or "
             "infinity); check its initialisation and the inputs"
         )
     if not bool(torch.isfinite(loss.detach())):
         raise UsageError(f"the loss on the first {split} samples is {float(loss):g}, not finite")
+
+
+def _float_tensors(outputs: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's outputs: the tensor, or those a dict, a
+    tuple or a ``ModelOutput`` holds (one level down)."""
+    if isinstance(outputs, torch.Tensor):
+        parts = [outputs]
+    elif isinstance(outputs, Mapping):
+        parts = list(outputs.values())
+    elif isinstance(outputs, (tuple, list)):
+        parts = list(outputs)
+    else:
+        parts = []
+    return [t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 class RunningScore:
@@ -248,7 +265,9 @@ def score(
         xb, yb = to_device(xb, device, channels_last), yb.to(device, non_blocking=True)
         with autocast(device, precision):
             out = inputs.run(model, xb)
-        sums[0] += loss_fn(out.float(), yb).double() * len(yb)
+        if isinstance(out, torch.Tensor):
+            out = out.float()
+        sums[0] += loss_fn(out, yb).double() * len(yb)
         if accuracy:
             sums[1] += (out.argmax(1) == yb).sum()
         sums[2] += len(yb)

@@ -83,6 +83,7 @@ _RECIPE_KEYS = (
     "limit_train",
     "limit_test",
     "image_size",
+    "seq_len",
     "loader_workers",
 )
 # Config keys of the default SGD, meaningless next to an optimizer of the user's.
@@ -122,6 +123,7 @@ def train(
             limit_train=config.limit_train,
             limit_test=config.limit_test,
             image_size=config.image_size,
+            seq_len=config.seq_len,
         )
         spec = model_spec(config, data)
         return _run(

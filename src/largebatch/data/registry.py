@@ -18,6 +18,7 @@ from largebatch.data.idx import load_idx
 from largebatch.data.imagenet import load_imagenet, load_tinyimagenet
 from largebatch.data.small import load_digits, load_mnist1d, load_synthetic
 from largebatch.data.svhn import load_svhn
+from largebatch.data.text import load_text
 from largebatch.errors import UsageError
 from largebatch.interrupts import deliver_interrupts
 from largebatch.source import DataSource, LazySplit, as_source
@@ -36,6 +37,7 @@ DATASETS: tuple[str, ...] = (
     "synthetic",
     "tinyimagenet",
     "imagenet",
+    "text",
 )
 
 
@@ -48,6 +50,7 @@ def load_dataset(
     limit_train: int | None = None,
     limit_test: int | None = None,
     image_size: int | None = None,
+    seq_len: int | None = None,
 ) -> DataSource:
     """Load dataset ``name`` (one of :data:`DATASETS`, or ``package.module:callable``).
 
@@ -75,6 +78,8 @@ def load_dataset(
         image_size: side of the square images decoded by ``tinyimagenet`` (default 64) and
             ``imagenet`` (default 224); ``None`` means that default. Ignored by the other
             datasets, whose images have a fixed size.
+        seq_len: tokens per sample of ``text`` (default 128; see
+            :mod:`largebatch.data.text`); ignored by the other datasets.
 
     Raises:
         UsageError: unknown name, or a limit or ``image_size`` that is not a positive
@@ -91,7 +96,9 @@ def load_dataset(
     _check_limit("limit_train", limit_train)
     _check_limit("limit_test", limit_test)
     _check_limit("image_size", image_size)
-    sized = {"image_size": image_size} if key in _IMAGE_FOLDERS else {}
+    sized: dict[str, Any] = {"image_size": image_size} if key in _IMAGE_FOLDERS else {}
+    if key == "text":
+        sized = {"seq_len": 128 if seq_len is None else seq_len}
     source = _LOADERS[key](data_dir, seed, **sized)
     if augment and key in _AUGMENT_FLIP:
         source.augment = functools.partial(random_crop_flip, padding=4, flip=_AUGMENT_FLIP[key])
@@ -199,6 +206,7 @@ _LOADERS: dict[str, _Loader] = {
     "synthetic": load_synthetic,
     "tinyimagenet": functools.partial(_load_image_folder, "tinyimagenet"),
     "imagenet": functools.partial(_load_image_folder, "imagenet"),
+    "text": lambda data_dir, seed, seq_len: load_text(data_dir, seq_len),
 }
 assert tuple(_LOADERS) == DATASETS
 

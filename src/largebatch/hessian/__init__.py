@@ -19,6 +19,8 @@ from largebatch.hessian.operator import (
     HessianOperator,
     HessianOperatorError,
     NondeterministicHessianError,
+    NoSecondDerivativeError,
+    math_attention,
 )
 from largebatch.hessian.params import flatten, select_parameters, unflatten
 from largebatch.hessian.results import DensityResult, EigenResult, TraceResult
@@ -35,6 +37,8 @@ __all__ = [
     "EigenTracker",
     "HessianOperator",
     "HessianOperatorError",
+    "NoSecondDerivativeError",
+    "math_attention",
     "LinearOperator",
     "ModelStateSnapshot",
     "NondeterministicHessianError",

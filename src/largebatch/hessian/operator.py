@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import ExitStack, nullcontext
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -41,6 +43,37 @@ HVP_METHODS = ("double_backward", "forward_over_reverse")
 
 class HessianOperatorError(RuntimeError):
     """The operator was used in a way that would give wrong products."""
+
+
+class NoSecondDerivativeError(HessianOperatorError):
+    """The model runs an op whose derivative torch cannot differentiate again."""
+
+
+def math_attention() -> Any:
+    """A context where ``scaled_dot_product_attention`` runs torch's math kernel: the
+    fused kernels (flash, memory-efficient, the CPU flash kernel) have no second
+    derivative, the math one is made of ops that have. Curvature builds its graphs here."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+_NO_DOUBLE_BACKWARD = re.compile(r"derivative for (\S+) is not implemented")
+
+
+@contextmanager
+def second_derivatives() -> Iterator[None]:
+    """A second derivative that torch does not have becomes one line naming the op."""
+    try:
+        yield
+    except RuntimeError as exc:
+        found = _NO_DOUBLE_BACKWARD.search(str(exc))
+        if found is None:
+            raise
+        raise NoSecondDerivativeError(
+            f"the model runs {found.group(1)}, whose derivative torch cannot differentiate "
+            "again, so its Hessian-vector products cannot be taken (curvature: abs, absa, "
+            "the curvature guard, largebatch hessian); use an op with a double backward "
+            "there, or a method without curvature"
+        ) from None
 
 
 class NondeterministicHessianError(HessianOperatorError):
@@ -305,7 +338,8 @@ class HessianOperator:
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         inputs, targets = batch
-        return self.loss_fn(run(self.model, inputs), targets)
+        with math_attention():
+            return self.loss_fn(run(self.model, inputs), targets)
 
     def _gradient_graph(self, index: int) -> tuple[torch.Tensor, ...]:
         cached = self._graphs[index]
@@ -340,7 +374,7 @@ class HessianOperator:
         live = [i for i, g in enumerate(grads) if g.requires_grad]
         if not live:
             return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        with torch.enable_grad():
+        with torch.enable_grad(), second_derivatives():
             second = torch.autograd.grad(
                 [grads[i] for i in live],
                 self.params,
@@ -361,11 +395,15 @@ class HessianOperator:
         def weighted_loss(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
             replaced = dict(zip(self.param_names, values, strict=True))
             args, kwargs = ((), inputs) if isinstance(inputs, Mapping) else ((inputs,), None)
-            outputs = torch.func.functional_call(self.model, replaced, args, kwargs)
-            return self.loss_fn(outputs, targets) * weight
+            with math_attention():
+                outputs = torch.func.functional_call(self.model, replaced, args, kwargs)
+                return self.loss_fn(outputs, targets) * weight
 
         primals = tuple(p.detach() for p in self.params)
-        _, product = torch.func.jvp(torch.func.grad(weighted_loss), (primals,), (tuple(pieces),))
+        with second_derivatives():
+            _, product = torch.func.jvp(
+                torch.func.grad(weighted_loss), (primals,), (tuple(pieces),)
+            )
         return flatten([t.detach() for t in product])
 
     def _streamed_product(self, pieces: list[torch.Tensor]) -> torch.Tensor:
