@@ -194,7 +194,7 @@ def test_each_meter_fills_its_own_record_keys_and_tells_the_controller():
     # as the engine wrote the records before the meters filled them
     assert list(GradientNoiseMeter.empty().items()) == [
         ("gns", None), ("gns_grad_sq", None), ("gns_trace", None), ("gns_updates", None),
-        ("gns_s", None),
+        ("gns_s", None), ("gns_preconditioned", None),
     ]  # fmt: skip
     assert list(CurvatureMeter.empty().items()) == [
         ("eigenvalue", None), ("eig_residual", None), ("eig_matvecs", 0),
@@ -215,3 +215,71 @@ def test_each_meter_fills_its_own_record_keys_and_tells_the_controller():
     usable = {**unusable, "usable_eigenvalue": 3.0}
     assert curvature.told(usable) == usable
     assert list(curvature.told(unusable)) == list(unusable)  # same keys, same order
+
+
+def _adam_with(model, scale: float):
+    """An Adam whose preconditioner sqrt(v_hat) + eps is ``scale`` for every parameter."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-8)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    beta2 = opt.param_groups[0]["betas"][1]
+    for p in model.parameters():
+        state = opt.state[p]
+        state["exp_avg_sq"].fill_((scale - 1e-8) ** 2 * (1 - beta2 ** float(state["step"])))
+    return opt
+
+
+def test_the_preconditioned_noise_scale_is_the_plain_one_under_an_identity_preconditioner():
+    model, x, y = _problem()
+    plain = GradientNoiseMeter(micro_batch=32, decay=0.5)
+    adam = GradientNoiseMeter(micro_batch=32, decay=0.5, optimizer=_adam_with(model, 1.0))
+    for start in range(0, 512, 128):
+        for meter in (plain, adam):
+            _one_update(model, meter, x[start : start + 128], y[start : start + 128], 32)
+    numbers = adam.at_decision(model, Point(0, 512, False))
+    assert numbers["gns_preconditioned"] == pytest.approx(numbers["gns"], rel=1e-9)
+    assert numbers["gns"] == plain.at_decision(model, Point(0, 512, False))["gns"]
+    assert plain.at_decision(model, Point(0, 512, False))["gns_preconditioned"] is None
+
+
+def test_the_preconditioned_estimate_matches_a_hand_computation_on_two_parameters():
+    model = torch.nn.Linear(1, 1)  # two parameters: weight and bias
+    opt = _adam_with(model, 1.0)
+    scales = {model.weight: 2.0, model.bias: 0.5}  # P per parameter
+    beta2 = opt.param_groups[0]["betas"][1]
+    for p, scale in scales.items():
+        state = opt.state[p]
+        state["exp_avg_sq"].fill_((scale - 1e-8) ** 2 * (1 - beta2 ** float(state["step"])))
+    meter = GradientNoiseMeter(micro_batch=2, decay=0.0, optimizer=opt)
+    x, y = torch.tensor([[1.0], [2.0], [-1.0], [3.0]]), torch.tensor([0.5, -1.0, 2.0, 0.0])
+    model.zero_grad()
+    halves = []
+    for xb, yb in ((x[:2], y[:2]), (x[2:], y[2:])):
+        loss = F.mse_loss(model(xb).squeeze(1), yb)
+        halves.append(
+            torch.cat(
+                [g.reshape(-1) for g in torch.autograd.grad(loss, [model.weight, model.bias])]
+            )
+        )
+        backward_share(F.mse_loss(model(xb).squeeze(1), yb), 2, 4)
+        meter.after_backward(model, 2, 4)
+    meter.at_update(model, Point(0, 4, False))
+    # by hand: g_k / P, g = their mean, K = 2 parts of b = 2 in B = 4
+    p = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    g1, g2 = (h.double() / p for h in halves)
+    g = (g1 + g2) / 2
+    m = (g1.square().sum() + g2.square().sum()) / 2
+    grad_sq = float((2 * g.square().sum() - m) / (2 - 1))
+    trace = float(2 * 2 * (m - g.square().sum()) / (2 - 1))
+    # (the meter works on float32 gradients, differences of accumulated copies)
+    assert meter.pre[0] / meter.pre[2] == pytest.approx(grad_sq, rel=1e-5)
+    assert meter.pre[1] / meter.pre[2] == pytest.approx(trace, rel=1e-5)
+    assert meter.preconditioned() == pytest.approx(trace / grad_sq, rel=1e-5)
+    state = meter.state_dict()
+    again = GradientNoiseMeter(micro_batch=2, optimizer=opt)
+    again.load_state_dict(state)
+    assert again.preconditioned() == meter.preconditioned()
+    del state["preconditioned"]  # a state from before: none yet
+    again.load_state_dict(state)
+    assert again.preconditioned() is None

@@ -137,7 +137,7 @@ def build_parts(
         optimizer=optimizer,
         controller=controller,
         loss_fn=loss_fn,
-        meters=make_meters(controller, meters, config, data, loss_fn, device, world),
+        meters=make_meters(controller, meters, config, data, loss_fn, device, world, optimizer),
         attack=make_attack(config, data),
         rollback=make_rollback(config),
         count=token_count if config.loss_weights == "tokens" else None,
@@ -395,8 +395,10 @@ def make_meters(
     loss_fn: LossFn,
     device: torch.device,
     world: World,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Meter]:
-    """One meter per measurement the controller may ask for (``given`` ones first)."""
+    """One meter per measurement the controller may ask for (``given`` ones first); the
+    noise meter also measures on ``optimizer``'s preconditioned gradients (Adam)."""
     given = dict(given or {})
     meters: dict[str, Meter] = {}
     for name in sorted(controller.measures):
@@ -413,7 +415,9 @@ def make_meters(
                 every_samples=config.hessian_every_samples,
             )
         elif name == NOISE_SCALE:
-            meters[name] = GradientNoiseMeter(config.gns_micro_batch, config.gns_decay, world)
+            meters[name] = GradientNoiseMeter(
+                config.gns_micro_batch, config.gns_decay, world, optimizer=optimizer
+            )
         else:
             raise UsageError(
                 f"controller {controller.name!r} wants measurement {name!r}, which no meter "

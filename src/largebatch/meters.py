@@ -34,7 +34,7 @@ from torch import nn
 
 from largebatch import checks, inputs
 from largebatch.distributed import World, all_reduce_, shard
-from largebatch.errors import InvalidTypeError, InvalidValueError
+from largebatch.errors import InvalidTypeError, InvalidValueError, StateError
 from largebatch.hessian import EigenTracker, HessianOperatorError, preserved_model_state
 from largebatch.lr import critical_lr, is_adaptive
 
@@ -301,9 +301,20 @@ class GradientNoiseMeter(Meter):
     window, so ranks agree and a resumed run measures the same updates. Under fp16 loss
     scaling the gradients it sees are scaled: both parts are then in scaled units, and
     their ratio, the noise scale, is unaffected.
+
+    **Under Adam** (``optimizer`` an Adam-type one, :func:`largebatch.lr.is_adaptive`),
+    the same estimate is also taken on the gradients as the optimizer scales them,
+    divided elementwise by its ``sqrt(v) + eps`` (bias-corrected, from its state before
+    the update: :func:`preconditioner`), as adaptdl measures it and McCandlish et al.
+    suggest; recorded as ``gns_preconditioned`` beside the plain ``gns``. It is taken
+    from the parts of one process or of the micro-batches inside a rank's slice, not
+    from whole slices (``gns_preconditioned`` stays None there) nor before the
+    optimizer's first step.
     """
 
-    record_keys = ("gns", "gns_grad_sq", "gns_trace", "gns_updates", "gns_s")
+    record_keys = (
+        "gns", "gns_grad_sq", "gns_trace", "gns_updates", "gns_s", "gns_preconditioned",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -314,6 +325,7 @@ class GradientNoiseMeter(Meter):
         per_update: int = 2,
         per_window: int | None = 4,
         slices: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         who = type(self).__name__
         self.micro_batch = _optional_int(micro_batch, who, "micro_batch", 1)
@@ -323,6 +335,9 @@ class GradientNoiseMeter(Meter):
         self.per_window = _optional_int(per_window, who, "per_window", 1)
         self.slices = checks.boolean(slices, who, "slices")
         self.world = world
+        self.optimizer = optimizer if optimizer is not None and is_adaptive(optimizer) else None
+        # the preconditioned estimate's averages (|G|^2, tr(Sigma), weight)
+        self.pre = [0.0, 0.0, 0.0]
         self._reset_update()
         # state: bias-corrected EMAs of |G|^2 and tr(Sigma), and their weight
         self.grad_sq = 0.0
@@ -343,6 +358,8 @@ class GradientNoiseMeter(Meter):
         self._filled = 0  # samples in the part now being accumulated
         self._batch = 0  # the update's global batch
         self._limit = self.per_update  # of this rank's parts, those measured
+        self._scale: torch.Tensor | None = None  # 1 / (sqrt(v) + eps), flat (Adam)
+        self._pre_sq: torch.Tensor | float = 0.0  # this rank's sum of |g_k / P|^2
 
     def part_size(self, batch: int) -> int:
         """``p``: the samples of a part of an update of ``batch`` samples (``micro_batch``
@@ -375,6 +392,7 @@ class GradientNoiseMeter(Meter):
             self._part = max(1, min(self.part_size(batch_samples), batch_samples // 2))
             self._batch = batch_samples
             self._limit = self.per_update - self._full_before(batch_samples, self._part)
+            self._scale = self._inverse_preconditioner(model)
         if self._count >= self._limit:
             return  # enough of this update's parts measured
         self._filled += samples
@@ -389,6 +407,9 @@ class GradientNoiseMeter(Meter):
         step = flat if self._previous is None else self._previous.sub_(flat)
         norm = _norm(step).double().square()
         self._sum_sq = self._sum_sq + norm * (batch_samples / self._filled) ** 2
+        if self._scale is not None:
+            pre = _norm(step * self._scale).double().square()
+            self._pre_sq = self._pre_sq + pre * (batch_samples / self._filled) ** 2
         self._count += 1
         self._inverse += 1.0 / self._filled
         self._previous, self._filled = flat, 0
@@ -426,26 +447,52 @@ class GradientNoiseMeter(Meter):
                 else torch.zeros((), dtype=torch.float64, device=device),
             ]
         )
+        scale = self._scale
+        pre_sq = torch.as_tensor(self._pre_sq, dtype=torch.float64, device=device)
         self._reset_update()
         if self._ranks() > 1:
             import torch.distributed as dist
 
             # the full gradient is already summed over the ranks: all-reduce the first three
             dist.all_reduce(parts[:3])
+        if scale is not None and grads:
+            full = torch.cat([g.reshape(-1) for g in grads])
+            pre_full = _norm(full * scale).double().square()
+        if self._ranks() > 1 and scale is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(pre_sq)  # the full gradient is summed over the ranks already
         sum_sq, count, inverse, full_sq = parts.tolist()
         # skip an update with fewer than two measured parts
         if not grads or count < 2 or not 0 < count / inverse < batch:
             self.seconds += time.perf_counter() - started
             return
         grad_sq, trace = noise_estimates(full_sq, sum_sq / count, count / inverse, batch)
+        decay = self.decay**self._stride
         if math.isfinite(grad_sq) and math.isfinite(trace):
             self.last = (grad_sq, trace)
-            decay = self.decay**self._stride
             self.grad_sq = decay * self.grad_sq + (1 - decay) * grad_sq
             self.trace = decay * self.trace + (1 - decay) * trace
             self.weight = decay * self.weight + (1 - decay)
             self.updates += 1
+        if scale is not None:
+            pre = noise_estimates(float(pre_full), float(pre_sq) / count, count / inverse, batch)
+            if all(math.isfinite(v) for v in pre):
+                self.pre = [
+                    decay * a + (1 - decay) * v for a, v in zip(self.pre, (*pre, 1.0), strict=True)
+                ]
         self.seconds += time.perf_counter() - started
+
+    def _inverse_preconditioner(self, model: nn.Module) -> torch.Tensor | None:
+        """``1 / (sqrt(v) + eps)`` of the optimizer, flat in the order of the model's
+        gradients; None without an Adam-type optimizer or before its first step."""
+        if self.optimizer is None:
+            return None
+        params = [p for p in model.parameters() if p.grad is not None]
+        scales = preconditioner(self.optimizer, params)
+        if any(s is None for s in scales):
+            return None
+        return torch.cat([s.reshape(-1) for s in scales]).reciprocal()  # type: ignore[union-attr]
 
     def estimate(self) -> tuple[float | None, float | None, float | None]:
         """``(noise scale, |G|^2, tr(Sigma))`` from the averages so far (None before any)."""
@@ -454,6 +501,13 @@ class GradientNoiseMeter(Meter):
         grad_sq, trace = self.grad_sq / self.weight, self.trace / self.weight
         scale = trace / grad_sq if grad_sq > 0 else math.inf
         return scale, grad_sq, trace
+
+    def preconditioned(self) -> float | None:
+        """The noise scale of the gradients as Adam scales them (None without one)."""
+        grad_sq, trace, weight = self.pre
+        if weight == 0:
+            return None
+        return trace / grad_sq if grad_sq > 0 else math.inf
 
     def at_decision(self, model: nn.Module, point: Point) -> dict[str, Any]:
         scale, grad_sq, trace = self.estimate()
@@ -464,10 +518,12 @@ class GradientNoiseMeter(Meter):
             "gns_trace": trace,
             "gns_updates": self.updates,
             "gns_s": seconds,
+            "gns_preconditioned": self.preconditioned(),
         }
 
     def state_dict(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in ("grad_sq", "trace", "weight", "updates")}
+        values["preconditioned"] = list(self.pre)
         who = type(self).__name__
         return checks.tagged(who, checks.plain(values, f"{who}.state_dict()"))
 
@@ -475,14 +531,21 @@ class GradientNoiseMeter(Meter):
         """Resume the averages; a damaged state (not finite, a negative weight or count)
         is refused, changing nothing."""
         who = type(self).__name__
-        state = checks.state_of(state, who, ("grad_sq", "trace", "weight", "updates"))
+        state = checks.state_of(
+            state, who, ("grad_sq", "trace", "weight", "updates"), optional=("preconditioned",)
+        )
         where = f"{who}.load_state_dict"
+        pre = state.get("preconditioned", [0.0, 0.0, 0.0])  # older states: none yet
+        if not isinstance(pre, (list, tuple)) or len(pre) != 3:
+            raise StateError(f"{where}: preconditioned must be 3 numbers, got {pre!r}")
+        pre = [checks.number(v, where, "preconditioned") for v in pre]
         # the estimates of |G|^2 and tr(Sigma) may be negative, their weight may not
         grad_sq = checks.number(state["grad_sq"], where, "grad_sq")
         trace = checks.number(state["trace"], where, "trace")
         weight = checks.number(state["weight"], where, "weight", low=0.0)
         updates = checks.integer(state["updates"], where, "updates", minimum=0)
         self.grad_sq, self.trace, self.weight, self.updates = grad_sq, trace, weight, updates
+        self.pre = pre
 
 
 def preconditioner(
