@@ -2,7 +2,8 @@
 
 The corpus is Vim's documentation (Debian's ``vim-runtime``: ``/usr/share/vim/vim90/doc``,
 9.8 MB of English text, on this machine; ``--corpus`` for another folder), read as the
-``text`` dataset (bytes, next-byte targets, a validation tail). The model is largebatch's
+``text`` dataset (bytes, next-byte targets, a validation tail; ``--train-windows`` and
+``--eval-windows`` of them spread evenly over each part). The model is largebatch's
 ``transformer``; the optimizer AdamW. For each seed, each method with a constant LR and
 with a x0.2 decay at three quarters of the run:
 
@@ -56,9 +57,17 @@ def _runs(args: argparse.Namespace) -> list[dict]:
     ]
 
 
+def _spread(count: int, total: int) -> list[int]:
+    """``count`` windows spread evenly over ``total`` (all of them when fewer), so that a
+    short run still sees the whole corpus."""
+    if count >= total:
+        return list(range(total))
+    return [i * total // count for i in range(count)]
+
+
 def _one(args: argparse.Namespace, run: dict, data) -> dict:
-    train = Subset(data.train_x.dataset, range(min(args.train_windows, len(data.train_y))))
-    test = Subset(data.test_x.dataset, range(min(args.eval_windows, len(data.test_y))))
+    train = Subset(data.train_x.dataset, _spread(args.train_windows, len(data.train_y)))
+    test = Subset(data.test_x.dataset, _spread(args.eval_windows, len(data.test_y)))
     tokens_per_epoch = len(train) * args.seq_len
     decay = {"lr_decay_epochs": [math.ceil(0.75 * args.epochs)], "lr_decay": 0.2}
     settings = dict(
