@@ -1,6 +1,8 @@
 """The ``text`` dataset: UTF-8 files under a folder as one stream of byte tokens, cut into
 next-token windows with a validation tail, read through a memory map."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -172,3 +174,38 @@ def test_a_token_keyed_schedule_changes_the_batch_past_each_token_point_and_resu
     train(TrainConfig(**{**values, "resume": True}, out=str(tmp_path / "cut")), echo=None,
           show_progress=False)  # fmt: skip
     assert_runs_equal(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_the_recipe_trains_the_transformer_with_adamw_from_its_config(corpus, tmp_path):
+    from largebatch.config import ConfigError
+
+    out = tmp_path / "run"
+    config = TrainConfig(
+        dataset="text", data_dir=str(corpus), seq_len=12, model="transformer", d_model=16,
+        n_layers=1, n_heads=2, method="gns", epochs=2, batch_size=8, max_batch_size=32,
+        optimizer="adamw", lr=3e-3, betas=[0.8, 0.9], weight_decay=0.05, device="cpu",
+        out=str(out), loader_workers=0,
+    )  # fmt: skip
+    lines = []
+    train(config, echo=lines.append, show_progress=False)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    (group,) = saved["optimizer"]["param_groups"]
+    assert tuple(group["betas"]) == (0.8, 0.9) and group["weight_decay"] == 0.05
+    assert all("exp_avg_sq" in s for s in saved["optimizer"]["state"].values())
+    records = read_jsonl(out / "metrics.jsonl")
+    assert any(r["gns_preconditioned"] is not None for r in records)  # an Adam-type run
+    # the table shows bits per byte where a classifier's accuracy stands
+    (header,) = [line for line in lines if line.lstrip().startswith("epoch")]
+    assert "test_bits" in header and "test_acc" not in header
+    last = records[-1]
+    assert last["test_bits"] == pytest.approx(last["test_loss"] / math.log(2))
+    assert f"{last['test_bits']:.4f}" in lines[lines.index(header) + 2]
+    assert saved["config"]["optimizer"] == "adamw"
+    from largebatch.errors import CheckpointError
+
+    other = TrainConfig(**{**config.__dict__, "optimizer": "sgd", "epochs": 3, "resume": True})
+    with pytest.raises(CheckpointError, match="optimizer class='adamw', not 'sgd'"):
+        train(other, echo=None, show_progress=False)
+    for bad, message in (({"optimizer": "adam"}, "optimizer"), ({"betas": [0.9]}, "betas")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**{**config.__dict__, **bad}).validate()

@@ -308,6 +308,11 @@ def make_optimizer(given: Any, model: nn.Module, config: TrainConfig) -> torch.o
     factory ``params -> Optimizer``), or SGD with the config's ``lr``, ``momentum`` and
     ``weight_decay``. Refused: parameters that are not the model's, a ``step()`` that needs
     a closure (LBFGS), an LR that is not finite and >= 0."""
+    if given is None and config.optimizer == "adamw":
+        betas = (float(config.betas[0]), float(config.betas[1]))
+        return torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=betas, weight_decay=config.weight_decay
+        )
     if given is None:
         return torch.optim.SGD(
             model.parameters(),

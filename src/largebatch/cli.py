@@ -62,6 +62,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
     ("--micro-batch-size", "micro_batch_size", int, "largest batch run at once (accumulation)"),
     ("--lr", "lr", float, "learning rate at the base batch"),
     ("--lr-decay", "lr_decay", float, "LR factor at each milestone"),
+    ("--optimizer", "optimizer", str, "sgd (default) | adamw"),
     ("--momentum", "momentum", float, "SGD momentum"),
     ("--weight-decay", "weight_decay", float, "L2 weight decay"),
     ("--seed", "seed", int, "random seed"),

@@ -44,6 +44,7 @@ __all__ = [
 METHODS: tuple[str, ...] = ("bl", "fb", "gg", "abs", "absa", "gns", "seesaw", "schedule")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 
 
 @dataclass
@@ -79,8 +80,10 @@ class TrainConfig:
     lr: float = 0.02  # learning rate at the base batch
     lr_decay: float = 0.2  # factor applied at each milestone epoch
     lr_decay_epochs: list[int] = field(default_factory=list)
+    optimizer: str = "sgd"  # sgd (with momentum) | adamw (with betas; momentum unused)
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # sgd: L2 penalty; adamw: decoupled decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw's (beta1, beta2)
     # fb: gradual warm-up (Goyal et al.)
     warmup_epochs: int = 5
     # abs / absa: the eigenvalue rule (reference values as defaults)
@@ -278,6 +281,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:

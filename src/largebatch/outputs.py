@@ -39,6 +39,7 @@ __all__ = [
     "run_folder",
     "RunWriter",
     "TABLE_HEADER",
+    "table_header",
     "format_row",
     "summary",
     "RUN_FILES",
@@ -233,8 +234,10 @@ class RunWriter:
         world: World,
         echo: Callable[[str], None],
         scalars: Callable[[Path], Any] | None = None,
+        bits: bool = False,
     ) -> None:
         self.out = Path(out) if out is not None and world.is_main else None
+        self.bits = bits  # a language model's table (table_header)
         self.config_record, self.echo, self.make_scalars = record, echo, scalars
         self.scalars: Any = None
         self._closing = contextlib.ExitStack()
@@ -255,7 +258,7 @@ class RunWriter:
             save_config(self.config_record, out / "config.yaml")
             write_jsonl(out / "metrics.jsonl", history)
         self.echo(line)
-        self.echo(TABLE_HEADER)
+        self.echo(table_header(self.bits))
         for record in history:
             self.echo(format_row(record))
 
@@ -420,19 +423,29 @@ def _number(value: float | None, width: int, spec: str) -> str:
 
 
 def format_row(record: dict[str, Any]) -> str:
+    """An epoch's row of the table: a language model's (a record with ``test_bits``) shows
+    the test loss in bits per token where the accuracy stands (:func:`table_header`)."""
+    last = record["test_bits"] if "test_bits" in record else record["test_acc"]
     return (
         f"{record['epoch']:>5} {record['batch_size']:>7} {record['lr']:>9.4g} "
         f"{record['updates']:>8} {record['train_loss']:>10.4f} "
         f"{_number(record['train_acc'], 9, '.4f')} {_number(record['test_loss'], 9, '.4f')} "
-        f"{_number(record['test_acc'], 8, '.4f')} {_number(record.get('eigenvalue'), 9, '.3g')} "
+        f"{_number(last, 8, '.4f')} {_number(record.get('eigenvalue'), 9, '.3g')} "
         f"{record['wall_s']:>8.1f}"
     )
 
 
-TABLE_HEADER = (
-    f"{'epoch':>5} {'batch':>7} {'lr':>9} {'updates':>8} {'train_loss':>10} {'train_acc':>9} "
-    f"{'test_loss':>9} {'test_acc':>8} {'eigval':>9} {'wall_s':>8}"
-)
+def table_header(bits: bool = False) -> str:
+    """The table's header; ``bits``: a language model's, ``test_bits`` (bits per token,
+    per byte for ``text``) in the accuracy's place."""
+    return (
+        f"{'epoch':>5} {'batch':>7} {'lr':>9} {'updates':>8} {'train_loss':>10} "
+        f"{'train_acc':>9} {'test_loss':>9} {'test_bits' if bits else 'test_acc':>8} "
+        f"{'eigval':>9} {'wall_s':>8}"
+    )
+
+
+TABLE_HEADER = table_header()
 
 
 def summary(config: TrainConfig, state: Any, controller: BatchController) -> dict[str, Any]:

@@ -10,6 +10,7 @@ user's adds its own keys after them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,6 +158,12 @@ class Progress:
             **({"tokens": self.samples * tokens_per_sample} if tokens_per_sample > 1 else {}),
             **train,
             "test_loss": test[0],
+            # a language model's: the test loss in bits per target token (per byte for text)
+            **(
+                {"test_bits": None if test[0] is None else test[0] / math.log(2)}
+                if tokens_per_sample > 1
+                else {}
+            ),
             "test_acc": test[1],
             "wall_s": self.wall_s,
             "hessian_s": self.hessian_s,

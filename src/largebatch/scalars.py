@@ -25,6 +25,8 @@ SCALARS: dict[str, str] = {
     "train_acc": "train/accuracy",
     "test_loss": "eval/loss",
     "test_acc": "eval/accuracy",
+    "test_bits": "eval/bits_per_token",
+    "tokens": "batch/tokens",
     "batch_size": "batch/size",
     "lr": "batch/lr",
     "adv_ratio": "batch/adversarial_fraction",
@@ -34,6 +36,7 @@ SCALARS: dict[str, str] = {
     "eig_s": "curvature/seconds",
     "stability": "curvature/stability_ratio",
     "gns": "batch/noise_scale",
+    "gns_preconditioned": "batch/noise_scale_preconditioned",
 }
 
 

@@ -30,7 +30,7 @@ from largebatch.config import TrainConfig, config_to_dict
 from largebatch.controllers import BatchController
 from largebatch.data import load_dataset
 from largebatch.distributed import World, resolve_device, setup, thread_count
-from largebatch.engine import TrainingInterrupted, reached_target, run
+from largebatch.engine import TrainingInterrupted, reached_target, run, tokens_per_sample
 from largebatch.errors import (
     CheckpointError,
     ConfigError,
@@ -86,8 +86,8 @@ _RECIPE_KEYS = (
     "seq_len",
     "loader_workers",
 )
-# Config keys of the default SGD, meaningless next to an optimizer of the user's.
-_SGD_KEYS = ("lr", "momentum", "weight_decay")
+# Config keys of the built-in optimizer, meaningless next to an optimizer of the user's.
+_SGD_KEYS = ("lr", "optimizer", "momentum", "weight_decay", "betas")
 
 
 def train(
@@ -427,7 +427,8 @@ def _run(
         + (f", {world.size} processes" if world.enabled else "")
     )
     scalars = ScalarLog if config.tensorboard else None
-    with RunWriter(out if write else None, recorded, world, say, scalars) as writer:
+    bits = tokens_per_sample(data) > 1  # a language model's table
+    with RunWriter(out if write else None, recorded, world, say, scalars, bits=bits) as writer:
         # Ctrl-C and SIGTERM are caught from here on: a signal never leaves a half-started
         # run, and arrives at the loop as a stop request. The decoding workers (image
         # folders only) start inside the engine, so they inherit the handler.
@@ -565,7 +566,9 @@ def _check_same_config(
         if key in means and before == means[key]:
             continue
         if key == "optimizer":  # the checkpoint restores the hyper-parameters, not the class
-            key, before, value = "optimizer class", before.get("class"), value["class"]
+            # a user's optimizer is recorded as {"class", "param_groups"}, the built-in by name
+            key = "optimizer class"
+            before, value = (v.get("class") if isinstance(v, dict) else v for v in (before, value))
         if before != value:
             raise CheckpointError(
                 f"cannot resume {path}: it was trained with {key}={before!r}, "
