@@ -299,6 +299,8 @@ class GlobalBatch:
         else:
             grads = [p.grad for p in self.params if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if hasattr(grad_norm, "full_tensor"):  # sharded gradients (fsdp): the whole norm
+                grad_norm = grad_norm.full_tensor()
         total = score.loss if loss_sum is None else loss_sum
         if not torch.isfinite(total + grad_norm.to(total.device)):
             what = "loss" if not torch.isfinite(total) else "gradient"

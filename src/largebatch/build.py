@@ -67,6 +67,7 @@ __all__ = [
     "make_rollback",
     "model_spec",
     "GROWING_METHODS",
+    "check_shardable",
 ]
 
 
@@ -123,6 +124,9 @@ def build_parts(
     parallel = make_parallel(config.parallel, world, model)
     model = unwrapped(model)
     check_parameters(model)
+    if parallel.equal_passes:  # sharded: the optimizer is made over the shards
+        check_shardable(config, optimizer, controller, meters)
+        parallel.shard(model)
     optimizer = make_optimizer(optimizer, model, config)
     group = optimizer.param_groups[0]
     controller = controller or make_controller(
@@ -146,6 +150,41 @@ def build_parts(
             config, data, loss_fn, optimizer, device, world, growing=controller is not None
         ),
     )
+
+
+def check_shardable(
+    config: TrainConfig,
+    optimizer: Any = None,
+    controller: BatchController | None = None,
+    meters: Mapping[str, Meter] | None = None,
+) -> None:
+    """What ``parallel: fsdp`` does not run yet, refused before the run starts: anything
+    that reads gradients per micro-batch or takes Hessian-vector products, adversarial
+    examples, and an optimizer made before the model was sharded."""
+    where = "under parallel: fsdp (its first step)"
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageError(
+            f"{where} the optimizer must be made over the sharded parameters: pass a factory "
+            "(params -> Optimizer) instead of an optimizer, or none"
+        )
+    if controller is None and config.method in ("gns", "abs", "absa"):
+        raise ConfigError(
+            f"method {config.method} does not run {where} yet (it reads gradients per "
+            "micro-batch or Hessian-vector products); use parallel: ddp"
+        )
+    if controller is not None and controller.measures or meters:
+        raise ConfigError(
+            f"a controller that measures, or meters of your own, do not run {where} yet"
+        )
+    adversarial = config.adversarial if config.adversarial is not None else config.method == "absa"
+    for on, what, key in (
+        (config.curvature_guard, "the curvature guard", "curvature_guard: false"),
+        (config.safeguard and (controller is not None or config.method in GROWING_METHODS),
+         "the stability safeguard", "safeguard: false"),
+        (adversarial, "adversarial training", "adversarial: false"),
+    ):  # fmt: skip
+        if on:
+            raise ConfigError(f"{what} does not run {where} yet; set {key}, or use parallel: ddp")
 
 
 def make_gauge(

@@ -192,7 +192,12 @@ class RunCheckpoint:
 
     def save(self, objects: Mapping[str, Any], progress: Any) -> None:
         """Save ``objects`` and ``progress`` (rank 0 only). The last good checkpoint is
-        never replaced by non-finite weights: that is a DivergedError."""
+        never replaced by non-finite weights: that is a DivergedError. A sharded state
+        (``collective``, :class:`largebatch.parallel.FSDP`) is gathered by every rank
+        first."""
+        for obj in objects.values():
+            if getattr(obj, "collective", False):
+                obj.gather()
         if not self.world.is_main:
             return
         if not all_finite(objects["model"]):

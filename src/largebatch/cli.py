@@ -47,7 +47,12 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any] | None, str]] = [
     ("--n-heads", "n_heads", int, "transformer: attention heads (default 4)"),
     ("--workers", "loader_workers", int, "image-folder datasets: decoding processes"),
     ("--threads", "threads", int, "torch threads per process (default: auto)"),
-    ("--parallel", "parallel", str, "how gradients meet under torchrun: ddp (default) | flat"),
+    (
+        "--parallel",
+        "parallel",
+        str,
+        "how gradients meet under torchrun: ddp (default) | flat | fsdp",
+    ),
     (
         "--model",
         "model",

@@ -64,7 +64,7 @@ class TrainConfig:
     n_layers: int = 2  # transformer: blocks
     n_heads: int = 4  # transformer: attention heads (d_model a multiple of it)
     threads: int | None = None  # torch threads per process (None: auto, see README)
-    parallel: str = "ddp"  # how the ranks' gradients meet under torchrun: ddp | flat
+    parallel: str = "ddp"  # how the ranks' gradients meet under torchrun: ddp | flat | fsdp
     # model and method
     model: str = "c1"
     method: str = "bl"

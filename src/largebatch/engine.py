@@ -215,9 +215,11 @@ def run(
         model, optimizer, parts.loss_fn, world, device, settings.precision, parts.attack,
         channels_last, count=parts.count, parallel=parts.parallel,
     )  # fmt: skip
+    # what a checkpoint holds of them (a sharded model's: the full state, gathered)
+    model_state, optimizer_state = update.parallel.stateful(model, optimizer)
     saved = {
-        "model": model,
-        "optimizer": optimizer,
+        "model": model_state,
+        "optimizer": optimizer_state,
         "controller": controller,
         "meters": dict(parts.meters),
         "scaler": update.scaler,
@@ -229,7 +231,11 @@ def run(
         last = min(last, progress.epoch + stop_after)
     # closing: a wrapper that synchronises in the backward pass (DDP's hooks on the
     # parameters) must not outlive the run: the model is the user's
-    with Feed(data, device, world, settings.loader_workers) as feed, closing(update.parallel):
+    equal = update.parallel.equal_passes
+    with (
+        Feed(data, device, world, settings.loader_workers, equal) as feed,
+        closing(update.parallel),
+    ):
         order = (StreamOrder if feed.streams else EpochSampler)(len(data.train_y), settings.seed)
         epochs = _Epochs(parts, settings, feed, update, lr, order, world, fits, show_progress)
         broadcast_object(None, world)  # every rank has read the checkpoint before any write
@@ -562,7 +568,9 @@ class _Epochs:
                 size = max(size, 2)  # batch norm cannot normalise a single sample
             if size < micro:
                 pieces = _recut(pieces, size)
-            if self.needs_pairs:
+            if self.update.parallel.equal_passes:  # fsdp: no rank may skip a pass
+                _check_equal_passes(pieces, global_batch, micro, self.world, self.needs_pairs)
+            elif self.needs_pairs:
                 pieces = _without_single_samples(pieces)
                 if len(indices) < 2 * self.world.size:  # a rank would get a single sample
                     progress.dropped += len(indices)
@@ -599,6 +607,18 @@ def _recut(pieces: Batches, size: int) -> Batches:
     x = inputs.join([x for x, _ in pieces])
     y = pieces[0][1] if len(pieces) == 1 else torch.cat([y for _, y in pieces])
     return list(micro_batches(x, y, size))
+
+
+def _check_equal_passes(pieces: Batches, batch: int, micro: int, world: World, pairs: bool) -> None:
+    """Under a sharded model every rank runs every micro-batch's passes: none may be
+    empty, nor (batch norm) of one sample."""
+    low = 2 if pairs else 1
+    if any(len(y) < low for _, y in pieces):
+        raise UsageError(
+            f"a batch of {batch} over {world.size} processes in micro-batches of at most "
+            f"{micro} leaves a process a micro-batch of fewer than {low} sample(s), which "
+            "parallel: fsdp cannot skip; use a larger batch or micro_batch_size"
+        )
 
 
 def _without_single_samples(pieces: Batches) -> Batches:

@@ -37,6 +37,7 @@ from largebatch import inputs
 from largebatch.accumulate import cuts
 from largebatch.distributed import World, gather_objects, shard
 from largebatch.errors import DataError, UsageError
+from largebatch.parallel import equal_cuts, longest_slice
 from largebatch.source import DataSource, IndexedSplit, user_failures
 
 __all__ = ["Feed", "is_lazy", "loaded", "default_workers"]
@@ -124,10 +125,13 @@ class Feed:
         device: torch.device,
         world: World | None = None,
         workers: int | None = None,
+        equal_passes: bool = False,
     ) -> None:
         self.data = data
         self.device = device
         self.world = world or World()
+        #: every rank gets as many micro-batches and evaluation batches (FSDP's passes)
+        self.equal_passes = equal_passes
         self.lazy = is_lazy(data.train_x) or is_lazy(data.test_x)
         self._loader: DataLoader | None = None
         count = default_workers() if workers is None else workers
@@ -184,7 +188,7 @@ class Feed:
                 else:
                     local = shard(indices, self.world)
                     x, y = data.train_x[local], data.train_y[local]
-                yield indices, [(x[piece], y[piece]) for piece in cuts(len(y), micro)]
+                yield indices, [(x[p], y[p]) for p in self._cuts(len(y), len(indices), micro)]
             return
         seed = augment_seed if augment else None
         roots = _root_positions(data.train_x)
@@ -193,7 +197,7 @@ class Feed:
         def updates() -> Iterator[tuple[torch.Tensor, list[tuple[torch.Tensor, list[Request]]]]]:
             for indices in batches:
                 local, micros = shard(indices, self.world), []
-                for piece in cuts(len(local), micro):
+                for piece in self._cuts(len(local), len(indices), micro):
                     part = local[piece]
                     chunks = _chunks((part if roots is None else roots[part]).tolist(), size)
                     micros.append((part, [("train", c, seed) for c in chunks]))
@@ -216,7 +220,8 @@ class Feed:
             stream.position = int(indices[-1]) + 1
             if isinstance(got, tuple):  # stacked by the workers
                 x, y = got
-                pieces = [(inputs.rows(x, piece), y[piece]) for piece in cuts(len(y), micro)]
+                cut = self._cuts(len(y), len(indices), micro)
+                pieces = [(inputs.rows(x, piece), y[piece]) for piece in cut]
             else:
                 names = [f"{split.what} item {p} of epoch {epoch + 1}" for p in mine.tolist()]
                 pieces = [
@@ -256,19 +261,27 @@ class Feed:
         if split in self._streams:  # one whole pass, this rank's positions
             yield from self._streams[split].whole_pass(batch_size, self._join)
             return
-        mine = shard(torch.arange(len(y)), self.world)
+        total = len(y)
+        mine = shard(torch.arange(total), self.world)
         x, y = (x[mine[0] : mine[-1] + 1] if len(mine) else x[:0]), y[mine]
         if not is_lazy(x):
-            for piece in cuts(len(y), batch_size):
+            for piece in self._cuts(len(y), total, batch_size):
                 yield x[piece], y[piece]
             return
         roots, size = x.root_indices(), _chunk_size(x)
         steps = (
             (piece, [(piece, [(split, c, None) for c in _chunks(roots[piece].tolist(), size)])])
-            for piece in cuts(len(y), batch_size)
+            for piece in self._cuts(len(y), total, batch_size)
         )
         for piece, [(_, parts)] in self._decoded(steps):
             yield self._batch(parts, y, piece)
+
+    def _cuts(self, length: int, total: int, size: int) -> list[slice]:
+        """This rank's ``length`` samples of ``total`` in micro-batches of at most
+        ``size``; with :attr:`equal_passes`, as many on every rank (FSDP)."""
+        if self.equal_passes:
+            return equal_cuts(length, longest_slice(total, self.world), size)
+        return cuts(length, size)
 
     # ---------------------------------------------------------------- the pool
 

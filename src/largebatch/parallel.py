@@ -40,6 +40,22 @@ Kinds (config ``parallel``):
 - ``flat``: every gradient copied into one flat tensor, all-reduced once per update
   after the backward passes and copied back (nothing overlaps the backward pass); the
   squared norm of a measured update is taken just before.
+- ``fsdp`` (first step, behind the switch): torch's FSDP2, ``fully_shard`` on every
+  child module that holds at least :data:`SHARD_SHARE` of the parameters (searched from
+  the root down: a larger child is split further when its own children qualify), then
+  on the root, before the optimizer is made (the optimizer must be built over the
+  sharded parameters: a factory or the built-in one). Parameters, gradients and the
+  optimizer's state live sharded over the ranks; each micro-batch but an update's last
+  runs with ``set_requires_gradient_sync(False)`` (its gradient accumulates unsharded,
+  the memory of one full gradient per rank, until the last backward reduce-scatters the
+  sum: ``set_gradient_divide_factor(1)``, the ranks' gradients being shares of the
+  global batch already). Every rank must run as many forward passes as every other, so
+  each rank's slice is cut into the same number of micro-batches (:meth:`Parallel.
+  equal_cuts`). Checkpoints hold the full, unsharded state, in the layout of one process
+  (:meth:`FSDP.stateful`), so a run resumes at another world size or kind. Not yet
+  under ``fsdp``: methods and options that read gradients per micro-batch or take
+  Hessian-vector products (``gns``, ``abs``, ``absa``, the curvature guard, the
+  stability safeguard), adversarial examples and a user's meters: refused before the run.
 
 In a single process every kind is the same: nothing to reduce.
 """
@@ -54,6 +70,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.distributed import World, all_reduce_, all_reduce_gradients
@@ -64,6 +81,9 @@ __all__ = [
     "Parallel",
     "Flat",
     "DDP",
+    "FSDP",
+    "equal_cuts",
+    "longest_slice",
     "make_parallel",
     "unwrapped",
     "sum_hook",
@@ -71,7 +91,10 @@ __all__ = [
 ]
 
 #: the values of config ``parallel`` (the first is the default)
-PARALLEL_KINDS = ("ddp", "flat")
+PARALLEL_KINDS = ("ddp", "flat", "fsdp")
+
+#: ``fsdp`` shards each child module holding at least this share of the parameters
+SHARD_SHARE = 0.1
 
 
 class Parallel:
@@ -79,6 +102,8 @@ class Parallel:
     reduce them over the ranks of ``world``."""
 
     name = "single"
+    #: every rank must run the same number of forward passes (FSDP's collectives)
+    equal_passes = False
 
     def __init__(self, world: World | None = None) -> None:
         self.world = world or World()
@@ -139,6 +164,15 @@ class Parallel:
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks, in place (a loss-term count, say)."""
         return all_reduce_(tensor, self.world)
+
+    def shard(self, model: nn.Module) -> None:
+        """Before the optimizer is made: split ``model``'s parameters over the ranks
+        (nothing here; see :class:`FSDP`)."""
+
+    def stateful(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """What a checkpoint saves and loads for the model and the optimizer: themselves
+        here (see :class:`FSDP`)."""
+        return model, optimizer
 
     def close(self) -> None:
         """Let go of what :meth:`prepare` set up (the run is over)."""
@@ -326,6 +360,159 @@ class _Probe:
         return bool(flag.item() > 0)
 
 
+def equal_cuts(length: int, longest: int, size: int) -> list[slice]:
+    """``length`` samples cut into as many micro-batches as the ``longest`` slice of any
+    rank needs at ``size`` (``ceil(longest / size)``), near-equal and in order, so that
+    every rank runs the same number of passes (slices differ by at most one sample; a
+    piece is empty only when ``length`` is below that number)."""
+    count = max(1, -(-longest // size))
+    bounds = [length * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def longest_slice(total: int, world: World) -> int:
+    """The longest rank slice of ``total`` items (:func:`largebatch.distributed.shard`)."""
+    return -(-total // world.size) if world.enabled else total
+
+
+def _shard_targets(model: nn.Module, share: float) -> list[nn.Module]:
+    """The modules that ``fsdp`` wraps before the root: from the root down, each child
+    holding at least ``share`` of the parameters, split further when its own children
+    qualify."""
+    total = sum(p.numel() for p in model.parameters())
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            size = sum(p.numel() for p in child.parameters())
+            if total and size >= share * total:
+                inner = [c for c in child.children()
+                         if sum(p.numel() for p in c.parameters()) >= share * total]  # fmt: skip
+                if inner:
+                    visit(child)
+                else:
+                    found.append(child)
+
+    visit(model)
+    return found
+
+
+def _full(value: Any) -> Any:
+    """A sharded tensor (a DTensor) whole, on the CPU (a collective); anything else as it is."""
+    if hasattr(value, "full_tensor"):
+        return value.full_tensor().cpu()
+    return value
+
+
+def _like(value: Any, reference: Any) -> Any:
+    """``value`` (whole, as saved) sharded as ``reference`` (a DTensor) is: this rank's
+    part, cut locally (every rank holds the whole); anything else as it is."""
+    if hasattr(reference, "device_mesh") and isinstance(value, torch.Tensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = value.to(device=reference.device, dtype=reference.dtype)
+        return distribute_tensor(
+            value, reference.device_mesh, reference.placements, src_data_rank=None
+        )
+    return value
+
+
+class _FullState:
+    """A sharded model's (or its optimizer's) state as one process holds it, for a
+    checkpoint: :meth:`gather` (a collective: every rank calls it) makes every sharded
+    tensor whole on the CPU, in the order of the state, so the ranks agree;
+    :meth:`state_dict` gives what was gathered; :meth:`load_state_dict` cuts each rank's
+    part from a whole state (every rank reads the file). The optimizer's state keeps its
+    own layout (parameters by index), the model's its names: a checkpoint of one process
+    loads here, and this one there."""
+
+    collective = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.model, self.optimizer = model, optimizer
+        self._gathered: dict[str, Any] | None = None
+
+    def gather(self) -> None:
+        if self.optimizer is None:
+            self._gathered = {k: _full(v) for k, v in self.model.state_dict().items()}
+            return
+        state = self.optimizer.state_dict()
+        self._gathered = {
+            "state": {
+                index: {key: _full(value) for key, value in entry.items()}
+                for index, entry in sorted(state["state"].items())
+            },
+            "param_groups": state["param_groups"],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._gathered is None:
+            self.gather()
+        assert self._gathered is not None
+        return self._gathered
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._gathered = None
+        if self.optimizer is None:
+            own = self.model.state_dict()
+            self.model.load_state_dict({k: _like(v, own.get(k)) for k, v in state.items()})
+            return
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        entries = state.get("state", {})
+        sharded = {
+            index: {
+                key: _like(value, params[int(index)]) if key != "step" else value
+                for key, value in entry.items()
+            }
+            for index, entry in entries.items()
+            if 0 <= int(index) < len(params)
+        }
+        extra = set(map(int, entries)) - set(range(len(params)))
+        if extra:
+            raise KeyError(f"state for parameter {min(extra)}, of {len(params)}")
+        self.optimizer.load_state_dict({**state, "state": sharded})
+
+
+class FSDP(Parallel):
+    """torch's FSDP2 (``fully_shard``; see the module's docstring)."""
+
+    name = "fsdp"
+    equal_passes = True
+
+    def shard(self, model: nn.Module) -> None:
+        for module in _shard_targets(model, SHARD_SHARE):
+            fully_shard(module)
+        fully_shard(model)
+        for module in model.modules():  # each sharded block: its gradients summed
+            if hasattr(module, "set_gradient_divide_factor"):
+                module.set_gradient_divide_factor(1.0)
+                # a plain sum (gloo has no pre-multiplied one)
+                module.set_force_sum_reduction_for_comms(True)
+        self.sharded = model
+
+    def sync_in_backward(self, batch_samples: int, unsynced: bool, measure: bool = False) -> bool:
+        self._begin(measure)
+        return True
+
+    @contextlib.contextmanager
+    def micro_batch(self, sync: bool) -> Iterator[nn.Module]:
+        self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        yield self.model
+
+    def finish(
+        self,
+        params: Sequence[nn.Parameter],
+        buffers: Sequence[torch.Tensor],
+        flag: float,
+        synced: bool,
+    ) -> float:
+        local = [b.to_local() if hasattr(b, "to_local") else b for b in buffers]
+        return all_reduce_gradients([], self.world, flag, local, params[0].device)
+
+    def stateful(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        return _FullState(model), _FullState(model, optimizer)
+
+
 def make_parallel(kind: str, world: World, model: nn.Module | None = None) -> Parallel:
     """The strategy that config ``parallel: kind`` names, for ``world``; for a ``model``
     the user wrapped in ``DistributedDataParallel`` already, that wrapper as it is (train
@@ -337,8 +524,7 @@ def make_parallel(kind: str, world: World, model: nn.Module | None = None) -> Pa
     if model is not None and _is_sharded(model):
         raise UsageError(
             f"the model is wrapped in {type(model).__name__} (FSDP), which largebatch does "
-            "not train yet; pass the model unwrapped (it is trained with parallel: ddp "
-            "under torchrun)"
+            "not take yet; pass the model unwrapped with parallel: fsdp (it shards it)"
         )
     if isinstance(model, DistributedDataParallel):
         if not world.enabled:
@@ -357,7 +543,7 @@ def make_parallel(kind: str, world: World, model: nn.Module | None = None) -> Pa
         return DDP(world, wrapper=model)
     if not world.enabled:
         return Parallel(world)
-    return DDP(world) if kind == "ddp" else Flat(world)
+    return {"ddp": DDP, "flat": Flat, "fsdp": FSDP}[kind](world)
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
