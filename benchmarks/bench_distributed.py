@@ -23,6 +23,13 @@ of a measured update.
 
     python benchmarks/bench_distributed.py --meter --batches 64 256 --micro 32 \\
         --updates 24 --repeats 1 --out docs/results/distributed/bench_meter.jsonl
+
+With ``--fsdp``, 2 processes under ``parallel: ddp`` and under ``parallel: fsdp``, both
+with AdamW; each row adds, per rank, the bytes it holds after the last update of
+parameters, gradients and optimizer state (a sharded tensor counts its own shard).
+
+    python benchmarks/bench_distributed.py --fsdp --batches 64 --micro 32 --updates 8 \\
+        --repeats 3 --out docs/results/distributed/bench_fsdp.jsonl
 """
 
 from __future__ import annotations
@@ -55,6 +62,28 @@ SETUPS = (
     ("ddp", 2, "ddp", (None,)),
 )
 METER_SETUPS = (("ddp, meter variants interleaved", 2, "ddp", (None, "parts", "slices")),)
+FSDP_SETUPS = (("ddp", 2, "ddp", (None,)), ("fsdp", 2, "fsdp", (None,)))
+
+
+def _bytes(tensors) -> int:
+    """Bytes of ``tensors`` held by this process (a sharded tensor: its own shard)."""
+    total = 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def _held(model, optimizer) -> dict:
+    params = list(model.parameters())
+    state = [v for entry in optimizer.state.values() for v in entry.values()]
+    return {
+        "parameters": _bytes(params),
+        "gradients": _bytes(p.grad for p in params),
+        "optimizer_state": _bytes(state),
+    }
 
 
 def _free_port() -> int:
@@ -75,11 +104,15 @@ def _run(
     torch.manual_seed(0)
     shape = (3, args.image, args.image)
     model = build_model(args.model, shape, 10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    parallel = make_parallel(kind, world)
+    parallel.shard(model)  # fsdp: before the optimizer (nothing for the others)
+    if args.fsdp:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     update = GlobalBatch(
-        model, optimizer, F.cross_entropy, world, torch.device("cpu"),
-        parallel=make_parallel(kind, world),
-    )  # fmt: skip
+        model, optimizer, F.cross_entropy, world, torch.device("cpu"), parallel=parallel
+    )
     generator = torch.Generator().manual_seed(1)
     x = torch.rand(batch, *shape, generator=generator)
     y = torch.randint(0, 10, (batch,), generator=generator)
@@ -99,9 +132,10 @@ def _run(
             started = time.perf_counter()
             update.step(pieces, batch, meters=meters[variant], point=Point(0, batch, False))
             times[str(variant)].append(time.perf_counter() - started)
+    held = _held(model, optimizer)
     update.parallel.close()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"rank": rank, "times": times, "peak_rss_mib": peak_mib})
+    queue.put({"rank": rank, "times": times, "peak_rss_mib": peak_mib, "held_bytes": held})
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -124,8 +158,11 @@ def main() -> None:
         "--meter", action="store_true",
         help="ddp without and with the gradient-noise meter (parts, slices) instead",
     )  # fmt: skip
+    parser.add_argument(
+        "--fsdp", action="store_true", help="ddp against fsdp, AdamW, with the bytes held"
+    )
     args = parser.parse_args()
-    setups = METER_SETUPS if args.meter else SETUPS
+    setups = METER_SETUPS if args.meter else FSDP_SETUPS if args.fsdp else SETUPS
     parameters = sum(
         p.numel() for p in build_model(args.model, (3, args.image, args.image), 10).parameters()
     )
@@ -150,6 +187,8 @@ def main() -> None:
             "update_times_s": ranks[0]["times"]["None"],
             "warm": args.warm,
             "peak_rss_mib": [r["peak_rss_mib"] for r in ranks],
+            "held_bytes": [r["held_bytes"] for r in ranks],
+            "optimizer": "AdamW" if args.fsdp else "SGD",
         }
         if args.meter:
             row["variant_times_s"] = ranks[0]["times"]
@@ -163,7 +202,8 @@ def main() -> None:
             f"peak RSS {', '.join(f'{m:.0f}' for m in row['peak_rss_mib'])} MiB",
             flush=True,
         )
-    print(json.dumps(summarize_meter(table) if args.meter else summarize(table), indent=2))
+    how = summarize_meter if args.meter else summarize_fsdp if args.fsdp else summarize
+    print(json.dumps(how(table), indent=2))
 
 
 def summarize_meter(rows: list[dict]) -> list[dict]:
@@ -188,6 +228,28 @@ def summarize_meter(rows: list[dict]) -> list[dict]:
                     "meter_share": extra / statistics.median(timed),
                 }
             )
+    return out
+
+
+def summarize_fsdp(rows: list[dict]) -> list[dict]:
+    """Per global batch, ``fsdp`` against ``ddp``: the median seconds per update over every
+    round, the largest rank's bytes of parameters, gradients and optimizer state and its
+    peak RSS, and fsdp's ratios to ddp's."""
+    out = []
+    for batch in sorted({r["global_batch"] for r in rows}):
+        found = {}
+        for name, *_ in FSDP_SETUPS:
+            mine = [r for r in rows if r["global_batch"] == batch and r["setup"] == name]
+            times = [t for r in mine for t in r["update_times_s"][r["warm"] :]]
+            held = max(sum(h.values()) for r in mine for h in r["held_bytes"])
+            found[name] = {
+                "global_batch": batch, "setup": name, "rounds": len(mine),
+                "update_s": statistics.median(times), "held_bytes_per_rank": held,
+                "peak_rss_mib": max(m for r in mine for m in r["peak_rss_mib"]),
+            }  # fmt: skip
+        for key in ("update_s", "held_bytes_per_rank", "peak_rss_mib"):
+            found["fsdp"][f"{key}_vs_ddp"] = found["fsdp"][key] / found["ddp"][key]
+        out += list(found.values())
     return out
 
 

@@ -6,6 +6,7 @@ process ("terminate called without an active exception"), now and then. Before t
 ``largebatch.distributed.setup`` this loop hit it about once in 30 runs.
 
     python benchmarks/stress_teardown.py --runs 60
+    python benchmarks/stress_teardown.py --runs 30 --parallel fsdp
 
 Prints a JSON object: runs, aborted runs, and the seconds taken.
 """
@@ -34,7 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, parallel: str) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE="2",
@@ -55,6 +56,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         device="cpu",
         limit_train=192,
         limit_test=64,
+        parallel=parallel,
     )
     try:
         train(config, echo=None, show_progress=False)
@@ -65,17 +67,21 @@ def _worker(rank: int, port: int, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=60)
+    parser.add_argument("--parallel", default="ddp", help="ddp (default), flat or fsdp")
     args = parser.parse_args()
     started, aborted = time.perf_counter(), 0
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                mp.spawn(_worker, args=(_free_port(), f"{tmp}/run"), nprocs=2, join=True)
+                mp.spawn(
+                    _worker, args=(_free_port(), f"{tmp}/run", args.parallel), nprocs=2, join=True
+                )
             except mp.ProcessExitedException as exc:
                 aborted += 1
                 print(f"run {run}: {exc}", file=sys.stderr)
     result = {
         "runs": args.runs,
+        "parallel": args.parallel,
         "aborted": aborted,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -2,7 +2,6 @@
 gives one process's run, checkpoints hold the full state in one process's layout, and
 what it does not run yet is refused before the run."""
 
-import gc
 import os
 from datetime import timedelta
 
@@ -17,6 +16,7 @@ from helpers import assert_runs_close, free_port, threads_like_a_rank
 from largebatch.build import check_shardable
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
+from largebatch.distributed import teardown
 from largebatch.errors import ConfigError, UsageError
 from largebatch.parallel import _shard_targets, equal_cuts
 
@@ -67,13 +67,7 @@ def _worker(rank, world_size, port, out, stop_after, resume):
         assert type(model.head.weight).__name__ == "DTensor"  # it was sharded in place
     finally:
         del model
-        gc.collect()
-        dist.destroy_process_group()
-    # torch 2.13: after fully_shard the default group outlives destroy_process_group
-    # (held outside Python), and its late teardown as a spawned process exits aborted it
-    # about once in six (never under torchrun, 10 runs of 10); the run's files are
-    # complete by now, so the worker leaves without that teardown
-    os._exit(0)
+        teardown()  # as the command line ends: collected first (the sharded state holds it)
 
 
 def _two(out, stop_after=None, resume=False):

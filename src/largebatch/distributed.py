@@ -19,6 +19,7 @@ store before the process group starts (see :func:`_round_namespace`).
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 import uuid
@@ -201,6 +202,7 @@ def _round_namespace(store: dist.Store, rank: int, size: int, timeout: timedelta
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # what holds the group in reference cycles (a sharded model's state)
         dist.destroy_process_group()
 
 
