@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 import largebatch
 from helpers import assert_runs_close, free_port, threads_like_a_rank
@@ -51,7 +52,11 @@ FIT = dict(
 )  # fmt: skip
 
 
-def _worker(rank, world_size, port, out, stop_after, resume):
+def _by_block(model):
+    return [model.body, model.head]
+
+
+def _worker(rank, world_size, port, out, stop_after, resume, users=False, policy=False):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -59,19 +64,28 @@ def _worker(rank, world_size, port, out, stop_after, resume):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     model = Net()
+    settings = dict(optimizer=_adamw, parallel="fsdp")
+    if policy:
+        settings["shard_policy"] = _by_block
+    if users:  # sharded by the user, with an optimizer over the shards; parallel left out
+        for block in (model.body[0], model.body[2], model.head, model):
+            fully_shard(block)
+        settings = dict(optimizer=_adamw(model.parameters()))
     try:
         largebatch.fit(
-            model, _data(), eval_data=_data(9), out=out, optimizer=_adamw, parallel="fsdp",
-            stop_after=stop_after, resume=resume, **FIT,
+            model, _data(), eval_data=_data(9), out=out, stop_after=stop_after,
+            resume=resume, **settings, **FIT,
         )  # fmt: skip
         assert type(model.head.weight).__name__ == "DTensor"  # it was sharded in place
+        assert hasattr(model.body, "unshard") == policy  # an FSDPModule by the policy
     finally:
         del model
         teardown()  # as the command line ends: collected first (the sharded state holds it)
 
 
-def _two(out, stop_after=None, resume=False):
-    mp.spawn(_worker, args=(2, free_port(), str(out), stop_after, resume), nprocs=2, join=True)
+def _two(out, stop_after=None, resume=False, users=False, policy=False):
+    args = (2, free_port(), str(out), stop_after, resume, users, policy)
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
 
 
 def test_two_sharded_ranks_equal_one_process_as_the_batch_grows(tmp_path):
@@ -103,6 +117,45 @@ def test_a_sharded_run_resumes_in_one_process_and_one_process_run_on_two(tmp_pat
                        optimizer=_adamw, stop_after=2, **FIT)  # fmt: skip
     _two(tmp_path / "one-then-two", resume=True)
     assert_runs_close(tmp_path / "one", tmp_path / "one-then-two")
+
+
+def test_a_model_the_user_sharded_is_used_as_it_is(tmp_path):
+    # its own fully_shard (a reduce-scatter that averages, scaled back to the sum) and an
+    # optimizer made over its shards: no second synchronisation, one process's run
+    _two(tmp_path / "two", users=True)
+    with threads_like_a_rank():
+        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "one",
+                       optimizer=_adamw, **FIT)  # fmt: skip
+    assert_runs_close(tmp_path / "one", tmp_path / "two")
+    one, two = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("one", "two"))
+    for index, state in one["optimizer"]["state"].items():  # the sum, not the mean
+        torch.testing.assert_close(two["optimizer"]["state"][index]["exp_avg_sq"],
+                                   state["exp_avg_sq"], rtol=1e-4, atol=1e-9)  # fmt: skip
+
+
+def test_a_shard_policy_picks_the_blocks_and_bad_ones_are_refused(tmp_path):
+    from largebatch.errors import InvalidTypeError
+    from largebatch.parallel import _policy
+
+    _two(tmp_path / "two", policy=True)
+    with threads_like_a_rank():
+        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "one",
+                       optimizer=_adamw, **FIT)  # fmt: skip
+    assert_runs_close(tmp_path / "one", tmp_path / "two")
+    net = Net()
+    assert _policy(net, _by_block) == [net.body, net.head]
+    for bad, message in (
+        (lambda m: [m], "not a submodule"),
+        (lambda m: [nn.Linear(1, 1)], "not a submodule"),
+        (lambda m: [m.head, m.head], "twice"),
+        (lambda m: 3, "list of submodules"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            _policy(net, bad)
+    with pytest.raises(InvalidTypeError, match="shard_policy"):
+        largebatch.fit(Net(), _data(), shard_policy="body", **FIT)
+    with pytest.raises(ConfigError, match="shard_policy is for parallel='fsdp'"):
+        largebatch.fit(Net(), _data(), shard_policy=_by_block, **FIT)
 
 
 def test_every_rank_gets_as_many_micro_batches():

@@ -116,6 +116,7 @@ def build_parts(
     optimizer: Any = None,
     controller: BatchController | None = None,
     meters: Mapping[str, Meter] | None = None,
+    shard_policy: Any = None,
 ) -> Parts:
     """The objects of a run of ``config``: ``model`` and ``data`` as given; the optimizer,
     controller and meters as given or built from the config; the attack and the rollback
@@ -125,8 +126,10 @@ def build_parts(
     model = unwrapped(model)
     check_parameters(model)
     if parallel.equal_passes:  # sharded: the optimizer is made over the shards
-        check_shardable(config, optimizer, controller, meters)
-        parallel.shard(model)
+        users = getattr(parallel, "users", False)  # sharded by the user: as it is
+        check_shardable(config, None if users else optimizer, controller, meters)
+        if not users:
+            parallel.shard(model, shard_policy)
     optimizer = make_optimizer(optimizer, model, config)
     group = optimizer.param_groups[0]
     controller = controller or make_controller(

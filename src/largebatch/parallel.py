@@ -56,6 +56,8 @@ Kinds (config ``parallel``):
   under ``fsdp``: methods and options that read gradients per micro-batch or take
   Hessian-vector products (``gns``, ``abs``, ``absa``, the curvature guard, the
   stability safeguard), adversarial examples and a user's meters: refused before the run.
+  A model the user sharded with ``fully_shard`` picks this kind whatever ``parallel``
+  says, and is used as it is (:class:`FSDP` ``users``).
 
 In a single process every kind is the same: nothing to reduce.
 """
@@ -70,7 +72,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.distributed import World, all_reduce_, all_reduce_gradients
@@ -165,9 +167,10 @@ class Parallel:
         """``tensor`` summed over the ranks, in place (a loss-term count, say)."""
         return all_reduce_(tensor, self.world)
 
-    def shard(self, model: nn.Module) -> None:
+    def shard(self, model: nn.Module, policy: Any = None) -> None:
         """Before the optimizer is made: split ``model``'s parameters over the ranks
-        (nothing here; see :class:`FSDP`)."""
+        (nothing here; see :class:`FSDP`). ``policy(model)``: the blocks to shard before
+        the root, in place of the rule by parameter share."""
 
     def stateful(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         """What a checkpoint saves and loads for the model and the optimizer: themselves
@@ -473,14 +476,40 @@ class _FullState:
         self.optimizer.load_state_dict({**state, "state": sharded})
 
 
+def _policy(model: nn.Module, policy: Any) -> list[nn.Module]:
+    """``policy(model)``, checked: distinct submodules of ``model``, not the root."""
+    try:
+        blocks = list(policy(model))
+    except TypeError as exc:
+        raise UsageError(f"shard_policy(model) must give a list of submodules ({exc})") from None
+    inside = {id(m) for m in model.modules() if m is not model}
+    for block in blocks:
+        if not isinstance(block, nn.Module) or id(block) not in inside:
+            raise UsageError(
+                f"shard_policy gave {type(block).__name__}, not a submodule of the model "
+                "(the root is sharded last anyway)"
+            )
+    if len({id(b) for b in blocks}) != len(blocks):
+        raise UsageError("shard_policy gave a submodule twice")
+    return blocks
+
+
 class FSDP(Parallel):
-    """torch's FSDP2 (``fully_shard``; see the module's docstring)."""
+    """torch's FSDP2 (``fully_shard``; see the module's docstring). ``users``: the model
+    came sharded by the user's own ``fully_shard``: used as it is (its reduce-scatter
+    averages over the ranks, FSDP's default, so the gradients are scaled back by the world
+    size to the sum the global batch needs)."""
 
     name = "fsdp"
     equal_passes = True
 
-    def shard(self, model: nn.Module) -> None:
-        for module in _shard_targets(model, SHARD_SHARE):
+    def __init__(self, world: World | None = None, users: bool = False) -> None:
+        super().__init__(world)
+        self.users = users
+
+    def shard(self, model: nn.Module, policy: Any = None) -> None:
+        blocks = _shard_targets(model, SHARD_SHARE) if policy is None else _policy(model, policy)
+        for module in blocks:
             fully_shard(module)
         fully_shard(model)
         for module in model.modules():  # each sharded block: its gradients summed
@@ -506,6 +535,10 @@ class FSDP(Parallel):
         flag: float,
         synced: bool,
     ) -> float:
+        if self.users:  # their reduce-scatter averaged; the update is the sum
+            for param in params:
+                if param.grad is not None:
+                    param.grad.mul_(self.world.size)
         local = [b.to_local() if hasattr(b, "to_local") else b for b in buffers]
         return all_reduce_gradients([], self.world, flag, local, params[0].device)
 
@@ -521,10 +554,18 @@ def make_parallel(kind: str, world: World, model: nn.Module | None = None) -> Pa
         raise InvalidValueError(
             f"parallel must be one of {', '.join(PARALLEL_KINDS)}, got {kind!r}"
         )
+    if isinstance(model, FSDPModule):
+        if not world.enabled:
+            raise UsageError(
+                "the model is sharded with fully_shard but this is one process; launch with "
+                "torchrun, or pass the model unsharded"
+            )
+        return FSDP(world, users=True)
     if model is not None and _is_sharded(model):
         raise UsageError(
-            f"the model is wrapped in {type(model).__name__} (FSDP), which largebatch does "
-            "not take yet; pass the model unwrapped with parallel: fsdp (it shards it)"
+            f"the model is wrapped in {type(model).__name__} (FSDP1), which largebatch does "
+            "not take; shard it with fully_shard (FSDP2), or pass it unwrapped with "
+            "parallel: fsdp (it shards it)"
         )
     if isinstance(model, DistributedDataParallel):
         if not world.enabled:

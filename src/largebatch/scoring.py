@@ -100,8 +100,11 @@ def check_fits(model: nn.Module, loss_fn: LossFn, data: DataSource, device: torc
                 "under torch.no_grad?); nothing would be trained"
             )
         trainable = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-        if all(g is None for g in grads):
+        # a sharded model's parameters (DTensors) are not in the graph that autograd.grad
+        # walks (FSDP reduce-scatters into them after a backward): not checked there
+        sharded = any(hasattr(p, "device_mesh") for p in trainable)
+        grads = [] if sharded else torch.autograd.grad(loss, trainable, allow_unused=True)
+        if not sharded and all(g is None for g in grads):
             raise UsageError("no parameter of the model gets a gradient from the loss")
         if len(data.test_y):
             test_rows = _check_rows(data.test_y)[-1:]

@@ -160,6 +160,7 @@ def fit(
     collate_fn: Collate | None = None,
     target_key: str | None = None,
     samples_per_epoch: int | None = None,
+    shard_policy: Callable[[nn.Module], Any] | None = None,
     **config: Any,
 ) -> dict[str, Any]:
     """Train ``model`` on ``train_data`` with the loop the command line uses; return the
@@ -218,6 +219,9 @@ def fit(
             Hugging Face models take a batch.
         samples_per_epoch: a stream's epoch, in samples over all processes (default: its
             ``len()``, for a stream that has one).
+        shard_policy: under ``parallel="fsdp"``, ``shard_policy(model)`` gives the blocks
+            (submodules) that ``fully_shard`` takes before the root, in place of the rule
+            by parameter share (see the README); ignored in one process.
         **config: keys of :class:`~largebatch.config.TrainConfig` (``method``, ``epochs``,
             ``batch_size``, ``max_batch_size``, ``micro_batch_size``, ``seed``,
             ``device``, ``precision``, adversarial and Hessian settings, ``resume``, ...).
@@ -236,7 +240,13 @@ def fit(
         )
     if target_key is not None and not isinstance(target_key, str):
         raise InvalidTypeError(f"target_key is a {_shown(target_key)}; pass a key name (str)")
+    if shard_policy is not None and not callable(shard_policy):
+        raise InvalidTypeError(
+            f"shard_policy is a {_shown(shard_policy)}; pass a function model -> blocks"
+        )
     cfg = _fit_config(model, train_data, optimizer, out, config, workers)
+    if shard_policy is not None and cfg.parallel != "fsdp":
+        raise ConfigError(f"shard_policy is for parallel='fsdp', not {cfg.parallel!r}")
     input_range = _check_fit_objects(loss_fn, optimizer, controller, meters, input_range)
     _check_call_options("fit()", show_progress=show_progress, echo=echo, stop_after=stop_after)
     _check_flag(verbose, "verbose")
@@ -268,6 +278,7 @@ def fit(
             show_progress=show_progress,
             echo=echo,
             stop_after=stop_after,
+            shard_policy=shard_policy,
         )
 
 
@@ -392,6 +403,7 @@ def _run(
     show_progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
     stop_after: int | None = None,
+    shard_policy: Callable[[nn.Module], Any] | None = None,
 ) -> dict[str, Any]:
     """Build the parts, check a resumed run, run the engine with the run's files; return
     the summary. With ``write``, ``config.out`` (held by :func:`run_folder`) receives the
@@ -406,6 +418,7 @@ def _run(
     parts = build_parts(
         config, model, data, world, device,
         loss_fn=loss_fn, optimizer=optimizer, controller=controller, meters=meters,
+        shard_policy=shard_policy,
     )  # fmt: skip
     hyper = optimizer_record(parts.optimizer)  # as the run starts
     recorded = _config_record(config, hyper if optimizer is not None else None)
