@@ -3,6 +3,7 @@ gives one process's run, checkpoints hold the full state in one process's layout
 what it does not run yet is refused before the run."""
 
 import os
+import signal
 from datetime import timedelta
 
 import pytest
@@ -56,7 +57,7 @@ def _by_block(model):
     return [model.body, model.head]
 
 
-def _worker(rank, world_size, port, out, stop_after, resume, users=False, policy=False):
+def _worker(rank, world_size, port, out, stop_after, resume, users=False, policy=False, kill=0):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -64,6 +65,15 @@ def _worker(rank, world_size, port, out, stop_after, resume, users=False, policy
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     model = Net()
+    if kill and rank == 0:  # SIGKILL at that training forward pass of rank 0
+        calls = [0]
+
+        def die(module, inputs, output):
+            calls[0] += module.training
+            if calls[0] == kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        model.register_forward_hook(die)
     settings = dict(optimizer=_adamw, parallel="fsdp")
     if policy:
         settings["shard_policy"] = _by_block
@@ -83,8 +93,8 @@ def _worker(rank, world_size, port, out, stop_after, resume, users=False, policy
         teardown()  # as the command line ends: collected first (the sharded state holds it)
 
 
-def _two(out, stop_after=None, resume=False, users=False, policy=False):
-    args = (2, free_port(), str(out), stop_after, resume, users, policy)
+def _two(out, stop_after=None, resume=False, users=False, policy=False, kill=0):
+    args = (2, free_port(), str(out), stop_after, resume, users, policy, kill)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
 
 
@@ -156,6 +166,20 @@ def test_a_shard_policy_picks_the_blocks_and_bad_ones_are_refused(tmp_path):
         largebatch.fit(Net(), _data(), shard_policy="body", **FIT)
     with pytest.raises(ConfigError, match="shard_policy is for parallel='fsdp'"):
         largebatch.fit(Net(), _data(), shard_policy=_by_block, **FIT)
+
+
+def test_a_sharded_run_killed_mid_epoch_resumes_in_one_process_as_if_uninterrupted(tmp_path):
+    # epoch 1: 8 updates of 2 micro-batches per rank; the kill comes in epoch 2's third
+    # update (batch 14, 3 micro-batches per rank), after epoch 1's checkpoint
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        _two(tmp_path / "killed", kill=22)
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["run"]["epoch"] == 1
+    with threads_like_a_rank():
+        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "killed",
+                       optimizer=_adamw, resume=True, **FIT)  # fmt: skip
+        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "one",
+                       optimizer=_adamw, **FIT)  # fmt: skip
+    assert_runs_close(tmp_path / "one", tmp_path / "killed")
 
 
 def test_every_rank_gets_as_many_micro_batches():
