@@ -93,6 +93,23 @@ def _worker(rank, world_size, port, out, stop_after, resume, users=False, policy
         teardown()  # as the command line ends: collected first (the sharded state holds it)
 
 
+def _one(out, **more):
+    """The reference: one process, one thread (as each rank), the same run."""
+    with threads_like_a_rank():
+        largebatch.fit(Net(), _data(), eval_data=_data(9), out=out, optimizer=_adamw,
+                       **more, **FIT)  # fmt: skip
+
+
+def _assert_moments_close(one, two):
+    """Adam's second moments of two checkpoints agree (a mean over the ranks instead of
+    the sum shows here: Adam's step itself hardly depends on the gradient's scale)."""
+    first, second = (load_checkpoint(path)["optimizer"]["state"] for path in (one, two))
+    assert first.keys() == second.keys()
+    for index, state in first.items():
+        torch.testing.assert_close(second[index]["exp_avg_sq"], state["exp_avg_sq"],
+                                   rtol=1e-4, atol=1e-9)  # fmt: skip
+
+
 def _two(out, stop_after=None, resume=False, users=False, policy=False, kill=0):
     args = (2, free_port(), str(out), stop_after, resume, users, policy, kill)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
@@ -100,31 +117,21 @@ def _two(out, stop_after=None, resume=False, users=False, policy=False, kill=0):
 
 def test_two_sharded_ranks_equal_one_process_as_the_batch_grows(tmp_path):
     _two(tmp_path / "two")
-    with threads_like_a_rank():
-        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "one",
-                       optimizer=_adamw, **FIT)  # fmt: skip
+    _one(tmp_path / "one")
     assert_runs_close(tmp_path / "one", tmp_path / "two")
     one, two = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("one", "two"))
     # the full state in one process's layout: the same names, the optimizer by index
     assert one["model"].keys() == two["model"].keys()
-    assert one["optimizer"]["state"].keys() == two["optimizer"]["state"].keys() == set(range(6))
-    for index, state in one["optimizer"]["state"].items():
-        torch.testing.assert_close(two["optimizer"]["state"][index]["exp_avg_sq"],
-                                   state["exp_avg_sq"], rtol=1e-4, atol=1e-9)  # fmt: skip
+    assert one["optimizer"]["state"].keys() == set(range(6))
+    _assert_moments_close(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")
 
 
 def test_a_sharded_run_resumes_in_one_process_and_one_process_run_on_two(tmp_path):
-    with threads_like_a_rank():
-        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "one",
-                       optimizer=_adamw, **FIT)  # fmt: skip
+    _one(tmp_path / "one")
     _two(tmp_path / "two-then-one", stop_after=1)  # 2 -> 1
-    with threads_like_a_rank():
-        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "two-then-one",
-                       optimizer=_adamw, resume=True, **FIT)  # fmt: skip
+    _one(tmp_path / "two-then-one", resume=True)
     assert_runs_close(tmp_path / "one", tmp_path / "two-then-one")
-    with threads_like_a_rank():  # 1 -> 2
-        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "one-then-two",
-                       optimizer=_adamw, stop_after=2, **FIT)  # fmt: skip
+    _one(tmp_path / "one-then-two", stop_after=2)  # 1 -> 2
     _two(tmp_path / "one-then-two", resume=True)
     assert_runs_close(tmp_path / "one", tmp_path / "one-then-two")
 
@@ -133,14 +140,9 @@ def test_a_model_the_user_sharded_is_used_as_it_is(tmp_path):
     # its own fully_shard (a reduce-scatter that averages, scaled back to the sum) and an
     # optimizer made over its shards: no second synchronisation, one process's run
     _two(tmp_path / "two", users=True)
-    with threads_like_a_rank():
-        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "one",
-                       optimizer=_adamw, **FIT)  # fmt: skip
+    _one(tmp_path / "one")
     assert_runs_close(tmp_path / "one", tmp_path / "two")
-    one, two = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("one", "two"))
-    for index, state in one["optimizer"]["state"].items():  # the sum, not the mean
-        torch.testing.assert_close(two["optimizer"]["state"][index]["exp_avg_sq"],
-                                   state["exp_avg_sq"], rtol=1e-4, atol=1e-9)  # fmt: skip
+    _assert_moments_close(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")
 
 
 def test_a_shard_policy_picks_the_blocks_and_bad_ones_are_refused(tmp_path):
@@ -148,9 +150,7 @@ def test_a_shard_policy_picks_the_blocks_and_bad_ones_are_refused(tmp_path):
     from largebatch.parallel import _policy
 
     _two(tmp_path / "two", policy=True)
-    with threads_like_a_rank():
-        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "one",
-                       optimizer=_adamw, **FIT)  # fmt: skip
+    _one(tmp_path / "one")
     assert_runs_close(tmp_path / "one", tmp_path / "two")
     net = Net()
     assert _policy(net, _by_block) == [net.body, net.head]
@@ -174,11 +174,8 @@ def test_a_sharded_run_killed_mid_epoch_resumes_in_one_process_as_if_uninterrupt
     with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
         _two(tmp_path / "killed", kill=22)
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["run"]["epoch"] == 1
-    with threads_like_a_rank():
-        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "killed",
-                       optimizer=_adamw, resume=True, **FIT)  # fmt: skip
-        largebatch.fit(Net(), _data(), eval_data=_data(9), out=tmp_path / "one",
-                       optimizer=_adamw, **FIT)  # fmt: skip
+    _one(tmp_path / "killed", resume=True)
+    _one(tmp_path / "one")
     assert_runs_close(tmp_path / "one", tmp_path / "killed")
 
 
