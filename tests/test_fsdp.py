@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import largebatch
 from helpers import assert_runs_close, free_port, threads_like_a_rank
@@ -57,7 +57,9 @@ def _by_block(model):
     return [model.body, model.head]
 
 
-def _worker(rank, world_size, port, out, stop_after, resume, users=False, policy=False, kill=0):
+def _worker(
+    rank, world_size, port, out, stop_after, resume, users=False, policy=False, kill=0, each=False
+):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -77,6 +79,16 @@ def _worker(rank, world_size, port, out, stop_after, resume, users=False, policy
     settings = dict(optimizer=_adamw, parallel="fsdp")
     if policy:
         settings["shard_policy"] = _by_block
+    if each:  # a reduce-scatter after every micro-batch
+        settings["fsdp_sync_each_micro_batch"] = True
+    asked = []  # what each micro-batch asked of FSDP's gradient sync
+    plain = FSDPModule.set_requires_gradient_sync
+
+    def recorded(self, requires, *more, **named):
+        asked.append(requires)
+        return plain(self, requires, *more, **named)
+
+    FSDPModule.set_requires_gradient_sync = recorded
     if users:  # sharded by the user, with an optimizer over the shards; parallel left out
         for block in (model.body[0], model.body[2], model.head, model):
             fully_shard(block)
@@ -88,6 +100,8 @@ def _worker(rank, world_size, port, out, stop_after, resume, users=False, policy
         )  # fmt: skip
         assert type(model.head.weight).__name__ == "DTensor"  # it was sharded in place
         assert hasattr(model.body, "unshard") == policy  # an FSDPModule by the policy
+        # accumulation without a reduce-scatter but in the last micro-batch, or every time
+        assert (False in asked) != each and True in asked
     finally:
         del model
         teardown()  # as the command line ends: collected first (the sharded state holds it)
@@ -110,8 +124,8 @@ def _assert_moments_close(one, two):
                                    rtol=1e-4, atol=1e-9)  # fmt: skip
 
 
-def _two(out, stop_after=None, resume=False, users=False, policy=False, kill=0):
-    args = (2, free_port(), str(out), stop_after, resume, users, policy, kill)
+def _two(out, stop_after=None, resume=False, users=False, policy=False, kill=0, each=False):
+    args = (2, free_port(), str(out), stop_after, resume, users, policy, kill, each)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
 
 
@@ -123,6 +137,13 @@ def test_two_sharded_ranks_equal_one_process_as_the_batch_grows(tmp_path):
     # the full state in one process's layout: the same names, the optimizer by index
     assert one["model"].keys() == two["model"].keys()
     assert one["optimizer"]["state"].keys() == set(range(6))
+    _assert_moments_close(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")
+
+
+def test_a_reduce_scatter_after_every_micro_batch_gives_the_same_run(tmp_path):
+    _two(tmp_path / "two", each=True)
+    _one(tmp_path / "one")
+    assert_runs_close(tmp_path / "one", tmp_path / "two")
     _assert_moments_close(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")
 
 

@@ -130,6 +130,7 @@ def build_parts(
         check_shardable(config, None if users else optimizer, controller, meters)
         if not users:
             parallel.shard(model, shard_policy)
+        parallel.sync_each = config.fsdp_sync_each_micro_batch  # type: ignore[attr-defined]
     optimizer = make_optimizer(optimizer, model, config)
     group = optimizer.param_groups[0]
     controller = controller or make_controller(

@@ -65,6 +65,9 @@ class TrainConfig:
     n_heads: int = 4  # transformer: attention heads (d_model a multiple of it)
     threads: int | None = None  # torch threads per process (None: auto, see README)
     parallel: str = "ddp"  # how the ranks' gradients meet under torchrun: ddp | flat | fsdp
+    # fsdp: reduce-scatter after every micro-batch (no unsharded gradient kept between
+    # them: less memory, one reduce-scatter per micro-batch) instead of after the last
+    fsdp_sync_each_micro_batch: bool = False
     # model and method
     model: str = "c1"
     method: str = "bl"

@@ -48,11 +48,13 @@ Kinds (config ``parallel``):
   optimizer's state live sharded over the ranks; each micro-batch but an update's last
   runs with ``set_requires_gradient_sync(False)`` (its gradient accumulates unsharded,
   the memory of one full gradient per rank, until the last backward reduce-scatters the
-  sum: ``set_gradient_divide_factor(1)``, the ranks' gradients being shares of the
-  global batch already). Every rank must run as many forward passes as every other, so
-  each rank's slice is cut into the same number of micro-batches (:meth:`Parallel.
-  equal_cuts`). Checkpoints hold the full, unsharded state, in the layout of one process
-  (:meth:`FSDP.stateful`), so a run resumes at another world size or kind. Not yet
+  sum, ``set_gradient_divide_factor(1)``: the ranks' gradients are shares of the global
+  batch already; ``fsdp_sync_each_micro_batch`` reduce-scatters after every micro-batch
+  instead, trading that memory for one reduce-scatter per micro-batch). Every rank must
+  run as many forward passes as every other, so each rank's slice is cut into the same
+  number of micro-batches (:func:`equal_cuts`). Checkpoints hold the full, unsharded
+  state, in the layout of one process (:meth:`FSDP.stateful`), so a run resumes at
+  another world size or kind. Not yet
   under ``fsdp``: methods and options that read gradients per micro-batch or take
   Hessian-vector products (``gns``, ``abs``, ``absa``, the curvature guard, the
   stability safeguard), adversarial examples and a user's meters: refused before the run.
@@ -506,6 +508,8 @@ class FSDP(Parallel):
     def __init__(self, world: World | None = None, users: bool = False) -> None:
         super().__init__(world)
         self.users = users
+        #: reduce-scatter after every micro-batch (config fsdp_sync_each_micro_batch)
+        self.sync_each = False
 
     def shard(self, model: nn.Module, policy: Any = None) -> None:
         blocks = _shard_targets(model, SHARD_SHARE) if policy is None else _policy(model, policy)
@@ -525,7 +529,7 @@ class FSDP(Parallel):
 
     @contextlib.contextmanager
     def micro_batch(self, sync: bool) -> Iterator[nn.Module]:
-        self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        self.model.set_requires_gradient_sync(sync or self.sync_each)  # type: ignore[operator]
         yield self.model
 
     def finish(
