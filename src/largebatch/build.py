@@ -122,7 +122,9 @@ def build_parts(
     controller and meters as given or built from the config; the attack and the rollback
     from the config."""
     # a model the user wrapped in DDP trains through that wrapper (see make_parallel)
-    parallel = make_parallel(config.parallel, world, model)
+    parallel = make_parallel(
+        config.parallel, world, model, sync_each=config.fsdp_sync_each_micro_batch
+    )
     model = unwrapped(model)
     check_parameters(model)
     if parallel.equal_passes:  # sharded: the optimizer is made over the shards
@@ -130,7 +132,6 @@ def build_parts(
         check_shardable(config, None if users else optimizer, controller, meters)
         if not users:
             parallel.shard(model, shard_policy)
-        parallel.sync_each = config.fsdp_sync_each_micro_batch  # type: ignore[attr-defined]
     optimizer = make_optimizer(optimizer, model, config)
     group = optimizer.param_groups[0]
     controller = controller or make_controller(

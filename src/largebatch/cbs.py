@@ -1,10 +1,9 @@
 """The critical batch size, measured directly: ``largebatch cbs``.
 
-From a checkpoint of ``largebatch train`` (or ``fit``), short runs branch at several batch
-sizes, each from the same weights and optimizer state (the run's optimizer: the built-in
-SGD or AdamW, or the ``torch.optim`` class a ``fit`` run recorded), each for the same
-number of samples in the same order, with the LR scaled from the checkpoint's by the
-run's rule (``lr_scaling``; ``auto``: linear for SGD, square root for Adam's family).
+From a checkpoint of ``largebatch train``, short runs branch at several batch sizes, each
+from the same weights and optimizer state (the run's optimizer: SGD or AdamW), each for
+the same number of samples in the same order, with the LR scaled from the checkpoint's
+by the run's rule (``lr_scaling``; ``auto``: linear for SGD, square root for Adam's family).
 The loss each reaches (mean cross-entropy per target of a fixed probe of training
 samples, eval mode) is measured at evenly spaced sample counts.
 The critical batch is the largest batch whose final loss is within ``tolerance``
@@ -93,7 +92,7 @@ def measure_critical_batch(
     saved = load_checkpoint(checkpoint)
     known = TrainConfig.__dataclass_fields__
     config = TrainConfig(**{k: v for k, v in config_dict.items() if k in known})
-    optimizer = _runs_optimizer(model, config, config_dict.get("optimizer"), Path(checkpoint))
+    optimizer = make_optimizer(None, model, config)  # the run's: SGD or AdamW
     load_part(
         optimizer, checked_part(saved, "optimizer", dict, Path(checkpoint)), Path(checkpoint),
         "optimizer state",
@@ -250,30 +249,6 @@ def suggested_schedule(base: int, at_samples: int, critical: int, cap: int | Non
     there (never below the base, at most ``cap``, a multiple of the base)."""
     batch = max(base, min(critical, cap or critical)) // base * base
     return f"0:{base}" if batch == base or at_samples <= 0 else f"0:{base} {at_samples}:{batch}"
-
-
-def _runs_optimizer(
-    model: torch.nn.Module, config: TrainConfig, record: Any, path: Path
-) -> torch.optim.Optimizer:
-    """The run's optimizer over ``model``: the config's built-in one, or the class of
-    ``fit``'s optimizer record (``{"class", "param_groups"}``) from ``torch.optim`` (its
-    hyper-parameters come with the saved state)."""
-    if not isinstance(record, dict):
-        return make_optimizer(None, model, config)
-    name, groups = record.get("class"), record.get("param_groups") or [{}]
-    cls = getattr(torch.optim, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise UsageError(
-            f"{path} was trained with the optimizer {name}, which is not in torch.optim; "
-            "cbs rebuilds the run's optimizer from there (measure with largebatch.cbs."
-            "critical_batch on your own objects instead)"
-        )
-    if len(groups) != 1:
-        raise UsageError(
-            f"{path} was trained with {len(groups)} param groups; cbs rebuilds one over all "
-            "parameters (measure with largebatch.cbs.critical_batch on your own objects)"
-        )
-    return cls(model.parameters(), lr=float(groups[0].get("lr", 1e-3)))
 
 
 def _checked_sizes(batch_sizes: Sequence[int]) -> list[int]:

@@ -505,11 +505,13 @@ class FSDP(Parallel):
     name = "fsdp"
     equal_passes = True
 
-    def __init__(self, world: World | None = None, users: bool = False) -> None:
+    def __init__(
+        self, world: World | None = None, users: bool = False, sync_each: bool = False
+    ) -> None:
         super().__init__(world)
         self.users = users
         #: reduce-scatter after every micro-batch (config fsdp_sync_each_micro_batch)
-        self.sync_each = False
+        self.sync_each = sync_each
 
     def shard(self, model: nn.Module, policy: Any = None) -> None:
         blocks = _shard_targets(model, SHARD_SHARE) if policy is None else _policy(model, policy)
@@ -550,10 +552,13 @@ class FSDP(Parallel):
         return _FullState(model), _FullState(model, optimizer)
 
 
-def make_parallel(kind: str, world: World, model: nn.Module | None = None) -> Parallel:
+def make_parallel(
+    kind: str, world: World, model: nn.Module | None = None, sync_each: bool = False
+) -> Parallel:
     """The strategy that config ``parallel: kind`` names, for ``world``; for a ``model``
-    the user wrapped in ``DistributedDataParallel`` already, that wrapper as it is (train
-    :func:`unwrapped` ``model``)."""
+    the user wrapped in ``DistributedDataParallel`` (or sharded with ``fully_shard``)
+    already, that as it is (train :func:`unwrapped` ``model``). ``sync_each``: under
+    ``fsdp``, a reduce-scatter after every micro-batch."""
     if kind not in PARALLEL_KINDS:
         raise InvalidValueError(
             f"parallel must be one of {', '.join(PARALLEL_KINDS)}, got {kind!r}"
@@ -564,7 +569,7 @@ def make_parallel(kind: str, world: World, model: nn.Module | None = None) -> Pa
                 "the model is sharded with fully_shard but this is one process; launch with "
                 "torchrun, or pass the model unsharded"
             )
-        return FSDP(world, users=True)
+        return FSDP(world, users=True, sync_each=sync_each)
     if model is not None and _is_sharded(model):
         raise UsageError(
             f"the model is wrapped in {type(model).__name__} (FSDP1), which largebatch does "
@@ -588,7 +593,9 @@ def make_parallel(kind: str, world: World, model: nn.Module | None = None) -> Pa
         return DDP(world, wrapper=model)
     if not world.enabled:
         return Parallel(world)
-    return {"ddp": DDP, "flat": Flat, "fsdp": FSDP}[kind](world)
+    if kind == "fsdp":
+        return FSDP(world, sync_each=sync_each)
+    return DDP(world) if kind == "ddp" else Flat(world)
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
