@@ -18,8 +18,11 @@ from helpers import assert_runs_close, free_port, threads_like_a_rank
 from largebatch.build import check_shardable
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import TrainConfig
+from largebatch.controllers import BatchController
 from largebatch.distributed import teardown
 from largebatch.errors import ConfigError, UsageError
+from largebatch.io import read_jsonl
+from largebatch.meters import Meter
 from largebatch.parallel import _shard_targets, equal_cuts
 
 pytestmark = pytest.mark.slow
@@ -53,13 +56,24 @@ FIT = dict(
 )  # fmt: skip
 
 
+# gns from a batch of 4 (slices of 2: one part each) on 56 samples: it grows to 8 in
+# epoch 3 (every update measured: each asks for no sync but in its last micro-batch,
+# fsdp_sync_each_micro_batch or not); bl keeps 7
+GNS = dict(
+    FIT, method="gns", batch_schedule=None, batch_size=4, max_batch_size=32, gns_every=0.25,
+    micro_batch_size=2,
+)  # fmt: skip
+BL = dict(FIT, method="bl", batch_schedule=None)
+
+
 def _by_block(model):
     return [model.body, model.head]
 
 
 def _worker(
-    rank, world_size, port, out, stop_after, resume, users=False, policy=False, kill=0, each=False
-):
+    rank, world_size, port, out, stop_after, resume, users=False, policy=False, kill=0, each=False,
+    fit=FIT,
+):  # fmt: skip
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -96,22 +110,23 @@ def _worker(
     try:
         largebatch.fit(
             model, _data(), eval_data=_data(9), out=out, stop_after=stop_after,
-            resume=resume, **settings, **FIT,
+            resume=resume, **settings, **fit,
         )  # fmt: skip
         assert type(model.head.weight).__name__ == "DTensor"  # it was sharded in place
         assert hasattr(model.body, "unshard") == policy  # an FSDPModule by the policy
         # accumulation without a reduce-scatter but in the last micro-batch, or every time
-        assert (False in asked) != each and True in asked
+        # (but in gns's measured updates: all of them here, each read in one reduce-scatter)
+        assert (False in asked) == (not each or fit["method"] == "gns") and True in asked
     finally:
         del model
         teardown()  # as the command line ends: collected first (the sharded state holds it)
 
 
-def _one(out, **more):
+def _one(out, fit=FIT, **more):
     """The reference: one process, one thread (as each rank), the same run."""
     with threads_like_a_rank():
         largebatch.fit(Net(), _data(), eval_data=_data(9), out=out, optimizer=_adamw,
-                       **more, **FIT)  # fmt: skip
+                       **more, **fit)  # fmt: skip
 
 
 def _assert_moments_close(one, two):
@@ -124,8 +139,10 @@ def _assert_moments_close(one, two):
                                    rtol=1e-4, atol=1e-9)  # fmt: skip
 
 
-def _two(out, stop_after=None, resume=False, users=False, policy=False, kill=0, each=False):
-    args = (2, free_port(), str(out), stop_after, resume, users, policy, kill, each)
+def _two(
+    out, stop_after=None, resume=False, users=False, policy=False, kill=0, each=False, fit=FIT
+):
+    args = (2, free_port(), str(out), stop_after, resume, users, policy, kill, each, fit)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
 
 
@@ -138,6 +155,23 @@ def test_two_sharded_ranks_equal_one_process_as_the_batch_grows(tmp_path):
     assert one["model"].keys() == two["model"].keys()
     assert one["optimizer"]["state"].keys() == set(range(6))
     _assert_moments_close(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("method", ["gns", "bl"])
+def test_two_sharded_ranks_equal_one_process_with_gns_and_bl(tmp_path, method):
+    # gns: each rank's gradient read in the reduce-scatter (a slice of the batch, as
+    # one process reads half of it); the full gradient's norm from the shards
+    fit = GNS if method == "gns" else BL
+    _two(tmp_path / "two", fit=fit, each=method == "gns")
+    _one(tmp_path / "one", fit=fit)
+    # Adam's preconditioned estimate is taken inside a slice, not from whole slices
+    assert_runs_close(tmp_path / "one", tmp_path / "two", skip=("gns_preconditioned",))
+    _assert_moments_close(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")
+    records = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    if method == "gns":  # measured, and the batch grew on that
+        assert records[-1]["gns"] > 0 and records[-1]["batch_size"] > 4
+    else:
+        assert {r["batch_size"] for r in records} == {7}
 
 
 def test_a_reduce_scatter_after_every_micro_batch_gives_the_same_run(tmp_path):
@@ -159,10 +193,11 @@ def test_a_sharded_run_resumes_in_one_process_and_one_process_run_on_two(tmp_pat
 
 def test_a_model_the_user_sharded_is_used_as_it_is(tmp_path):
     # its own fully_shard (a reduce-scatter that averages, scaled back to the sum) and an
-    # optimizer made over its shards: no second synchronisation, one process's run
-    _two(tmp_path / "two", users=True)
-    _one(tmp_path / "one")
-    assert_runs_close(tmp_path / "one", tmp_path / "two")
+    # optimizer made over its shards: no second synchronisation, one process's run; gns
+    # reads each rank's gradient in the user's reduce-scatter, which divides after it
+    _two(tmp_path / "two", users=True, fit=GNS)
+    _one(tmp_path / "one", fit=GNS)
+    assert_runs_close(tmp_path / "one", tmp_path / "two", skip=("gns_preconditioned",))
     _assert_moments_close(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")
 
 
@@ -221,7 +256,7 @@ def test_the_blocks_that_are_sharded():
 
 def test_what_fsdp_does_not_run_yet_is_refused_before_the_run():
     for changes, message in (
-        ({"method": "gns"}, "method gns does not run"),
+        ({"method": "gns", "safeguard": False, "gns_micro_batch": 2}, "gns_micro_batch"),
         ({"method": "abs"}, "method abs does not run"),
         ({"method": "schedule", "batch_schedule": "0:8"}, "safeguard: false"),
         ({"method": "bl", "curvature_guard": True}, "curvature_guard: false"),
@@ -233,3 +268,18 @@ def test_what_fsdp_does_not_run_yet_is_refused_before_the_run():
         check_shardable(TrainConfig(method="bl"), _adamw(Net().parameters()))
     check_shardable(TrainConfig(method="bl"), _adamw)  # bl, fb: nothing to refuse
     check_shardable(TrainConfig(method="seesaw", safeguard=False))
+    check_shardable(TrainConfig(method="gns", safeguard=False))  # it reads slices
+
+    class Sharpness(BatchController):  # a user's controller that asks for curvature
+        measures = frozenset({"eigenvalue"})
+
+    with pytest.raises(ConfigError, match="measures eigenvalue"):
+        check_shardable(TrainConfig(method="bl"), None, Sharpness())
+
+    class PerMicroBatch(Meter):  # a user's meter that reads each micro-batch's gradient
+        def after_backward(self, model, samples, batch_samples):
+            pass
+
+    with pytest.raises(ConfigError, match="after_backward"):
+        check_shardable(TrainConfig(method="bl"), None, None, {"mine": PerMicroBatch()})
+    check_shardable(TrainConfig(method="bl"), None, None, {"mine": Meter()})  # at_update: fine

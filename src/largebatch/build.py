@@ -49,6 +49,7 @@ from largebatch.meters import (
     GradientNoiseMeter,
     Meter,
     SharpnessMeter,
+    reads_micro_batches,
 )
 from largebatch.models import TRANSFORMER_SIZES
 from largebatch.parallel import make_parallel, unwrapped
@@ -164,22 +165,36 @@ def check_shardable(
     meters: Mapping[str, Meter] | None = None,
 ) -> None:
     """What ``parallel: fsdp`` does not run yet, refused before the run starts: anything
-    that reads gradients per micro-batch or takes Hessian-vector products, adversarial
-    examples, and an optimizer made before the model was sharded."""
-    where = "under parallel: fsdp (its first step)"
+    that takes Hessian-vector products or reads each micro-batch's own gradient,
+    adversarial examples, and an optimizer made before the model was sharded. The noise
+    meter (``gns``) runs: it reads each rank's whole slice, in the reduce-scatter."""
+    where = "under parallel: fsdp"
     if isinstance(optimizer, torch.optim.Optimizer):
         raise UsageError(
             f"{where} the optimizer must be made over the sharded parameters: pass a factory "
             "(params -> Optimizer) instead of an optimizer, or none"
         )
-    if controller is None and config.method in ("gns", "abs", "absa"):
+    if controller is None and config.method in ("abs", "absa"):
         raise ConfigError(
-            f"method {config.method} does not run {where} yet (it reads gradients per "
-            "micro-batch or Hessian-vector products); use parallel: ddp"
+            f"method {config.method} does not run {where} yet (it takes Hessian-vector "
+            "products); use parallel: ddp"
         )
-    if controller is not None and controller.measures or meters:
+    wanted = set(controller.measures) if controller is not None else set()
+    if wanted - {NOISE_SCALE}:
         raise ConfigError(
-            f"a controller that measures, or meters of your own, do not run {where} yet"
+            f"a controller that measures {', '.join(sorted(wanted - {NOISE_SCALE}))} does not "
+            f"run {where} yet; use parallel: ddp"
+        )
+    uses_gns = NOISE_SCALE in wanted or (controller is None and config.method == "gns")
+    if uses_gns and config.gns_micro_batch is not None:
+        raise ConfigError(
+            f"gns_micro_batch does not run {where} (the noise meter reads each rank's whole "
+            "slice there, in the reduce-scatter); leave it unset, or use parallel: ddp"
+        )
+    if any(reads_micro_batches(meter, config.batch_size) for meter in (meters or {}).values()):
+        raise ConfigError(
+            f"a meter of yours that reads each micro-batch's gradient (after_backward) does "
+            f"not run {where}: the gradients meet in the backward passes; use parallel: ddp"
         )
     adversarial = config.adversarial if config.adversarial is not None else config.method == "absa"
     for on, what, key in (

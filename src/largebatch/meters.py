@@ -778,10 +778,12 @@ def _flat_grad(model: nn.Module) -> torch.Tensor | None:
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all ``grads`` together, without concatenating them."""
+    """The 2-norm of all ``grads`` together, without concatenating them (of the whole
+    gradient when they are sharded, ``parallel: fsdp``: a collective then)."""
     if any(g.dtype not in (torch.float32, torch.float64) for g in grads):
         grads = [g.float() for g in grads]
-    return torch.nn.utils.get_total_norm(grads)
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def _norm(flat: torch.Tensor) -> torch.Tensor:

@@ -54,10 +54,11 @@ Kinds (config ``parallel``):
   run as many forward passes as every other, so each rank's slice is cut into the same
   number of micro-batches (:func:`equal_cuts`). Checkpoints hold the full, unsharded
   state, in the layout of one process (:meth:`FSDP.stateful`), so a run resumes at
-  another world size or kind. Not yet
-  under ``fsdp``: methods and options that read gradients per micro-batch or take
-  Hessian-vector products (``gns``, ``abs``, ``absa``, the curvature guard, the
-  stability safeguard), adversarial examples and a user's meters: refused before the run.
+  another world size or kind. The noise meter's reading of each rank's gradient is
+  taken in the reduce-scatter (:class:`_MeasuredReduceScatter`). Not yet under
+  ``fsdp``: methods and options that take Hessian-vector products or read each
+  micro-batch's own gradient (``abs``, ``absa``, the curvature guard, the stability
+  safeguard, ``gns_micro_batch``), adversarial examples: refused before the run.
   A model the user sharded with ``fully_shard`` picks this kind whatever ``parallel``
   says, and is used as it is (:class:`FSDP` ``users``).
 
@@ -75,10 +76,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.distributed import World, all_reduce_, all_reduce_gradients
-from largebatch.errors import InvalidValueError, UsageError
+from largebatch.errors import ConfigError, InvalidValueError, UsageError
 
 __all__ = [
     "PARALLEL_KINDS",
@@ -496,11 +498,63 @@ def _policy(model: nn.Module, policy: Any) -> list[nn.Module]:
     return blocks
 
 
+class _MeasuredReduceScatter(ReduceScatter):
+    """FSDP's reduce-scatter of one sharded block, as it was (``inner``), adding the
+    squared norm of its input to ``norms`` first when that is on: the input holds this
+    rank's unsharded gradients of the block's parameters (zero-padded, not divided:
+    our blocks divide by 1, and a user's block divides its float32 or bfloat16
+    gradients after the reduce-scatter), so over an update's last backward pass the
+    sum is the squared norm of this rank's whole gradient, as :func:`sum_hook` takes
+    it under DDP."""
+
+    def __init__(self, inner: ReduceScatter, norms: SquaredNorms, users: bool = False) -> None:
+        self.inner, self.norms, self.users = inner, norms, users
+        self.divided = False  # a float16 input of a user's block: FSDP divided it first
+
+    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.inner.allocate(size, dtype=dtype, device=device)
+
+    def __call__(  # type: ignore[override]
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        op: Any,
+        async_op: bool = False,
+    ) -> Any:
+        if self.norms.on:
+            self.divided |= self.users and input_tensor.dtype == torch.float16
+            self.norms.add(input_tensor)
+        return self.inner(
+            output_tensor=output_tensor,
+            input_tensor=input_tensor,
+            group=group,
+            op=op,
+            async_op=async_op,
+        )
+
+
+def _param_groups(model: nn.Module) -> list[Any]:
+    """FSDP's parameter groups of every sharded block of ``model`` (the objects that hold
+    each block's reduce-scatter)."""
+    return [
+        group
+        for module in model.modules()
+        if isinstance(module, FSDPModule)
+        for group in module._get_fsdp_state()._fsdp_param_groups
+    ]
+
+
 class FSDP(Parallel):
     """torch's FSDP2 (``fully_shard``; see the module's docstring). ``users``: the model
     came sharded by the user's own ``fully_shard``: used as it is (its reduce-scatter
     averages over the ranks, FSDP's default, so the gradients are scaled back by the world
-    size to the sum the global batch needs)."""
+    size to the sum the global batch needs).
+
+    The noise meter's reading of this rank's gradient is taken in the reduce-scatter of
+    each sharded block (:class:`_MeasuredReduceScatter`, set on every block by
+    :meth:`prepare` and put back by :meth:`close`), before the gradients meet: a measured
+    update reduce-scatters once, in its last backward pass, even under ``sync_each``."""
 
     name = "fsdp"
     equal_passes = True
@@ -512,6 +566,8 @@ class FSDP(Parallel):
         self.users = users
         #: reduce-scatter after every micro-batch (config fsdp_sync_each_micro_batch)
         self.sync_each = sync_each
+        self._norms = SquaredNorms()
+        self._comms: list[tuple[Any, Any]] = []  # (param group, its own reduce-scatter)
 
     def shard(self, model: nn.Module, policy: Any = None) -> None:
         blocks = _shard_targets(model, SHARD_SHARE) if policy is None else _policy(model, policy)
@@ -525,13 +581,35 @@ class FSDP(Parallel):
                 module.set_force_sum_reduction_for_comms(True)
         self.sharded = model
 
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self.close()
+        for group in _param_groups(model):
+            own = group._reduce_scatter_comm
+            group._reduce_scatter_comm = _MeasuredReduceScatter(own, self._norms, self.users)
+            self._comms.append((group, own))
+        return super().prepare(model)
+
+    def close(self) -> None:
+        for group, own in self._comms:  # the model's own reduce-scatters back
+            group._reduce_scatter_comm = own
+        self._comms = []
+
     def sync_in_backward(self, batch_samples: int, unsynced: bool, measure: bool = False) -> bool:
+        if unsynced:
+            raise ConfigError(
+                "under parallel: fsdp an update's gradients meet in its backward passes: a "
+                "meter that reads each micro-batch's own gradient (gns_micro_batch below a "
+                "rank's slice, or a meter of your own), or a rank without any loss term in "
+                "an update, cannot run; use parallel: ddp"
+            )
         self._begin(measure)
+        self._norms.start(measure)
         return True
 
     @contextlib.contextmanager
     def micro_batch(self, sync: bool) -> Iterator[nn.Module]:
-        self.model.set_requires_gradient_sync(sync or self.sync_each)  # type: ignore[operator]
+        each = self.sync_each and not self._measure  # a measured update: once, at its end
+        self.model.set_requires_gradient_sync(sync or each)  # type: ignore[operator]
         yield self.model
 
     def finish(
@@ -541,6 +619,15 @@ class FSDP(Parallel):
         flag: float,
         synced: bool,
     ) -> float:
+        if self._measure:  # the reduce-scatters summed this rank's squared norms
+            total = self._norms.total
+            self._local_sq = total if total is not None else torch.zeros((), dtype=torch.float64)
+            self._norms.start(False)
+            if any(group._reduce_scatter_comm.divided for group, _ in self._comms):
+                raise UsageError(
+                    "the noise meter cannot read a float16 reduce-scatter (your "
+                    "MixedPrecisionPolicy's reduce_dtype): use float32 or bfloat16"
+                )
         if self.users:  # their reduce-scatter averaged; the update is the sum
             for param in params:
                 if param.grad is not None:
