@@ -2,6 +2,7 @@
 gives one process's run, checkpoints hold the full state in one process's layout, and
 what it does not run yet is refused before the run."""
 
+import json
 import os
 import signal
 from datetime import timedelta
@@ -23,7 +24,7 @@ from largebatch.distributed import teardown
 from largebatch.errors import ConfigError, UsageError
 from largebatch.io import read_jsonl
 from largebatch.meters import Meter
-from largebatch.parallel import _shard_targets, equal_cuts
+from largebatch.parallel import _resharded, _shard_targets, equal_cuts
 
 pytestmark = pytest.mark.slow
 
@@ -110,13 +111,22 @@ def _worker(
     try:
         largebatch.fit(
             model, _data(), eval_data=_data(9), out=out, stop_after=stop_after,
-            resume=resume, **settings, **fit,
+            resume=resume, **{**settings, **fit},
         )  # fmt: skip
-        assert type(model.head.weight).__name__ == "DTensor"  # it was sharded in place
-        assert hasattr(model.body, "unshard") == policy  # an FSDPModule by the policy
-        # accumulation without a reduce-scatter but in the last micro-batch, or every time
-        # (but in gns's measured updates: all of them here, each read in one reduce-scatter)
-        assert (False in asked) == (not each or fit["method"] == "gns") and True in asked
+        if fit.get("parallel", "fsdp") == "fsdp":
+            assert type(model.head.weight).__name__ == "DTensor"  # it was sharded in place
+            assert hasattr(model.body, "unshard") == policy  # an FSDPModule by the policy
+            # accumulation without a reduce-scatter but in the last micro-batch, or every
+            # time (but in gns's measured updates: all here, each read in one reduce-scatter)
+            assert (False in asked) == (not each or fit["method"] == "gns") and True in asked
+        if fit.get("parallel", "fsdp") == "fsdp" and not users and not policy:
+            # a forward pass without a backward one leaves the root's own parameters (the
+            # head's here) gathered, FSDP's choice: the update and the checkpoints take
+            # the shards again first
+            with torch.no_grad():
+                model(_data(4)[0])
+            assert type(model.head.weight).__name__ == "Parameter"
+            assert type(_resharded(model).head.weight).__name__ == "DTensor"
     finally:
         del model
         teardown()  # as the command line ends: collected first (the sharded state holds it)
@@ -125,8 +135,8 @@ def _worker(
 def _one(out, fit=FIT, **more):
     """The reference: one process, one thread (as each rank), the same run."""
     with threads_like_a_rank():
-        largebatch.fit(Net(), _data(), eval_data=_data(9), out=out, optimizer=_adamw,
-                       **more, **fit)  # fmt: skip
+        largebatch.fit(Net(), _data(), eval_data=_data(9), out=out,
+                       **{"optimizer": _adamw, **more, **fit})  # fmt: skip
 
 
 def _assert_moments_close(one, two):
@@ -172,6 +182,21 @@ def test_two_sharded_ranks_equal_one_process_with_gns_and_bl(tmp_path, method):
         assert records[-1]["gns"] > 0 and records[-1]["batch_size"] > 4
     else:
         assert {r["batch_size"] for r in records} == {7}
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_a_diverging_run_of_two_ranks_rolls_back_as_one_process_does(tmp_path, parallel):
+    # SGD at an LR of 1e37 diverges in its first updates; the rollback restores the last
+    # checkpoint (under fsdp every rank cuts its shards from the full state) at 1e-38 of
+    # the LR. Here one rank's loss overflows while the gradients stay finite (saturated
+    # tanh): the ranks still roll back at the same update, as one process does
+    fit = dict(BL, optimizer=None, lr=1e37, momentum=0.0, on_divergence="rollback",
+               divergence_lr_factor=1e-38, max_rollbacks=2)  # fmt: skip
+    _two(tmp_path / "two", fit={**fit, "parallel": parallel})
+    _one(tmp_path / "one", fit=fit)
+    assert_runs_close(tmp_path / "one", tmp_path / "two")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["rollbacks"] == 1
 
 
 def test_a_reduce_scatter_after_every_micro_batch_gives_the_same_run(tmp_path):

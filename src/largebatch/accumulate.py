@@ -282,7 +282,14 @@ class GlobalBatch:
             self.batch_norm.end()
         wish = stop() if callable(stop) else stop
         flag = 1.0 if wish else 0.0
-        stopping = self.parallel.finish(self.params, self.batch_norm.running, flag, sync)
+        total = score.loss if loss_sum is None else loss_sum
+        extras = list(self.batch_norm.running)
+        if self.world.enabled:  # whether any rank's loss is non-finite rides along: every
+            # rank must stop (or roll back) at the same update, even when the gradients
+            # stayed finite (a loss that overflowed on one rank only)
+            extras.append(torch.isfinite(total).logical_not().float().reshape(1))
+        stopping = self.parallel.finish(self.params, extras, flag, sync)
+        lost = bool(extras[-1].item() > 0) if self.world.enabled else None
         if sliced:  # this rank's gradient before the ranks' gradients met
             samples = sum(len(yb) for _, yb in micro_batches)
             for meter in sliced:
@@ -301,9 +308,8 @@ class GlobalBatch:
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
             if hasattr(grad_norm, "full_tensor"):  # sharded gradients (fsdp): the whole norm
                 grad_norm = grad_norm.full_tensor()
-        total = score.loss if loss_sum is None else loss_sum
-        if not torch.isfinite(total + grad_norm.to(total.device)):
-            what = "loss" if not torch.isfinite(total) else "gradient"
+        if lost or not torch.isfinite(total + grad_norm.to(total.device)):
+            what = "loss" if lost or not torch.isfinite(total) else "gradient"
             raise DivergedError(
                 f"training {what} became non-finite{f' in {where}' if where else ''} "
                 f"(lr {optimizer.param_groups[0]['lr']:.4g}); lower --lr and try again"

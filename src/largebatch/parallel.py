@@ -441,7 +441,8 @@ class _FullState:
 
     def gather(self) -> None:
         if self.optimizer is None:
-            self._gathered = {k: _full(v) for k, v in self.model.state_dict().items()}
+            state = _resharded(self.model).state_dict()
+            self._gathered = {k: _full(v) for k, v in state.items()}
             return
         state = self.optimizer.state_dict()
         self._gathered = {
@@ -461,7 +462,7 @@ class _FullState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._gathered = None
         if self.optimizer is None:
-            own = self.model.state_dict()
+            own = _resharded(self.model).state_dict()
             self.model.load_state_dict({k: _like(v, own.get(k)) for k, v in state.items()})
             return
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -534,6 +535,17 @@ class _MeasuredReduceScatter(ReduceScatter):
         )
 
 
+def _resharded(model: nn.Module) -> nn.Module:
+    """``model`` with every sharded block's parameters sharded again (``reshard``): FSDP
+    keeps the root's gathered parameters after a forward pass without a backward one
+    (an evaluation, a check), and the module then names those, not the shards that the
+    optimizer and the state hold."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
 def _param_groups(model: nn.Module) -> list[Any]:
     """FSDP's parameter groups of every sharded block of ``model`` (the objects that hold
     each block's reduce-scatter)."""
@@ -583,6 +595,7 @@ class FSDP(Parallel):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         self.close()
+        _resharded(model)  # the parameters the update holds are the shards
         for group in _param_groups(model):
             own = group._reduce_scatter_comm
             group._reduce_scatter_comm = _MeasuredReduceScatter(own, self._norms, self.users)
