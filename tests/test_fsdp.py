@@ -17,14 +17,14 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 import largebatch
 from helpers import assert_runs_close, free_port, threads_like_a_rank
 from largebatch.build import check_shardable
-from largebatch.checkpoint import load_checkpoint
+from largebatch.checkpoint import SHARDS, load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.controllers import BatchController
 from largebatch.distributed import teardown
 from largebatch.errors import ConfigError, UsageError
 from largebatch.io import read_jsonl
 from largebatch.meters import Meter
-from largebatch.parallel import _resharded, _shard_targets, equal_cuts
+from largebatch.parallel import _shard_targets, equal_cuts, resharded
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def _by_block(model):
 
 def _worker(
     rank, world_size, port, out, stop_after, resume, users=False, policy=False, kill=0, each=False,
-    fit=FIT,
+    fit=FIT, die_save=0,
 ):  # fmt: skip
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -91,6 +91,18 @@ def _worker(
                 os.kill(os.getpid(), signal.SIGKILL)
 
         model.register_forward_hook(die)
+    if die_save and rank == 0:  # SIGKILL as rank 0 is about to write that checkpoint file
+        import largebatch.checkpoint as checkpoint
+
+        write, saves = checkpoint.save_checkpoint, [0]
+
+        def dying(path, state):
+            saves[0] += 1
+            if saves[0] == die_save:
+                os.kill(os.getpid(), signal.SIGKILL)
+            write(path, state)
+
+        checkpoint.save_checkpoint = dying
     settings = dict(optimizer=_adamw, parallel="fsdp")
     if policy:
         settings["shard_policy"] = _by_block
@@ -126,7 +138,7 @@ def _worker(
             with torch.no_grad():
                 model(_data(4)[0])
             assert type(model.head.weight).__name__ == "Parameter"
-            assert type(_resharded(model).head.weight).__name__ == "DTensor"
+            assert type(resharded(model).head.weight).__name__ == "DTensor"
     finally:
         del model
         teardown()  # as the command line ends: collected first (the sharded state holds it)
@@ -150,9 +162,10 @@ def _assert_moments_close(one, two):
 
 
 def _two(
-    out, stop_after=None, resume=False, users=False, policy=False, kill=0, each=False, fit=FIT
-):
-    args = (2, free_port(), str(out), stop_after, resume, users, policy, kill, each, fit)
+    out, stop_after=None, resume=False, users=False, policy=False, kill=0, each=False, fit=FIT,
+    die_save=0,
+):  # fmt: skip
+    args = (2, free_port(), str(out), stop_after, resume, users, policy, kill, each, fit, die_save)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
 
 
@@ -161,7 +174,11 @@ def test_two_sharded_ranks_equal_one_process_as_the_batch_grows(tmp_path):
     _one(tmp_path / "one")
     assert_runs_close(tmp_path / "one", tmp_path / "two")
     one, two = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("one", "two"))
-    # the full state in one process's layout: the same names, the optimizer by index
+    # written sharded (fsdp_checkpoint: sharded, the default): the file names the one
+    # folder of shards; read whole in one process's layout: the names, the optimizer by index
+    (folder,) = (tmp_path / "two" / SHARDS).iterdir()
+    assert two["shards"] == f"{SHARDS}/{folder.name}" and "shards" not in one
+    assert load_checkpoint(tmp_path / "two" / "checkpoint.pt", shards=False)["model"] is None
     assert one["model"].keys() == two["model"].keys()
     assert one["optimizer"]["state"].keys() == set(range(6))
     _assert_moments_close(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")
@@ -200,7 +217,10 @@ def test_a_diverging_run_of_two_ranks_rolls_back_as_one_process_does(tmp_path, p
 
 
 def test_a_reduce_scatter_after_every_micro_batch_gives_the_same_run(tmp_path):
-    _two(tmp_path / "two", each=True)
+    # with full checkpoints too: rank 0 gathers the state into the file, no shards
+    _two(tmp_path / "two", each=True, fit=dict(FIT, fsdp_checkpoint="full"))
+    assert "shards" not in load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    assert not (tmp_path / "two" / SHARDS).exists()
     _one(tmp_path / "one")
     assert_runs_close(tmp_path / "one", tmp_path / "two")
     _assert_moments_close(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")
@@ -258,6 +278,41 @@ def test_a_sharded_run_killed_mid_epoch_resumes_in_one_process_as_if_uninterrupt
     _one(tmp_path / "killed", resume=True)
     _one(tmp_path / "one")
     assert_runs_close(tmp_path / "one", tmp_path / "killed")
+
+
+def test_a_crash_between_the_shards_and_the_file_leaves_the_last_checkpoint(tmp_path):
+    # saves: the start, then each epoch's end; rank 0 dies as it is about to write the
+    # third file (epoch 2's): that save's shards are on disk, the file names epoch 1's
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        _two(tmp_path / "two", die_save=3)
+    path = tmp_path / "two" / "checkpoint.pt"
+    saved = load_checkpoint(path)
+    assert saved["run"]["epoch"] == 1 and len(list((tmp_path / "two" / SHARDS).iterdir())) == 2
+    _two(tmp_path / "two", resume=True)  # resumes from epoch 1; the next save prunes
+    (folder,) = (tmp_path / "two" / SHARDS).iterdir()
+    assert load_checkpoint(path, shards=False)["shards"] == f"{SHARDS}/{folder.name}"
+    _one(tmp_path / "one")
+    assert_runs_close(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_sharded_checkpoint_names_only_its_own_folder(tmp_path):
+    from largebatch.checkpoint import save_checkpoint
+    from largebatch.errors import CheckpointError
+
+    path = tmp_path / "checkpoint.pt"
+    for name, message in (
+        ("../elsewhere", "not a folder of"),
+        (f"{SHARDS}/..", "not a folder of"),
+        (f"{SHARDS}/a/b", "not a folder of"),
+        (f"{SHARDS}/gone", "missing or incomplete"),
+    ):
+        save_checkpoint(path, {"model": None, "optimizer": None, "shards": name})
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(path)
+    (tmp_path / SHARDS / "half").mkdir(parents=True)  # no metadata: a save that died
+    save_checkpoint(path, {"model": None, "optimizer": None, "shards": f"{SHARDS}/half"})
+    with pytest.raises(CheckpointError, match="missing or incomplete"):
+        load_checkpoint(path)
 
 
 def test_every_rank_gets_as_many_micro_batches():

@@ -124,7 +124,11 @@ def build_parts(
     from the config."""
     # a model the user wrapped in DDP trains through that wrapper (see make_parallel)
     parallel = make_parallel(
-        config.parallel, world, model, sync_each=config.fsdp_sync_each_micro_batch
+        config.parallel,
+        world,
+        model,
+        sync_each=config.fsdp_sync_each_micro_batch,
+        checkpoint=config.fsdp_checkpoint,
     )
     model = unwrapped(model)
     check_parameters(model)

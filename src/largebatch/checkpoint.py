@@ -4,6 +4,17 @@ The file is a ``torch.save`` dictionary tagged with a format name and version; i
 written to a temporary file and renamed, so an interrupted save never replaces a good
 checkpoint with a broken one. :class:`RunCheckpoint` is a run's checkpoint: the named
 objects that make up its state, saved and restored together.
+
+A sharded model (``parallel: fsdp``, ``fsdp_checkpoint: sharded``) is saved through
+``torch.distributed.checkpoint`` (DCP): every rank writes its own shards of the model and
+the optimizer into a new folder under ``checkpoint.shards/`` beside the file, then rank 0
+writes the file, which names that folder (its ``shards`` entry; ``model`` and
+``optimizer`` are None in it), and removes the folders it no longer names. The file is
+still the one thing replaced atomically: a crash mid-save leaves the previous file and
+the folder it names. :func:`load_checkpoint` reads the shards back whole, in one
+process's layout (the optimizer's state by parameter index), for anything that reads a
+checkpoint; a run that resumes loads them through DCP into its own objects instead, so
+it resumes at any world size, sharded or not (:func:`load_shards`).
 """
 
 from __future__ import annotations
@@ -11,6 +22,9 @@ from __future__ import annotations
 import io
 import math
 import re
+import secrets
+import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +34,7 @@ import torch
 from largebatch.checks import plain
 from largebatch.errors import CheckpointError, DivergedError, UsageError
 from largebatch.io import atomic_write
+from largebatch.parallel import resharded
 
 __all__ = [
     "FORMAT",
@@ -33,12 +48,18 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "all_finite",
+    "SHARDS",
+    "save_shards",
+    "load_shards",
+    "read_shards",
 ]
 
 FORMAT = "largebatch-checkpoint"
 # terminal colour codes, which torch puts into some of its messages
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 VERSION = 1
+#: the folder beside a checkpoint file that holds its sharded state (one folder per save)
+SHARDS = "checkpoint.shards"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -49,9 +70,138 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; anything else is a CheckpointError."""
-    path = Path(path)
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", shards: bool = True
+) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; anything else is a
+    CheckpointError. A sharded one's ``model`` and ``optimizer`` are read whole from its
+    folder (:func:`read_shards`) unless ``shards`` is False."""
+    state = _load_file(Path(path), map_location)
+    if shards and state.get("shards") is not None:
+        folder = _shard_folder(Path(path), state)
+        state["model"], optimizer = read_shards(folder, map_location)
+        if optimizer is not None:  # (otherwise the file holds it: a state without tensors)
+            state["optimizer"] = optimizer
+    return state
+
+
+def _shard_folder(path: Path, state: Mapping[str, Any]) -> Path:
+    """The folder that the checkpoint file ``path`` names for its shards (checked: a
+    folder of :data:`SHARDS` beside it)."""
+    name = state.get("shards")
+    parts = Path(name).parts if isinstance(name, str) else ()
+    if len(parts) != 2 or parts[0] != SHARDS or parts[1] in ("..", "."):
+        raise CheckpointError(f"checkpoint {path} names shards {name!r}, not a folder of {SHARDS}")
+    folder = path.parent / name
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is sharded, but its shards {folder} are missing or incomplete"
+        )
+    return folder
+
+
+def save_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of ``model``'s state and ``optimizer``'s (unless it
+    has none yet: before its first step, nothing to shard) to the new ``folder`` through
+    DCP (a collective; when it returns on rank 0, every rank's part and the metadata are
+    written)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(resharded(model))}
+    if optimizer.state:  # (torch would take a step at LR 0 to make one: not before ours)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=folder)
+
+
+def load_shards(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> None:
+    """Load a sharded checkpoint's ``folder`` into ``model`` and ``optimizer`` (None: the
+    checkpoint holds no optimizer state), sharded or not and at any world size (DCP
+    reads each rank's part; a collective under torchrun)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    resharded(model)
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:  # (a fresh optimizer's state made first, at LR 0, then replaced)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    try:
+        with warnings.catch_warnings():  # one process: DCP says it assumes so
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=folder)
+    except Exception as exc:  # a missing key or a shape that does not match
+        reason = _ANSI.sub("", str(exc)).strip().splitlines()
+        raise CheckpointError(
+            f"checkpoint shards {folder} do not fit this model and optimizer "
+            f"({(reason or [type(exc).__name__])[0][:200]})"
+        ) from None
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def read_shards(
+    folder: Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A sharded checkpoint's model state (by name) and optimizer state (by parameter
+    index, as one process's ``optimizer.state_dict()`` has it; None when the folder
+    holds none), whole, in this process alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    try:
+        _load_state_dict(
+            state,
+            storage_reader=FileSystemReader(folder),
+            planner=_EmptyStateDictLoadPlanner(),
+            no_dist=True,
+        )
+    except Exception as exc:
+        reason = _ANSI.sub("", str(exc)).strip().splitlines()
+        raise CheckpointError(
+            f"checkpoint shards {folder} cannot be read "
+            f"({(reason or [type(exc).__name__])[0][:200]})"
+        ) from None
+    model = {k: v.to(map_location) if isinstance(v, torch.Tensor) else v
+             for k, v in state.get("model", {}).items()}  # fmt: skip
+    optimizer = state.get("optimizer")
+    return model, _by_index(optimizer, map_location) if optimizer is not None else None
+
+
+def _by_index(state: Mapping[str, Any], map_location: Any) -> dict[str, Any]:
+    """An optimizer state keyed by parameter names (DCP's) keyed by index instead, in
+    the order of the parameter groups, as ``optimizer.state_dict()`` gives it."""
+    groups, index = [], {}
+    for group in state.get("param_groups", []):
+        names = list(group.get("params", []))
+        for name in names:
+            index[name] = len(index)
+        groups.append({**group, "params": [index[name] for name in names]})
+    entries = {
+        index[name]: {
+            key: value.to(map_location) if isinstance(value, torch.Tensor) else value
+            for key, value in entry.items()
+        }
+        for name, entry in state.get("state", {}).items()
+        if name in index
+    }
+    return {"state": dict(sorted(entries.items())), "param_groups": groups}
+
+
+def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """The checkpoint file itself, checked as ours (a sharded one's shards not read)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
@@ -166,6 +316,20 @@ def all_finite(model: torch.nn.Module) -> bool:
     )
 
 
+def _finite_shards(model: torch.nn.Module, world: Any) -> bool:
+    """Whether every floating-point tensor of the model's state is finite on every rank
+    (each rank looks at its shards; a collective under torchrun)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in model.state_dict().values()]
+    bad = sum(int(not torch.isfinite(t).all()) for t in local if t.is_floating_point())
+    if world.enabled:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(bad)], device=next(model.parameters()).device)
+        dist.all_reduce(flag)
+        bad = int(flag.item())
+    return bad == 0
+
+
 class RunCheckpoint:
     """A run's checkpoint: named stateful objects, the RNG and the progress, in a file
     (written atomically by rank 0) or, without a path, in memory.
@@ -191,44 +355,107 @@ class RunCheckpoint:
         return self.path.exists() if self.path is not None else self._memory is not None
 
     def save(self, objects: Mapping[str, Any], progress: Any) -> None:
-        """Save ``objects`` and ``progress`` (rank 0 only). The last good checkpoint is
-        never replaced by non-finite weights: that is a DivergedError. A sharded state
-        (``collective``, :class:`largebatch.parallel.FSDP`) is gathered by every rank
-        first."""
+        """Save ``objects`` and ``progress`` (rank 0 writes the file). The last good
+        checkpoint is never replaced by non-finite weights: that is a DivergedError. A
+        sharded state (``collective``, :class:`largebatch.parallel.FSDP`) is gathered by
+        every rank first, or, with ``sharded`` true in ``objects`` and a path, written
+        sharded: every rank writes its part of ``live`` (the model and the optimizer
+        themselves) through DCP (see the module's docstring)."""
+        if objects.get("sharded") and self.path is not None:
+            self._save_sharded(objects, progress)
+            return
         for obj in objects.values():
             if getattr(obj, "collective", False):
                 obj.gather()
-        if not self.world.is_main:
-            return
+        # every rank holds the same weights (or, gathered, the same whole state): every
+        # rank raises, so that all stop or roll back together
         if not all_finite(objects["model"]):
             raise DivergedError(
                 f"the weights became non-finite in epoch {progress.epoch + 1}; lower --lr"
             )
-        scaler = objects.get("scaler")
+        if not self.world.is_main:
+            return
         payload = {
             **self.extra,
             "model": objects["model"].state_dict(),
             **self.check(objects),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "run": vars(progress),
-            "rng": rng_state(),
+            **self._run_state(objects, progress),
         }
         if self.path is not None:
             save_checkpoint(self.path, payload)
+            self._prune(None)
         else:
             buffer = io.BytesIO()
             torch.save(payload, buffer)
             self._memory = buffer.getvalue()
 
+    def _run_state(self, objects: Mapping[str, Any], progress: Any) -> dict[str, Any]:
+        scaler = objects.get("scaler")
+        return {
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "run": vars(progress),
+            "rng": rng_state(),
+        }
+
+    def _save_sharded(self, objects: Mapping[str, Any], progress: Any) -> None:
+        """Every rank: its shards into a new folder; then rank 0: the file naming it,
+        and the folders it no longer names removed."""
+        assert self.path is not None
+        model, optimizer = objects["live"]
+        resharded(model)  # an evaluation left the root's parameters gathered
+        if not _finite_shards(model, self.world):  # every rank raises
+            raise DivergedError(
+                f"the weights became non-finite in epoch {progress.epoch + 1}; lower --lr"
+            )
+        name = f"{progress.epoch:04d}-{progress.updates:08d}-{secrets.token_hex(4)}"
+        if self.world.enabled:  # rank 0's name on every rank
+            import torch.distributed as dist
+
+            holder = [name]
+            dist.broadcast_object_list(holder, src=0)
+            name = holder[0]
+        save_shards(self.path.parent / SHARDS / name, model, optimizer)
+        if not self.world.is_main:
+            return
+        payload = {
+            **self.extra,
+            "model": None,
+            "optimizer": None,
+            "shards": f"{SHARDS}/{name}",
+            **self.check(objects),
+            **self._run_state(objects, progress),
+        }
+        save_checkpoint(self.path, payload)
+        self._prune(name)
+
+    def _prune(self, keep: str | None) -> None:
+        """Remove the shard folders beside the file other than ``keep`` (the one it names:
+        earlier saves' and any that a crash left half-written)."""
+        assert self.path is not None
+        folder = self.path.parent / SHARDS
+        if not folder.is_dir():
+            return
+        for entry in folder.iterdir():
+            if entry.name != keep and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+
     def check(self, objects: Mapping[str, Any]) -> dict[str, Any]:
         """The optimizer's, the controller's and the meters' states as plain data (so that
         the file loads with ``weights_only``: a user's hyper-parameter given as a NumPy
         number is saved as a Python one); a state holding anything else is refused, naming
-        it. Call it before a run writes anything."""
+        it. Call it before a run writes anything. A sharded save leaves the optimizer out
+        (its shards go through DCP)."""
         name = type(objects["controller"]).__name__
         optimizer = objects["optimizer"]
+        if objects.get("sharded") and self.path is not None:
+            # its shards go through DCP; before its first step, the file holds it
+            optimizer = objects["live"][1]
+            if optimizer.state:
+                optimizer = None
         return {
-            "optimizer": plain(
+            "optimizer": None
+            if optimizer is None
+            else plain(
                 optimizer.state_dict(), f"the state of optimizer {type(optimizer).__name__}"
             ),
             "controller": plain(
@@ -246,7 +473,7 @@ class RunCheckpoint:
         # (torch.set_rng_state and Generator.set_state refuse CUDA ones); the model's and
         # the optimizer's load_state_dict copy each tensor to its parameter's device.
         if self.path is not None:
-            return load_checkpoint(self.path, map_location="cpu")
+            return load_checkpoint(self.path, map_location="cpu", shards=False)
         if self._memory is None:  # only rank 0 keeps one: rollback needs out under torchrun
             raise UsageError("on_divergence: rollback under torchrun needs out (a run folder)")
         return torch.load(io.BytesIO(self._memory), map_location="cpu", weights_only=True)
@@ -265,11 +492,23 @@ class RunCheckpoint:
 
         saved, self._peeked = (self._peeked or self.load()), None
         path = self.where
-        load_part(objects["model"], checked_part(saved, "model", dict, path), path, "model weights")
-        load_part(
-            objects["optimizer"], checked_part(saved, "optimizer", dict, path), path,
-            "optimizer state",
-        )  # fmt: skip
+        if saved.get("shards") is not None and self.path is not None:  # each rank its part
+            model, optimizer = objects.get("live") or (objects["model"], objects["optimizer"])
+            in_file = saved.get("optimizer")  # no state yet: in the file
+            folder = _shard_folder(self.path, saved)
+            load_shards(folder, model, optimizer if in_file is None else None)
+            if in_file is not None:
+                load_part(objects["optimizer"], checked_part(saved, "optimizer", dict, path),
+                          path, "optimizer state")  # fmt: skip
+        else:
+            load_part(
+                objects["model"], checked_part(saved, "model", dict, path), path,
+                "model weights",
+            )  # fmt: skip
+            load_part(
+                objects["optimizer"], checked_part(saved, "optimizer", dict, path), path,
+                "optimizer state",
+            )  # fmt: skip
         load_part(
             objects["controller"], checked_part(saved, "controller", dict, path), path,
             "controller state",

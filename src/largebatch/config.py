@@ -68,6 +68,10 @@ class TrainConfig:
     # fsdp: reduce-scatter after every micro-batch (no unsharded gradient kept between
     # them: less memory, one reduce-scatter per micro-batch) instead of after the last
     fsdp_sync_each_micro_batch: bool = False
+    # fsdp: checkpoints "sharded" (each rank writes its shards through
+    # torch.distributed.checkpoint, beside checkpoint.pt) or "full" (rank 0 gathers the
+    # whole state into checkpoint.pt)
+    fsdp_checkpoint: str = "sharded"
     # model and method
     model: str = "c1"
     method: str = "bl"
@@ -207,6 +211,7 @@ class TrainConfig:
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key)}")
         _choice("gns_rule", self.gns_rule, GROWTH_RULES)
+        _choice("fsdp_checkpoint", self.fsdp_checkpoint, ("sharded", "full"))
         if not self.gns_kappa > 0:
             raise ConfigError(f"gns_kappa must be > 0, got {self.gns_kappa}")
         if not 0 <= self.gns_tolerance <= 1:

@@ -223,6 +223,9 @@ def run(
         "controller": controller,
         "meters": dict(parts.meters),
         "scaler": update.scaler,
+        # themselves, for a sharded checkpoint (written, or read at any world size)
+        "live": (model, optimizer),
+        "sharded": update.parallel.sharded_checkpoints,
     }
     checkpoint.check(saved)  # a state that could never be loaded: refused before any write
     progress = checkpoint.restore(saved) if resuming else Progress()

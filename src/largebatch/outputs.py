@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from largebatch.checkpoint import SHARDS
 from largebatch.config import CONFIG_HEADER, TrainConfig, save_config
 from largebatch.controllers import BatchController
 from largebatch.distributed import World, broadcast_object
@@ -54,8 +55,9 @@ __all__ = [
 
 #: the files a run writes into its folder
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt")
-#: what else may be in a run folder: TensorBoard's events, and the files ``compare`` adds
-RUN_EXTRAS = ("tensorboard", "robust.json", "hessian.json", "error.txt")
+#: what else may be in a run folder: TensorBoard's events, a sharded checkpoint's folder
+#: (:data:`largebatch.checkpoint.SHARDS`), and the files ``compare`` adds
+RUN_EXTRAS = ("tensorboard", SHARDS, "robust.json", "hessian.json", "error.txt")
 
 # What io.atomic_write leaves behind when a crash cuts a save short: ".NAME.<random>.tmp".
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")

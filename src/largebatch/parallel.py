@@ -52,9 +52,10 @@ Kinds (config ``parallel``):
   batch already; ``fsdp_sync_each_micro_batch`` reduce-scatters after every micro-batch
   instead, trading that memory for one reduce-scatter per micro-batch). Every rank must
   run as many forward passes as every other, so each rank's slice is cut into the same
-  number of micro-batches (:func:`equal_cuts`). Checkpoints hold the full, unsharded
-  state, in the layout of one process (:meth:`FSDP.stateful`), so a run resumes at
-  another world size or kind. The noise meter's reading of each rank's gradient is
+  number of micro-batches (:func:`equal_cuts`). Checkpoints are written sharded
+  through DCP (:mod:`largebatch.checkpoint`; ``fsdp_checkpoint: sharded``) or, with
+  ``full``, whole in the layout of one process (:meth:`FSDP.stateful`); either resumes
+  at another world size or kind. The noise meter's reading of each rank's gradient is
   taken in the reduce-scatter (:class:`_MeasuredReduceScatter`). Not yet under
   ``fsdp``: methods and options that take Hessian-vector products or read each
   micro-batch's own gradient (``abs``, ``absa``, the curvature guard, the stability
@@ -94,6 +95,7 @@ __all__ = [
     "unwrapped",
     "sum_hook",
     "SquaredNorms",
+    "resharded",
 ]
 
 #: the values of config ``parallel`` (the first is the default)
@@ -110,6 +112,8 @@ class Parallel:
     name = "single"
     #: every rank must run the same number of forward passes (FSDP's collectives)
     equal_passes = False
+    #: checkpoints written sharded, each rank its part (:mod:`largebatch.checkpoint`)
+    sharded_checkpoints = False
 
     def __init__(self, world: World | None = None) -> None:
         self.world = world or World()
@@ -441,7 +445,7 @@ class _FullState:
 
     def gather(self) -> None:
         if self.optimizer is None:
-            state = _resharded(self.model).state_dict()
+            state = resharded(self.model).state_dict()
             self._gathered = {k: _full(v) for k, v in state.items()}
             return
         state = self.optimizer.state_dict()
@@ -462,7 +466,7 @@ class _FullState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._gathered = None
         if self.optimizer is None:
-            own = _resharded(self.model).state_dict()
+            own = resharded(self.model).state_dict()
             self.model.load_state_dict({k: _like(v, own.get(k)) for k, v in state.items()})
             return
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -535,7 +539,7 @@ class _MeasuredReduceScatter(ReduceScatter):
         )
 
 
-def _resharded(model: nn.Module) -> nn.Module:
+def resharded(model: nn.Module) -> nn.Module:
     """``model`` with every sharded block's parameters sharded again (``reshard``): FSDP
     keeps the root's gathered parameters after a forward pass without a backward one
     (an evaluation, a check), and the module then names those, not the shards that the
@@ -572,10 +576,16 @@ class FSDP(Parallel):
     equal_passes = True
 
     def __init__(
-        self, world: World | None = None, users: bool = False, sync_each: bool = False
+        self,
+        world: World | None = None,
+        users: bool = False,
+        sync_each: bool = False,
+        checkpoint: str = "sharded",
     ) -> None:
         super().__init__(world)
         self.users = users
+        #: config fsdp_checkpoint: "sharded" (through DCP) or "full" (gathered on rank 0)
+        self.sharded_checkpoints = checkpoint == "sharded"
         #: reduce-scatter after every micro-batch (config fsdp_sync_each_micro_batch)
         self.sync_each = sync_each
         self._norms = SquaredNorms()
@@ -595,7 +605,7 @@ class FSDP(Parallel):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         self.close()
-        _resharded(model)  # the parameters the update holds are the shards
+        resharded(model)  # the parameters the update holds are the shards
         for group in _param_groups(model):
             own = group._reduce_scatter_comm
             group._reduce_scatter_comm = _MeasuredReduceScatter(own, self._norms, self.users)
@@ -653,12 +663,17 @@ class FSDP(Parallel):
 
 
 def make_parallel(
-    kind: str, world: World, model: nn.Module | None = None, sync_each: bool = False
+    kind: str,
+    world: World,
+    model: nn.Module | None = None,
+    sync_each: bool = False,
+    checkpoint: str = "sharded",
 ) -> Parallel:
     """The strategy that config ``parallel: kind`` names, for ``world``; for a ``model``
     the user wrapped in ``DistributedDataParallel`` (or sharded with ``fully_shard``)
-    already, that as it is (train :func:`unwrapped` ``model``). ``sync_each``: under
-    ``fsdp``, a reduce-scatter after every micro-batch."""
+    already, that as it is (train :func:`unwrapped` ``model``). Under ``fsdp``:
+    ``sync_each``, a reduce-scatter after every micro-batch; ``checkpoint``, config
+    ``fsdp_checkpoint``."""
     if kind not in PARALLEL_KINDS:
         raise InvalidValueError(
             f"parallel must be one of {', '.join(PARALLEL_KINDS)}, got {kind!r}"
@@ -669,7 +684,7 @@ def make_parallel(
                 "the model is sharded with fully_shard but this is one process; launch with "
                 "torchrun, or pass the model unsharded"
             )
-        return FSDP(world, users=True, sync_each=sync_each)
+        return FSDP(world, users=True, sync_each=sync_each, checkpoint=checkpoint)
     if model is not None and _is_sharded(model):
         raise UsageError(
             f"the model is wrapped in {type(model).__name__} (FSDP1), which largebatch does "
@@ -694,7 +709,7 @@ def make_parallel(
     if not world.enabled:
         return Parallel(world)
     if kind == "fsdp":
-        return FSDP(world, sync_each=sync_each)
+        return FSDP(world, sync_each=sync_each, checkpoint=checkpoint)
     return DDP(world) if kind == "ddp" else Flat(world)
 
 

@@ -72,6 +72,8 @@ _RESUMABLE_CHANGES = {
     "loader_workers",
     "tensorboard",
     "parallel",  # how gradients meet changes no number of the run
+    "fsdp_sync_each_micro_batch",
+    "fsdp_checkpoint",  # either kind of checkpoint resumes under the other
 }
 
 # Config keys that name or shape built-in data and models: fit() takes the objects.
