@@ -16,7 +16,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import largebatch
 from helpers import assert_runs_close, free_port, threads_like_a_rank
-from largebatch.build import check_shardable
+from largebatch.build import check_shardable, needs_whole_model
 from largebatch.checkpoint import SHARDS, load_checkpoint
 from largebatch.config import TrainConfig
 from largebatch.controllers import BatchController
@@ -130,7 +130,9 @@ def _worker(
             assert hasattr(model.body, "unshard") == policy  # an FSDPModule by the policy
             # accumulation without a reduce-scatter but in the last micro-batch, or every
             # time (but in gns's measured updates: all here, each read in one reduce-scatter)
-            assert (False in asked) == (not each or fit["method"] == "gns") and True in asked
+            if fit["method"] in ("schedule", "gns"):  # these accumulate (the batch grows)
+                assert (False in asked) == (not each or fit["method"] == "gns")
+            assert True in asked
         if fit.get("parallel", "fsdp") == "fsdp" and not users and not policy:
             # a forward pass without a backward one leaves the root's own parameters (the
             # head's here) gathered, FSDP's choice: the update and the checkpoints take
@@ -214,6 +216,23 @@ def test_a_diverging_run_of_two_ranks_rolls_back_as_one_process_does(tmp_path, p
     assert_runs_close(tmp_path / "one", tmp_path / "two")
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["rollbacks"] == 1
+
+
+@pytest.mark.parametrize("method", ["abs", "absa"])
+def test_abs_and_absa_run_on_a_whole_copy_and_equal_one_process(tmp_path, method):
+    # the eigenvalue's Hessian-vector products and absa's adversarial examples run on a
+    # copy of the model kept whole on each rank, brought to the shards' weights first;
+    # abs_duration 1: a growth at every epoch's end from the second, whatever the eigenvalue
+    fit = dict(FIT, method=method, batch_schedule=None, batch_size=4, max_batch_size=16,
+               hessian_samples=16, micro_batch_size=2, abs_duration=1)  # fmt: skip
+    _two(tmp_path / "two", fit=fit)
+    _one(tmp_path / "one", fit=fit)
+    assert_runs_close(tmp_path / "one", tmp_path / "two")
+    records = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert all(r["eigenvalue"] > 0 for r in records)
+    assert [r["batch_size"] for r in records] == [4, 4, 8]  # (grown at the end: next epoch)
+    if method == "absa":
+        assert records[0]["adv_ratio"] > 0
 
 
 def test_a_reduce_scatter_after_every_micro_batch_gives_the_same_run(tmp_path):
@@ -334,13 +353,11 @@ def test_the_blocks_that_are_sharded():
     assert _shard_targets(net, 0.5) == [net.body[2]]
 
 
-def test_what_fsdp_does_not_run_yet_is_refused_before_the_run():
+def test_what_fsdp_does_not_run_is_refused_before_the_run():
     for changes, message in (
         ({"method": "gns", "safeguard": False, "gns_micro_batch": 2}, "gns_micro_batch"),
-        ({"method": "abs"}, "method abs does not run"),
+        ({"method": "abs"}, "safeguard: false"),
         ({"method": "schedule", "batch_schedule": "0:8"}, "safeguard: false"),
-        ({"method": "bl", "curvature_guard": True}, "curvature_guard: false"),
-        ({"method": "bl", "adversarial": True}, "adversarial: false"),
     ):
         with pytest.raises(ConfigError, match=message):
             check_shardable(TrainConfig(**changes))
@@ -349,12 +366,31 @@ def test_what_fsdp_does_not_run_yet_is_refused_before_the_run():
     check_shardable(TrainConfig(method="bl"), _adamw)  # bl, fb: nothing to refuse
     check_shardable(TrainConfig(method="seesaw", safeguard=False))
     check_shardable(TrainConfig(method="gns", safeguard=False))  # it reads slices
+    # on a whole copy: the eigenvalue, the curvature guard, adversarial examples ...
+    whole = (
+        TrainConfig(method="abs", safeguard=False),
+        TrainConfig(method="absa", safeguard=False),
+        TrainConfig(method="bl", curvature_guard=True),
+        TrainConfig(method="bl", adversarial=True),
+    )
+    for config in whole:
+        assert needs_whole_model(config)
+        check_shardable(config)
+        with pytest.raises(ConfigError, match="sharded yourself"):  # ... not of the user's
+            check_shardable(config, users=True)
+    assert not needs_whole_model(TrainConfig(method="gns"))
 
     class Sharpness(BatchController):  # a user's controller that asks for curvature
         measures = frozenset({"eigenvalue"})
 
-    with pytest.raises(ConfigError, match="measures eigenvalue"):
-        check_shardable(TrainConfig(method="bl"), None, Sharpness())
+    assert needs_whole_model(TrainConfig(method="gns"), Sharpness())
+    check_shardable(TrainConfig(method="bl", safeguard=False), None, Sharpness())
+
+    class Odd(BatchController):  # one that asks for a measurement fsdp has no meter for
+        measures = frozenset({"sharpness"})
+
+    with pytest.raises(ConfigError, match="measures sharpness"):
+        check_shardable(TrainConfig(method="bl", safeguard=False), None, Odd())
 
     class PerMicroBatch(Meter):  # a user's meter that reads each micro-batch's gradient
         def after_backward(self, model, samples, batch_samples):
@@ -363,3 +399,16 @@ def test_what_fsdp_does_not_run_yet_is_refused_before_the_run():
     with pytest.raises(ConfigError, match="after_backward"):
         check_shardable(TrainConfig(method="bl"), None, None, {"mine": PerMicroBatch()})
     check_shardable(TrainConfig(method="bl"), None, None, {"mine": Meter()})  # at_update: fine
+
+
+def test_a_whole_copy_that_does_not_fit_is_refused(monkeypatch):
+    import largebatch.parallel as parallel
+
+    fsdp = parallel.FSDP()
+    monkeypatch.setattr(parallel, "_available_memory", lambda: 1000)  # bytes
+    with pytest.raises(UsageError, match="does not fit; use method gns"):
+        fsdp.keep_whole(Net(), torch.device("cpu"))
+    monkeypatch.setattr(parallel, "_available_memory", lambda: 1 << 30)
+    net = Net()
+    fsdp.keep_whole(net, torch.device("cpu"))
+    assert fsdp.copy is not net and torch.equal(fsdp.copy.head.weight, net.head.weight)

@@ -257,13 +257,16 @@ class GlobalBatch:
         sliced = [meter for meter in meters if meter.reads_slice(batch_samples)]
         sync = self.parallel.sync_in_backward(batch_samples, local or empty, bool(sliced))
         last = max((i for i, share in enumerate(shares) if share), default=-1)
+        # adversarial examples at the update's weights, on the model whole (under fsdp a
+        # copy, brought up to date once per update: a collective)
+        attacked = self.parallel.whole(model) if self.attack is not None and adv_ratio else model
         for index, ((xb, yb), share) in enumerate(zip(micro_batches, shares, strict=True)):
             if not share:  # no loss terms (all padding): nothing to learn from, no mean
                 continue
             xb = to_device(xb, device, self.channels_last)
             yb = yb.to(device, non_blocking=True)
             if self.attack is not None:  # through the model itself: no gradient sync
-                xb = self.attack(model, xb, yb, adv_ratio, self.loss_fn)
+                xb = self.attack(attacked, xb, yb, adv_ratio, self.loss_fn)
             with self.parallel.micro_batch(sync and index == last) as module:
                 with autocast(device, self.precision):
                     out = inputs.run(module, xb)

@@ -69,6 +69,7 @@ __all__ = [
     "model_spec",
     "GROWING_METHODS",
     "check_shardable",
+    "needs_whole_model",
 ]
 
 
@@ -134,8 +135,10 @@ def build_parts(
     check_parameters(model)
     if parallel.equal_passes:  # sharded: the optimizer is made over the shards
         users = getattr(parallel, "users", False)  # sharded by the user: as it is
-        check_shardable(config, None if users else optimizer, controller, meters)
+        check_shardable(config, None if users else optimizer, controller, meters, users)
         if not users:
+            if needs_whole_model(config, controller):  # a whole copy, before the sharding
+                parallel.keep_whole(model, device)
             parallel.shard(model, shard_policy)
     optimizer = make_optimizer(optimizer, model, config)
     group = optimizer.param_groups[0]
@@ -162,32 +165,52 @@ def build_parts(
     )
 
 
+def needs_whole_model(config: TrainConfig, controller: BatchController | None = None) -> bool:
+    """Whether a run takes Hessian-vector products or adversarial examples on the model
+    during training (``abs``, ``absa``, the curvature guard, a controller of the user's
+    that measures the eigenvalue, ``adversarial``): under ``parallel: fsdp`` these run on
+    a whole copy of the model on each rank (:meth:`largebatch.parallel.FSDP.keep_whole`)."""
+    adversarial = config.adversarial if config.adversarial is not None else config.method == "absa"
+    curvature = (
+        EIGENVALUE in controller.measures
+        if controller is not None
+        else config.method in ("abs", "absa")
+    )
+    return bool(curvature or config.curvature_guard or adversarial)
+
+
 def check_shardable(
     config: TrainConfig,
     optimizer: Any = None,
     controller: BatchController | None = None,
     meters: Mapping[str, Meter] | None = None,
+    users: bool = False,
 ) -> None:
-    """What ``parallel: fsdp`` does not run yet, refused before the run starts: anything
-    that takes Hessian-vector products or reads each micro-batch's own gradient,
-    adversarial examples, and an optimizer made before the model was sharded. The noise
-    meter (``gns``) runs: it reads each rank's whole slice, in the reduce-scatter."""
+    """What ``parallel: fsdp`` does not run, refused before the run starts: an optimizer
+    made before the model was sharded, a meter that reads each micro-batch's own gradient
+    (``gns_micro_batch`` included), the stability safeguard, and on a model the user
+    sharded (``users``) anything that needs the model whole. The noise meter (``gns``)
+    runs: it reads each rank's whole slice, in the reduce-scatter; Hessian-vector products
+    and adversarial examples run on a whole copy (:func:`needs_whole_model`)."""
     where = "under parallel: fsdp"
     if isinstance(optimizer, torch.optim.Optimizer):
         raise UsageError(
             f"{where} the optimizer must be made over the sharded parameters: pass a factory "
             "(params -> Optimizer) instead of an optimizer, or none"
         )
-    if controller is None and config.method in ("abs", "absa"):
+    if users and needs_whole_model(config, controller):
         raise ConfigError(
-            f"method {config.method} does not run {where} yet (it takes Hessian-vector "
-            "products); use parallel: ddp"
+            f"{where}, a model you sharded yourself cannot be copied whole for Hessian-vector "
+            "products or adversarial examples (method abs or absa, curvature_guard, "
+            "adversarial); pass the model unsharded (largebatch shards it and keeps a whole "
+            "copy), or use method gns"
         )
     wanted = set(controller.measures) if controller is not None else set()
-    if wanted - {NOISE_SCALE}:
+    if wanted - {NOISE_SCALE, EIGENVALUE}:
         raise ConfigError(
-            f"a controller that measures {', '.join(sorted(wanted - {NOISE_SCALE}))} does not "
-            f"run {where} yet; use parallel: ddp"
+            f"a controller that measures "
+            f"{', '.join(sorted(wanted - {NOISE_SCALE, EIGENVALUE}))} does not run {where}; "
+            "use parallel: ddp"
         )
     uses_gns = NOISE_SCALE in wanted or (controller is None and config.method == "gns")
     if uses_gns and config.gns_micro_batch is not None:
@@ -200,15 +223,11 @@ def check_shardable(
             f"a meter of yours that reads each micro-batch's gradient (after_backward) does "
             f"not run {where}: the gradients meet in the backward passes; use parallel: ddp"
         )
-    adversarial = config.adversarial if config.adversarial is not None else config.method == "absa"
-    for on, what, key in (
-        (config.curvature_guard, "the curvature guard", "curvature_guard: false"),
-        (config.safeguard and (controller is not None or config.method in GROWING_METHODS),
-         "the stability safeguard", "safeguard: false"),
-        (adversarial, "adversarial training", "adversarial: false"),
-    ):  # fmt: skip
-        if on:
-            raise ConfigError(f"{what} does not run {where} yet; set {key}, or use parallel: ddp")
+    if config.safeguard and (controller is not None or config.method in GROWING_METHODS):
+        raise ConfigError(
+            f"the stability safeguard does not run {where} yet; set safeguard: false, or "
+            "use parallel: ddp"
+        )
 
 
 def make_gauge(

@@ -357,7 +357,10 @@ class _Epochs:
         told: dict[str, Any] = {}
         seconds = 0.0
         for meter in self.wanted():
-            numbers = meter.at_decision(self.update.model, point)
+            model = self.update.model
+            numbers = meter.at_decision(
+                self.update.parallel.whole(model) if meter.whole_model else model, point
+            )
             measured.update(numbers)
             told.update(meter.told(numbers))
             seconds += time_of(numbers)

@@ -74,6 +74,9 @@ class Meter:
 
     #: keys :meth:`at_decision` always returns (None when not measured), for the records
     record_keys: tuple[str, ...] = ()
+    #: :meth:`at_decision` takes Hessian-vector products: it gets the model whole (under
+    #: ``parallel: fsdp``, a copy at the current weights)
+    whole_model = False
 
     def plan(self, batch: int, micro: int, window: int | None) -> tuple[int, int]:
         """How the loop should run updates of ``batch`` samples for this meter:
@@ -156,6 +159,7 @@ class CurvatureMeter(Meter):
         "eig_s",
         "eig_error",
     )
+    whole_model = True
 
     def __init__(
         self,

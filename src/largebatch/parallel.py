@@ -56,10 +56,11 @@ Kinds (config ``parallel``):
   through DCP (:mod:`largebatch.checkpoint`; ``fsdp_checkpoint: sharded``) or, with
   ``full``, whole in the layout of one process (:meth:`FSDP.stateful`); either resumes
   at another world size or kind. The noise meter's reading of each rank's gradient is
-  taken in the reduce-scatter (:class:`_MeasuredReduceScatter`). Not yet under
-  ``fsdp``: methods and options that take Hessian-vector products or read each
-  micro-batch's own gradient (``abs``, ``absa``, the curvature guard, the stability
-  safeguard, ``gns_micro_batch``), adversarial examples: refused before the run.
+  taken in the reduce-scatter (:class:`_MeasuredReduceScatter`). Hessian-vector
+  products and adversarial examples run on a whole copy of the model on each rank
+  (:meth:`FSDP.keep_whole`, :meth:`Parallel.whole`). Not yet under ``fsdp``: the
+  stability safeguard and meters that read each micro-batch's own gradient
+  (``gns_micro_batch``): refused before the run.
   A model the user sharded with ``fully_shard`` picks this kind whatever ``parallel``
   says, and is used as it is (:class:`FSDP` ``users``).
 
@@ -69,6 +70,7 @@ In a single process every kind is the same: nothing to reduce.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -184,6 +186,12 @@ class Parallel:
         """What a checkpoint saves and loads for the model and the optimizer: themselves
         here (see :class:`FSDP`)."""
         return model, optimizer
+
+    def whole(self, model: nn.Module) -> nn.Module:
+        """``model`` whole on this rank, at its current weights, for what runs on the model
+        outside the update (Hessian-vector products, adversarial examples): the model
+        itself here (a collective under :class:`FSDP`, where it is a copy)."""
+        return model
 
     def close(self) -> None:
         """Let go of what :meth:`prepare` set up (the run is over)."""
@@ -550,6 +558,37 @@ def resharded(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_copy_fits(model: nn.Module, device: torch.device | None) -> None:
+    """A whole copy of ``model`` and what Hessian-vector products take besides (about
+    three times its parameters again) fit in the memory free on ``device`` (a CUDA
+    device; elsewhere, the memory the system has available), or a UsageError."""
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    need = 4 * size
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = _available_memory()
+    if free is not None and need > free:
+        raise UsageError(
+            f"under parallel: fsdp, Hessian-vector products and adversarial examples run on "
+            f"a whole copy of the model on each rank, about {need / 2**30:.2f} GiB with "
+            f"their work, and {free / 2**30:.2f} GiB is free: it does not fit; use method "
+            "gns (no curvature), or set curvature_guard: false and adversarial: false"
+        )
+
+
+def _available_memory() -> int | None:
+    """The memory the system has available, in bytes (Linux; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _param_groups(model: nn.Module) -> list[Any]:
     """FSDP's parameter groups of every sharded block of ``model`` (the objects that hold
     each block's reduce-scatter)."""
@@ -660,6 +699,29 @@ class FSDP(Parallel):
 
     def stateful(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         return _FullState(model), _FullState(model, optimizer)
+
+    def keep_whole(self, model: nn.Module, device: torch.device | None = None) -> None:
+        """Before :meth:`shard`: keep a whole copy of ``model`` on this rank, which
+        :meth:`whole` brings to the current weights, for Hessian-vector products and
+        adversarial examples (FSDP's sharded model takes neither). Refused, with the
+        settings to change, when the copy does not fit ``device``."""
+        _check_copy_fits(model, device)
+        self.copy = copy.deepcopy(model)  # the same parameters (requires_grad too)
+
+    def whole(self, model: nn.Module) -> nn.Module:
+        whole = getattr(self, "copy", None)
+        if whole is None:
+            raise UsageError(
+                "under parallel: fsdp this needs a whole copy of the model, which was not "
+                "kept (FSDP.keep_whole before the sharding)"
+            )
+        state = resharded(model).state_dict()
+        with torch.no_grad():  # each sharded tensor gathered whole (a collective)
+            for name, value in whole.state_dict().items():
+                part = state[name]
+                value.copy_(part.full_tensor() if hasattr(part, "full_tensor") else part)
+        whole.train(model.training)
+        return whole
 
 
 def make_parallel(
