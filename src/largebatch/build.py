@@ -130,6 +130,7 @@ def build_parts(
         model,
         sync_each=config.fsdp_sync_each_micro_batch,
         checkpoint=config.fsdp_checkpoint,
+        precision=config.precision,
     )
     model = unwrapped(model)
     check_parameters(model)

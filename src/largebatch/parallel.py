@@ -58,7 +58,9 @@ Kinds (config ``parallel``):
   at another world size or kind. The noise meter's reading of each rank's gradient is
   taken in the reduce-scatter (:class:`_MeasuredReduceScatter`). Hessian-vector
   products and adversarial examples run on a whole copy of the model on each rank
-  (:meth:`FSDP.keep_whole`, :meth:`Parallel.whole`). Not yet under ``fsdp``: the
+  (:meth:`FSDP.keep_whole`, :meth:`Parallel.whole`). ``precision: bf16`` shards with
+  FSDP's ``MixedPrecisionPolicy`` (bf16 parameters in the forward and backward passes,
+  fp32 reduce-scatter into fp32 shards). Not yet under ``fsdp``: the
   stability safeguard and meters that read each micro-batch's own gradient
   (``gns_micro_batch``): refused before the run.
   A model the user sharded with ``fully_shard`` picks this kind whatever ``parallel``
@@ -78,7 +80,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.nn.parallel import DistributedDataParallel
 
@@ -620,9 +622,12 @@ class FSDP(Parallel):
         users: bool = False,
         sync_each: bool = False,
         checkpoint: str = "sharded",
+        precision: str = "fp32",
     ) -> None:
         super().__init__(world)
         self.users = users
+        #: config precision: bf16 shards with FSDP's mixed-precision policy
+        self.precision = precision
         #: config fsdp_checkpoint: "sharded" (through DCP) or "full" (gathered on rank 0)
         self.sharded_checkpoints = checkpoint == "sharded"
         #: reduce-scatter after every micro-batch (config fsdp_sync_each_micro_batch)
@@ -632,9 +637,12 @@ class FSDP(Parallel):
 
     def shard(self, model: nn.Module, policy: Any = None) -> None:
         blocks = _shard_targets(model, SHARD_SHARE) if policy is None else _policy(model, policy)
+        mixed = None
+        if self.precision == "bf16":  # gathered and computed in bf16, reduced in fp32
+            mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for module in blocks:
-            fully_shard(module)
-        fully_shard(model)
+            fully_shard(module, mp_policy=mixed or MixedPrecisionPolicy())
+        fully_shard(model, mp_policy=mixed or MixedPrecisionPolicy())
         for module in model.modules():  # each sharded block: its gradients summed
             if hasattr(module, "set_gradient_divide_factor"):
                 module.set_gradient_divide_factor(1.0)
@@ -730,12 +738,14 @@ def make_parallel(
     model: nn.Module | None = None,
     sync_each: bool = False,
     checkpoint: str = "sharded",
+    precision: str = "fp32",
 ) -> Parallel:
     """The strategy that config ``parallel: kind`` names, for ``world``; for a ``model``
     the user wrapped in ``DistributedDataParallel`` (or sharded with ``fully_shard``)
     already, that as it is (train :func:`unwrapped` ``model``). Under ``fsdp``:
     ``sync_each``, a reduce-scatter after every micro-batch; ``checkpoint``, config
-    ``fsdp_checkpoint``."""
+    ``fsdp_checkpoint``; ``precision``, config ``precision`` (``bf16``: FSDP's
+    mixed-precision policy)."""
     if kind not in PARALLEL_KINDS:
         raise InvalidValueError(
             f"parallel must be one of {', '.join(PARALLEL_KINDS)}, got {kind!r}"
@@ -771,7 +781,7 @@ def make_parallel(
     if not world.enabled:
         return Parallel(world)
     if kind == "fsdp":
-        return FSDP(world, sync_each=sync_each, checkpoint=checkpoint)
+        return FSDP(world, sync_each=sync_each, checkpoint=checkpoint, precision=precision)
     return DDP(world) if kind == "ddp" else Flat(world)
 
 
