@@ -103,6 +103,8 @@ def settings(config: TrainConfig) -> Settings:
         augment=config.augment,
         seed=config.seed,
         loader_workers=config.loader_workers,
+        max_accumulation=config.max_accumulation,
+        on_outgrown=config.on_outgrown,
         recovery=config.recovery_tolerance,
     )
 

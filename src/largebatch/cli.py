@@ -1,7 +1,8 @@
 """Command line: ``largebatch train|evaluate|hessian|cbs ...`` (also ``python -m largebatch``).
 
 Bad input ends with one ``error: ...`` line on stderr and exit status 2, no traceback
-(``--debug`` shows it). Ctrl-C ends with exit status 130.
+(``--debug`` shows it). Ctrl-C ends with exit status 130. A ``train`` run whose batch
+outgrew its processes under ``on_outgrown: stop`` ends with exit status 3 (:data:`OUTGROWN`).
 """
 
 from __future__ import annotations
@@ -244,13 +245,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from largebatch.distributed import teardown
 
     try:
-        train(
+        result = train(
             config,
             show_progress=None if not args.quiet else False,
             echo=None if args.quiet else _say,
         )
     finally:
         teardown()
+    asked = result.get("outgrown")
+    if asked is not None:  # saved; world.json holds the request
+        sys.stderr.write(
+            f"outgrown: {asked['reason']}; saved, resume with {asked['processes']} processes "
+            f"(--resume)\n"
+        )
+        return OUTGROWN
     return 0
 
 
@@ -377,6 +385,11 @@ class _Stdout:
 
 
 _say = _Stdout()
+
+
+#: the exit status of a run whose batch outgrew its processes (``on_outgrown: stop``):
+#: it saved at that point and wrote ``world.json``; 2 is an error, 130 an interrupt
+OUTGROWN = 3
 
 
 def _error(message: str, debug: bool) -> int:

@@ -72,6 +72,11 @@ class TrainConfig:
     # torch.distributed.checkpoint, beside checkpoint.pt) or "full" (rank 0 gathers the
     # whole state into checkpoint.pt)
     fsdp_checkpoint: str = "sharded"
+    # a world that grows with the batch: the most micro-batches per process per update
+    # (None: no limit); past it the run goes on ("continue") or saves, writes world.json
+    # (the processes it asks for) and exits with status 3 ("stop": under the launcher)
+    max_accumulation: int | None = None
+    on_outgrown: str = "continue"
     # model and method
     model: str = "c1"
     method: str = "bl"
@@ -212,6 +217,9 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be in (0, 1], got {getattr(self, key)}")
         _choice("gns_rule", self.gns_rule, GROWTH_RULES)
         _choice("fsdp_checkpoint", self.fsdp_checkpoint, ("sharded", "full"))
+        _choice("on_outgrown", self.on_outgrown, ("continue", "stop"))
+        if self.max_accumulation is not None and self.max_accumulation < 1:
+            raise ConfigError(f"max_accumulation must be >= 1 or null, got {self.max_accumulation}")
         if not self.gns_kappa > 0:
             raise ConfigError(f"gns_kappa must be > 0, got {self.gns_kappa}")
         if not 0 <= self.gns_tolerance <= 1:

@@ -48,7 +48,7 @@ from largebatch.lr import (
     tempered_factor,
 )
 from largebatch.meters import Meter, Point, SharpnessMeter, time_of
-from largebatch.parallel import Parallel
+from largebatch.parallel import Parallel, longest_slice
 from largebatch.progress import RECORD_DEFAULTS, Progress, meter_defaults
 from largebatch.sampler import EpochSampler, StreamOrder, augment_rng_seed, augment_seed
 from largebatch.scoring import LossFn, RunningScore, check_fits, score
@@ -118,6 +118,10 @@ class Settings:
         augment: random crop and flip of the training images.
         seed: seed of the data order and the augmentation.
         loader_workers: decoding processes of lazily read images (None: automatic).
+        max_accumulation: the most micro-batches per process per update (None: no
+            limit). A decision past it has outgrown the world (:meth:`_Epochs.outgrown`).
+        on_outgrown: then ``continue`` at the higher accumulation (a line says so), or
+            ``stop``: save at that point and raise :class:`WorldOutgrown`.
         recovery: the recovery after a growth: when the training loss of a decision
             window within ``RECOVERY_POINTS`` decision points after a growth that raised
             the LR exceeds the window before the growth by more than this fraction of
@@ -136,6 +140,8 @@ class Settings:
     augment: bool = False
     seed: int = 0
     loader_workers: int | None = None
+    max_accumulation: int | None = None
+    on_outgrown: str = "continue"
     recovery: float | None = None
 
 
@@ -147,6 +153,16 @@ RECOVERY_FLOOR = 0.1
 
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived; the run saved its checkpoint after the current update."""
+
+
+class WorldOutgrown(Exception):
+    """A decision made the accumulation exceed ``max_accumulation`` under ``on_outgrown:
+    stop``: the run saved its checkpoint at that decision point. ``request``: what it asks
+    for (:meth:`_Epochs.outgrown`); ``progress``: where it stopped."""
+
+    def __init__(self, request: dict[str, Any], progress: Progress) -> None:
+        super().__init__(request["reason"])
+        self.request, self.progress = request, progress
 
 
 def _never() -> str | None:
@@ -240,7 +256,7 @@ def run(
         closing(update.parallel),
     ):
         order = (StreamOrder if feed.streams else EpochSampler)(len(data.train_y), settings.seed)
-        epochs = _Epochs(parts, settings, feed, update, lr, order, world, fits, show_progress)
+        epochs = _Epochs(parts, settings, feed, update, lr, order, world, fits, show_progress, echo)
         broadcast_object(None, world)  # every rank has read the checkpoint before any write
         reason = should_stop()
         if reason is not None:  # a signal during start-up: stop before anything is written
@@ -248,6 +264,8 @@ def run(
         on_start(progress)
         if not checkpoint.exists():
             checkpoint.save(saved, progress)  # a start for a rollback or a crash in epoch 1
+        if epochs.outgrown(progress) is not None:  # (a resume on too few processes)
+            raise WorldOutgrown(epochs.request, progress)
         while progress.epoch < last and not reached_target(settings, progress):
             started = time.perf_counter()
             try:
@@ -262,6 +280,8 @@ def run(
             if train is None:  # stopped part-way through the epoch
                 progress.wall_s += time.perf_counter() - started
                 checkpoint.save(saved, progress)
+                if epochs.request is not None:  # at a decision point that outgrew the world
+                    raise WorldOutgrown(epochs.request, progress)
                 raise TrainingInterrupted(
                     f"{epochs.stop_reason}: {_where(checkpoint)} epoch {progress.epoch + 1}, "
                     f"sample {progress.position} of {order.num_samples}"
@@ -289,6 +309,8 @@ def run(
             )
             checkpoint.save(saved, progress)
             on_record(record)
+            if epochs.outgrown(progress) is not None:
+                raise WorldOutgrown(epochs.request, progress)
             reason = epochs.stop_reason or should_stop()
             if reason is not None:
                 raise TrainingInterrupted(
@@ -327,8 +349,9 @@ class _Epochs:
 
     def __init__(self, parts: Parts, settings: Settings, feed: Feed, update: GlobalBatch,
                  lr: LRScaler, order: EpochSampler, world: World, fits: Any,
-                 show_progress: bool) -> None:  # fmt: skip
+                 show_progress: bool, echo: Callable[[str], None] = _nothing) -> None:  # fmt: skip
         self.parts, self.settings, self.feed, self.update = parts, settings, feed, update
+        self.echo = echo
         self.lr, self.order, self.world, self.show_progress = lr, order, world, show_progress
         self.controller, self.meters = parts.controller, dict(parts.meters)
         self.accuracy = fits.accuracy
@@ -340,6 +363,42 @@ class _Epochs:
         self.last_adv_ratio = self.controller.decision().adv_ratio
         self.stop_reason: str | None = None  # set once this or another rank asked to stop
         self.window_loss: float | None = None  # the epoch's last window, for its end
+        self.request: dict[str, Any] | None = None  # the world the run asks for (stop)
+        self._told: int | None = None  # the batch whose outgrowing a line announced
+
+    def outgrown(self, progress: Progress) -> dict[str, Any] | None:
+        """Whether the batch now decided needs more than ``max_accumulation`` micro-batches
+        per process per update on this world. Under ``on_outgrown: stop`` that is the
+        request (also kept as :attr:`request`): ``processes``, the fewest that keep the
+        accumulation within the limit, with ``processes_now``, ``batch_size``,
+        ``micro_batch_size``, ``accumulation``, ``max_accumulation``, ``epoch``,
+        ``samples``, ``reason``; under ``continue`` None, after a line (once per batch)."""
+        limit, batch = self.settings.max_accumulation, self.controller.decision().batch_size
+        if limit is None:
+            return None
+        micro = min(self.settings.micro_batch_size or batch, batch)
+        size = self.world.size if self.world.enabled else 1
+        accumulation = -(-longest_slice(batch, self.world) // micro)
+        if accumulation <= limit:
+            return None
+        wanted = -(-batch // (micro * limit))
+        reason = (
+            f"a batch of {batch} needs {accumulation} micro-batches of at most {micro} per "
+            f"process per update on {size} process(es), more than max_accumulation {limit}: "
+            f"{wanted} processes would keep it within"
+        )
+        if self.settings.on_outgrown != "stop":
+            if self._told != batch:
+                self.echo(f"outgrown: {reason}; going on (on_outgrown: continue)")
+                self._told = batch
+            return None
+        self.request = {
+            "processes": wanted, "processes_now": size, "batch_size": batch,
+            "micro_batch_size": micro, "accumulation": accumulation, "max_accumulation": limit,
+            "epoch": progress.epoch, "samples": progress.samples, "reason": reason,
+        }  # fmt: skip
+        self.echo(f"outgrown: {reason}; saved, asking for {wanted} processes")
+        return self.request
 
     def wanted(self) -> list[Meter]:
         return [self.meters[n] for n in sorted(self.controller.wants) if n in self.meters]
@@ -502,6 +561,11 @@ class _Epochs:
                 if progress.position < order.num_samples:  # a decision point in the epoch
                     told = {"window_loss": self._window(progress, running)}
                     self.decide(progress, Point(epoch, progress.samples, epoch_end=False), told)
+                    if self.outgrown(progress) is not None:  # save here
+                        progress.partial_loss, progress.partial_correct = running.totals()
+                        progress.augment_rng = augment_rng.get_state()
+                        progress.stream = self.feed.stream_state()
+                        return None
         finally:
             bar.close()
         loss, correct = running.totals()

@@ -50,14 +50,18 @@ __all__ = [
     "describe_os_error",
     "probe_writable",
     "foreign_files",
+    "WORLD_FILE",
     "remove_own_temporaries",
 ]
 
 #: the files a run writes into its folder
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt")
+#: the processes a run asks for when its batch outgrew them (config ``max_accumulation``)
+WORLD_FILE = "world.json"
 #: what else may be in a run folder: TensorBoard's events, a sharded checkpoint's folder
-#: (:data:`largebatch.checkpoint.SHARDS`), and the files ``compare`` adds
-RUN_EXTRAS = ("tensorboard", SHARDS, "robust.json", "hessian.json", "error.txt")
+#: (:data:`largebatch.checkpoint.SHARDS`), the request for a larger world, and the files
+#: ``compare`` adds
+RUN_EXTRAS = ("tensorboard", SHARDS, WORLD_FILE, "robust.json", "hessian.json", "error.txt")
 
 # What io.atomic_write leaves behind when a crash cuts a save short: ".NAME.<random>.tmp".
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")

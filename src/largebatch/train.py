@@ -30,7 +30,13 @@ from largebatch.config import TrainConfig, config_to_dict
 from largebatch.controllers import BatchController
 from largebatch.data import load_dataset
 from largebatch.distributed import World, resolve_device, setup, thread_count
-from largebatch.engine import TrainingInterrupted, reached_target, run, tokens_per_sample
+from largebatch.engine import (
+    TrainingInterrupted,
+    WorldOutgrown,
+    reached_target,
+    run,
+    tokens_per_sample,
+)
 from largebatch.errors import (
     CheckpointError,
     ConfigError,
@@ -38,10 +44,11 @@ from largebatch.errors import (
     UsageError,
 )
 from largebatch.interrupts import StopFlag, deliver_interrupts
+from largebatch.io import atomic_write_json
 from largebatch.lr import BASE_LR_KEY, lrs_kept, rule_for
 from largebatch.meters import Meter
 from largebatch.models import build_model
-from largebatch.outputs import RunWriter, run_folder, summary
+from largebatch.outputs import WORLD_FILE, RunWriter, run_folder, summary
 from largebatch.parallel import unwrapped
 from largebatch.scalars import ScalarLog
 from largebatch.scoring import LossFn
@@ -74,6 +81,8 @@ _RESUMABLE_CHANGES = {
     "parallel",  # how gradients meet changes no number of the run
     "fsdp_sync_each_micro_batch",
     "fsdp_checkpoint",  # either kind of checkpoint resumes under the other
+    "max_accumulation",  # the launcher's last round goes on at the higher accumulation
+    "on_outgrown",
 }
 
 # Config keys that name or shape built-in data and models: fit() takes the objects.
@@ -448,22 +457,31 @@ def _run(
         # run, and arrives at the loop as a stop request. The decoding workers (image
         # folders only) start inside the engine, so they inherit the handler.
         plan = settings(config)
+        asked = out / WORLD_FILE
+        if write and world.is_main:  # a request of an earlier round is answered by now
+            asked.unlink(missing_ok=True)
         # the user's optimizer is handed back with the LRs it came with (see lrs_kept)
         with StopFlag() as stop, lrs_kept(parts.optimizer):
-            progress = run(
-                parts,
-                plan,
-                world=world,
-                device=device,
-                checkpoint=checkpoint,
-                resume=config.resume,
-                should_stop=stop.requested,
-                on_start=lambda progress: writer.start(progress.history, line),
-                on_record=writer.record,
-                echo=say,
-                show_progress=show_progress,
-                stop_after=stop_after,
-            )
+            try:
+                progress = run(
+                    parts,
+                    plan,
+                    world=world,
+                    device=device,
+                    checkpoint=checkpoint,
+                    resume=config.resume,
+                    should_stop=stop.requested,
+                    on_start=lambda progress: writer.start(progress.history, line),
+                    on_record=writer.record,
+                    echo=say,
+                    show_progress=show_progress,
+                    stop_after=stop_after,
+                )
+            except WorldOutgrown as outgrown:  # saved; the launcher (or the user) goes on
+                if write and world.is_main:
+                    atomic_write_json(asked, outgrown.request)
+                result = {**summary(config, outgrown.progress, parts.controller)}
+                return {**result, "optimizer": hyper, "outgrown": outgrown.request}
         result = {**summary(config, progress, parts.controller), "optimizer": hyper}
         if config.target_train_loss is not None:
             result.update(_target_record(config.target_train_loss, progress.history))
