@@ -63,7 +63,18 @@ LAYER_OF = {
         "recipe",
     ),
     **dict.fromkeys(
-        ("evaluate", "analysis", "cbs", "compare", "claims", "report", "cli", "demo", "__main__"),
+        (
+            "evaluate",
+            "analysis",
+            "cbs",
+            "compare",
+            "claims",
+            "report",
+            "launch",
+            "cli",
+            "demo",
+            "__main__",
+        ),
         "apps",
     ),
 }

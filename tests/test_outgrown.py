@@ -14,6 +14,8 @@ import yaml
 import largebatch
 from helpers import assert_runs_close
 from largebatch.checkpoint import load_checkpoint
+from largebatch.errors import UsageError
+from largebatch.io import read_jsonl
 from test_fsdp import FIT, Net, _adamw, _data, _one, _two
 
 pytestmark = pytest.mark.slow
@@ -85,3 +87,123 @@ def test_the_command_line_exits_with_status_3_and_without_a_limit_never_asks(tmp
     never = train("never")  # max_accumulation null (the default): never asks
     assert never.returncode == 0, never.stderr[-2000:]
     assert not (tmp_path / "never" / "world.json").exists()
+
+
+def _config(tmp_path, **more):
+    """gns on digits from a batch of 32 in micro-batches of 32: it doubles to 64 at
+    sample 1470 (epoch 2), where one process would need 2 micro-batches per update."""
+    values = dict(
+        dataset="digits", model="mlp", method="gns", batch_size=32, max_batch_size=128,
+        micro_batch_size=32, gns_every=0.25, epochs=3, threads=1, safeguard=False,
+        max_accumulation=1,
+    )  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**values, **more}))
+    return path
+
+
+def test_the_launcher_relaunches_on_the_processes_asked_for_and_ends_as_if_it_had_them(tmp_path):
+    config = _config(tmp_path)
+    launched = subprocess.run(
+        [sys.executable, "-m", "largebatch", "launch", "--nproc-max", "2", "--",
+         "--config", str(config), "--out", str(tmp_path / "launched"), "--quiet"],
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-2000:]
+    rounds = [line for line in launched.stdout.splitlines() if line.startswith("launch:")]
+    assert "round 1 on 1 process(es)" in rounds[0] and "on_outgrown=stop" in rounds[0]
+    assert "asked for 2 processes at sample 1470" in rounds[1]
+    assert "round 2 on 2 process(es)" in rounds[2] and "on_outgrown=continue" in rounds[2]
+    assert rounds[3] == "launch: the run ended after 2 round(s) on 2 process(es)"
+    # the reference: one process throughout, never asking. The same batches, losses and
+    # weights; not the same noise readings after the growth: each epoch's short last
+    # batch (1437 = 44 x 32 + 29) gives one process a short part that it does not read,
+    # and two processes two slices that they do (GradientNoiseMeter's documented rule)
+    reference = subprocess.run(
+        [sys.executable, "-m", "largebatch", "train", "--config", str(config),
+         "--out", str(tmp_path / "one"), "--quiet", "--set", "max_accumulation=null"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    records = read_jsonl(tmp_path / "launched" / "metrics.jsonl")
+    assert [r["batch_size"] for r in records] == [32, 64, 64]
+    noise = ("gns", "gns_grad_sq", "gns_trace", "gns_updates")
+    assert_runs_close(tmp_path / "one", tmp_path / "launched", skip=noise)
+
+
+def test_the_launchers_rounds(tmp_path):
+    from largebatch.launch import launch, torchrun_command
+
+    asks = iter([{"processes": 3, "samples": 10}, {"processes": 16, "samples": 20}, None])
+    commands = []
+
+    def run(command, env):  # a round: leaves the next request, as the run would
+        commands.append(command)
+        request = next(asks)
+        if request is not None:
+            (tmp_path / "world.json").write_text(json.dumps({**request, "reason": "r"}))
+        return subprocess.CompletedProcess(command, 0)
+
+    lines = []
+    status = launch(["--out", str(tmp_path), "--resume"], tmp_path, 4, echo=lines.append,
+                    run=run, torchrun=["torchrun"])  # fmt: skip
+    assert status == 0 and len(commands) == 3
+    assert [c[2] for c in commands] == [
+        "--nproc-per-node=1",
+        "--nproc-per-node=3",
+        "--nproc-per-node=4",  # capped at 4
+    ]
+    assert commands[0] == torchrun_command(["--out", str(tmp_path)], 1, False, ["torchrun"])
+    assert commands[0].count("--resume") == 1 and commands[2][-1] == "on_outgrown=continue"
+    assert "next round on 4 (--nproc-max 4)" in lines[3]
+    # a round that fails without a request ends the launch with its status
+    failing = launch(["--out", str(tmp_path)], tmp_path, 2, echo=lines.append,
+                     run=lambda c, env: subprocess.CompletedProcess(c, 7))  # fmt: skip
+    assert failing == 7 and "failed with exit status 7" in lines[-1]
+    with pytest.raises(UsageError, match="--nproc-start"):
+        launch([], tmp_path, 2, nproc_start=3)
+
+
+def _slurm_round(tmp_path, nodes, ask, nodes_max=4):
+    """scripts/slurm-grow.sh as one job on ``nodes`` nodes of 4 GPUs, with srun, sbatch and
+    scontrol replaced by stubs that log their arguments (srun's run asks for ``ask``
+    processes, or finishes when None). Returns the script's result and the logged calls."""
+    stubs, log, out = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "out"
+    stubs.mkdir(exist_ok=True)
+    out.mkdir(exist_ok=True)
+    request = "" if ask is None else json.dumps({"processes": ask, "reason": "r"})
+    for name, action in (
+        ("srun", f"[ -z '{request}' ] || echo '{request}' > {out}/world.json; exit 0"),
+        ("sbatch", "exit 0"),
+        ("scontrol", "printf 'node1\\nnode2\\n'"),
+    ):
+        (stubs / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n{action}\n')
+        (stubs / name).chmod(0o755)
+    env = {
+        "PATH": f"{stubs}:/usr/bin:/bin", "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "77",
+        "PYTHON": sys.executable,
+    }  # fmt: skip
+    log.unlink(missing_ok=True)
+    done = subprocess.run(
+        ["bash", "scripts/slurm-grow.sh", "run.yaml", str(out), str(nodes_max)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    return done, log.read_text().splitlines()
+
+
+def test_the_slurm_script_asks_slurm_for_the_nodes_the_run_wants(tmp_path):
+    done, calls = _slurm_round(tmp_path, nodes=1, ask=8)  # 8 processes: 2 nodes of 4
+    assert done.returncode == 0, done.stderr
+    srun, sbatch = calls[1], calls[2]  # (scontrol first)
+    assert srun.startswith("srun torchrun --nnodes=1 --nproc_per_node=4 --rdzv_id=77")
+    assert "--rdzv_endpoint=node1:29500" in srun
+    assert srun.endswith("--resume --set on_outgrown=stop")
+    script = f"scripts/slurm-grow.sh run.yaml {tmp_path / 'out'} 4"
+    assert sbatch == f"sbatch --nodes=2 --gpus-per-node=4 {script}"
+    assert "next round on 2 node(s)" in done.stdout
+    _, calls = _slurm_round(tmp_path, nodes=2, ask=40)  # capped at 4 nodes
+    assert calls[-1].startswith("sbatch --nodes=4 ")
+    done, calls = _slurm_round(tmp_path, nodes=4, ask=None)  # the last round goes on, ends
+    assert calls[1].endswith("--set on_outgrown=continue") and len(calls) == 2
+    assert "ended with status 0" in done.stdout

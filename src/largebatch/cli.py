@@ -223,6 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-report", action="store_true", help="do not write the report")
     cmp.set_defaults(func=_cmd_compare)
 
+    lau = sub.add_parser(
+        "launch",
+        help="train on as many processes as the batch needs (torchrun, one machine)",
+        description=(
+            "Run 'largebatch train' under torchrun in rounds: when the run's batch outgrows "
+            "its processes (config max_accumulation) it saves and asks for more "
+            "(world.json), and the next round resumes on them, up to --nproc-max."
+        ),
+    )
+    lau.add_argument("--nproc-max", type=int, required=True, help="the most processes")
+    lau.add_argument("--nproc-start", type=int, default=1, help="processes of the first round")
+    lau.add_argument(
+        "train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_ARGS",
+        help="the arguments of largebatch train (--resume is added)",
+    )  # fmt: skip
+    lau.set_defaults(func=_cmd_launch)
+
     rep = sub.add_parser(
         "report",
         help="tables and figures from finished runs",
@@ -233,15 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace) -> Any:
+    """The TrainConfig that ``train``'s arguments give (the file, then flags, then --set)."""
     from largebatch.config import apply_overrides, load_config, parse_assignment
-    from largebatch.train import train
 
     config = load_config(args.config)
     keys = [key for _, key, _, _ in _TRAIN_FLAGS] + list(_TRAIN_SWITCHES)
     flags = {key: getattr(args, key) for key in keys if hasattr(args, key)}
     config = apply_overrides(config, flags)
-    config = apply_overrides(config, dict(parse_assignment(a) for a in args.assignments))
+    return apply_overrides(config, dict(parse_assignment(a) for a in args.assignments))
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from largebatch.launch import launch
+
+    given = list(args.train_args)
+    if given[:1] == ["--"]:
+        given = given[1:]
+    if not given:
+        raise UsageError("launch: give the train arguments after --, e.g. -- --config run.yaml")
+    train_args = build_parser().parse_args(["train", *given])  # bad ones: exit status 2
+    folder = Path(_train_config(train_args).out)
+    return launch(given, folder, args.nproc_max, args.nproc_start, echo=_say)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from largebatch.train import train
+
+    config = _train_config(args)
     from largebatch.distributed import teardown
 
     try:
