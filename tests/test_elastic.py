@@ -42,6 +42,8 @@ KILL_AT = "LARGEBATCH_TEST_KILL_AT"
 EVENTS = "LARGEBATCH_TEST_EVENTS"
 # Test-only: seconds by which rank 0 of the restarted round starts after rank 1.
 LAG = "LARGEBATCH_TEST_LAG"
+# Test-only: seconds each training forward sleeps (a run long enough for a node to join).
+SLOW = "LARGEBATCH_TEST_SLOW"
 
 
 def _values() -> dict:
@@ -135,6 +137,62 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_exactly(
     ]
 
 
+def _node(config: Path, out: Path, port: int, host: bool, env: dict) -> subprocess.Popen:
+    """One torchrun "node" of one worker, in an elastic job of 1 to 2 nodes on 127.0.0.1."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
+        "--max-restarts=3", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=late", f"--rdzv-conf=is_host={str(host).lower()},last_call_timeout=1",
+        __file__, "train", "--config", str(config), "--out", str(out), "--resume", "--quiet",
+    ]  # fmt: skip
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+
+
+def test_a_node_that_joins_late_is_used_from_the_next_round_and_the_run_stays_the_same(
+    tmp_path, reference
+):
+    # node A trains alone (each training forward sleeps 0.5 s while it is alone: 6 s to
+    # its epoch-1 checkpoint, 12 s more of training after it, for node B to start in);
+    # once that checkpoint is written, node B arrives: A's agent stops
+    # its worker (SIGTERM: it saves after the update in progress) and both rendezvous as a
+    # world of 2, which resumes there. The schedule and the weights are one process's.
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_values()))
+    out, events = tmp_path / "elastic", tmp_path / "events.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", EVENTS: str(events), SLOW: "0.5",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # fmt: skip
+    port = free_port()
+    nodes = [_node(config, out, port, True, env)]
+    try:
+        deadline = time.monotonic() + 120
+        while (_checkpoint_epoch_safe(out) or 0) < 1:  # A alone through epoch 1
+            assert nodes[0].poll() is None, nodes[0].communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "node A did not finish epoch 1"
+            time.sleep(0.2)
+        nodes.append(_node(config, out, port, False, env))
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, log in zip(nodes, logs, strict=True):
+        assert node.returncode == 0, log[-4000:]
+    seen = events.read_text().splitlines()
+    assert "world 1 rank 0 starts at epoch None" in seen  # A alone, from the start
+    joined = [line for line in seen if line.startswith("world 2 rank 1 starts at epoch")]
+    assert joined and all(int(line.rsplit(" ", 1)[1]) >= 1 for line in joined), seen
+    _assert_same_run(reference, out)
+
+
+def _checkpoint_epoch_safe(out: Path) -> int | None:
+    """The checkpoint's epoch, or None while there is none (or it is being replaced)."""
+    try:
+        return _checkpoint_epoch(out)
+    except Exception:
+        return None
+
+
 def test_a_ddp_run_killed_by_sigkill_resumes_in_one_process(tmp_path, reference):
     # 2 ranks under parallel: ddp (the default) and no restart: rank 1 dies by SIGKILL in
     # epoch 2, the job fails; one process then resumes from the epoch-1 checkpoint
@@ -216,6 +274,17 @@ def _dies_at(build, count: int, out: Path):
     return at_training_forward(build, count, die)
 
 
+def _slowed(build, seconds: float):
+    """Wrap a model builder: every training forward of the model sleeps ``seconds``."""
+
+    def build_and_slow(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_hook(lambda m, i, o: time.sleep(seconds) if m.training else None)
+        return model
+
+    return build_and_slow
+
+
 def _worker_main(argv: list[str]) -> int:
     """A torchrun worker: ``largebatch`` itself, with a fault in round 0 on rank 1."""
     import largebatch.train as train_module
@@ -224,7 +293,14 @@ def _worker_main(argv: list[str]) -> int:
     round_ = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     rank = int(os.environ.get("RANK", "0"))
     out = Path(argv[argv.index("--out") + 1])
-    _say(f"round {round_} rank {rank} starts at epoch {_checkpoint_epoch(out)}")
+    if os.environ.get(SLOW):  # the late-joining node's test: which world, from where
+        size = os.environ.get("WORLD_SIZE", "1")
+        _say(f"world {size} rank {rank} starts at epoch {_checkpoint_epoch(out)}")
+        if size == "1":  # alone: slow, waiting for the other node; together: at speed
+            pause = float(os.environ[SLOW])
+            train_module.build_model = _slowed(train_module.build_model, pause)
+    else:
+        _say(f"round {round_} rank {rank} starts at epoch {_checkpoint_epoch(out)}")
     if round_ > 0 and rank == 0:
         # Rank 0 of the restarted round comes late, as on a slow node: rank 1 is then
         # first in the store, where the dead rank 0's gloo address still is.
