@@ -137,7 +137,7 @@ def test_the_launchers_rounds(tmp_path):
     asks = iter([{"processes": 3, "samples": 10}, {"processes": 16, "samples": 20}, None])
     commands = []
 
-    def run(command, env):  # a round: leaves the next request, as the run would
+    def run(command):  # a round: leaves the next request, as the run would
         commands.append(command)
         request = next(asks)
         if request is not None:
@@ -158,7 +158,7 @@ def test_the_launchers_rounds(tmp_path):
     assert "next round on 4 (--nproc-max 4)" in lines[3]
     # a round that fails without a request ends the launch with its status
     failing = launch(["--out", str(tmp_path)], tmp_path, 2, echo=lines.append,
-                     run=lambda c, env: subprocess.CompletedProcess(c, 7))  # fmt: skip
+                     run=lambda c: subprocess.CompletedProcess(c, 7))  # fmt: skip
     assert failing == 7 and "failed with exit status 7" in lines[-1]
     with pytest.raises(UsageError, match="--nproc-start"):
         launch([], tmp_path, 2, nproc_start=3)
@@ -207,3 +207,15 @@ def test_the_slurm_script_asks_slurm_for_the_nodes_the_run_wants(tmp_path):
     done, calls = _slurm_round(tmp_path, nodes=4, ask=None)  # the last round goes on, ends
     assert calls[1].endswith("--set on_outgrown=continue") and len(calls) == 2
     assert "ended with status 0" in done.stdout
+
+
+def test_a_growth_at_the_last_epochs_end_asks_for_nothing(tmp_path):
+    # the schedule grows the batch at sample 112, the end of the last epoch: nothing is
+    # left to train on more processes, so the run finishes instead of asking
+    result = largebatch.fit(
+        Net(), _data(), eval_data=_data(9), out=tmp_path / "run", optimizer=_adamw,
+        **{**GROWS, "batch_schedule": "0:7 112:14", "epochs": 2, "on_outgrown": "stop"},
+    )  # fmt: skip
+    assert "outgrown" not in result and result["final_batch_size"] == 7
+    assert (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run" / "world.json").exists()

@@ -264,9 +264,13 @@ def run(
         on_start(progress)
         if not checkpoint.exists():
             checkpoint.save(saved, progress)  # a start for a rollback or a crash in epoch 1
-        if epochs.outgrown(progress) is not None:  # (a resume on too few processes)
+
+        def left() -> bool:  # training still to do
+            return progress.epoch < last and not reached_target(settings, progress)
+
+        if left() and epochs.outgrown(progress) is not None:  # (resumed on too few processes)
             raise WorldOutgrown(epochs.request, progress)
-        while progress.epoch < last and not reached_target(settings, progress):
+        while left():
             started = time.perf_counter()
             try:
                 train = epochs.train(progress, should_stop)
@@ -309,7 +313,7 @@ def run(
             )
             checkpoint.save(saved, progress)
             on_record(record)
-            if epochs.outgrown(progress) is not None:
+            if left() and epochs.outgrown(progress) is not None:
                 raise WorldOutgrown(epochs.request, progress)
             reason = epochs.stop_reason or should_stop()
             if reason is not None:

@@ -18,7 +18,6 @@ same rounds (``scripts/slurm-grow.sh`` asks Slurm for the nodes instead).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -85,8 +84,7 @@ def launch(
         command = torchrun_command(train_args, processes, last, torchrun)
         echo(f"launch: round {round_} on {processes} process(es): {' '.join(command)}")
         (folder / WORLD_FILE).unlink(missing_ok=True)  # this round's answer only
-        status = run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
-            "OMP_NUM_THREADS", "1")}).returncode  # fmt: skip
+        status = run(command).returncode
         request = read_request(folder)
         if request is None:
             if status == 0:

@@ -149,6 +149,13 @@ class Parallel:
         before the ranks' gradients met, a float64 tensor; otherwise None."""
         return self._local_sq
 
+    def _take_summed(self, norms: SquaredNorms) -> None:
+        """This update's squared norm from what a communication hook summed in ``norms``
+        (zero when it was given nothing), and the hook off again."""
+        total = norms.total
+        self._local_sq = total if total is not None else torch.zeros((), dtype=torch.float64)
+        norms.start(False)
+
     def _take_local(self, params: Sequence[nn.Parameter]) -> None:
         """The squared norm of ``params``' gradients now, when this update measures it."""
         if self._measure:
@@ -325,10 +332,7 @@ class DDP(Flat):
             stopping = super().finish(params, buffers, flag, synced)
         else:
             if self._measure:  # our hook summed the buckets' squared norms
-                total = self._norms.total
-                zero = torch.zeros((), dtype=torch.float64)
-                self._local_sq = total if total is not None else zero
-                self._norms.start(False)
+                self._take_summed(self._norms)
             device = params[0].device  # the extras alone:
             stopping = all_reduce_gradients([], self.world, flag, buffers, device)
             if self.ddp is self.users:  # it averaged over the ranks; the update is the sum
@@ -690,9 +694,7 @@ class FSDP(Parallel):
         synced: bool,
     ) -> float:
         if self._measure:  # the reduce-scatters summed this rank's squared norms
-            total = self._norms.total
-            self._local_sq = total if total is not None else torch.zeros((), dtype=torch.float64)
-            self._norms.start(False)
+            self._take_summed(self._norms)
             if any(group._reduce_scatter_comm.divided for group, _ in self._comms):
                 raise UsageError(
                     "the noise meter cannot read a float16 reduce-scatter (your "
