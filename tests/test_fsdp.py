@@ -258,6 +258,24 @@ def test_bf16_shards_with_fsdps_mixed_precision_policy_and_fp16_autocasts(tmp_pa
     )
 
 
+def test_the_stability_safeguard_gauges_on_the_whole_copy_with_adams_state_whole(tmp_path):
+    # the growth 7 -> 14 raises the LR factor: the gauge reads the sharpness along Adam's
+    # step on the whole copy, preconditioned by Adam's second moment gathered whole
+    fit = dict(FIT, safeguard=True, lr_scaling="linear")
+    _two(tmp_path / "two", fit=fit)
+    _one(tmp_path / "one", fit=fit)
+    assert_runs_close(tmp_path / "one", tmp_path / "two")
+    one, two = (
+        [c for r in read_jsonl(tmp_path / name / "metrics.jsonl") for c in r["batch_changes"]]
+        for name in ("one", "two")
+    )
+    assert two and all(c.get("proposed_lr_factor") is not None for c in two), two
+    # the reading itself (assert_runs_close leaves it out: near zero it is rounding), here
+    # 13.7: without Adam's preconditioner gathered whole it reads otherwise
+    for a, b in zip(one, two, strict=True):
+        assert b["gauge_sharpness"] == pytest.approx(a["gauge_sharpness"], rel=1e-4)
+
+
 def test_a_reduce_scatter_after_every_micro_batch_gives_the_same_run(tmp_path):
     # with full checkpoints too: rank 0 gathers the state into the file, no shards
     _two(tmp_path / "two", each=True, fit=dict(FIT, fsdp_checkpoint="full"))
@@ -376,11 +394,9 @@ def test_the_blocks_that_are_sharded():
     assert _shard_targets(net, 0.5) == [net.body[2]]
 
 
-def test_what_fsdp_does_not_run_is_refused_before_the_run():
+def test_what_fsdp_runs_on_a_whole_copy_and_what_it_refuses_before_the_run():
     for changes, message in (
         ({"method": "gns", "safeguard": False, "gns_micro_batch": 2}, "gns_micro_batch"),
-        ({"method": "abs"}, "safeguard: false"),
-        ({"method": "schedule", "batch_schedule": "0:8"}, "safeguard: false"),
     ):
         with pytest.raises(ConfigError, match=message):
             check_shardable(TrainConfig(**changes))
@@ -395,18 +411,21 @@ def test_what_fsdp_does_not_run_is_refused_before_the_run():
         TrainConfig(method="absa", safeguard=False),
         TrainConfig(method="bl", curvature_guard=True),
         TrainConfig(method="bl", adversarial=True),
+        TrainConfig(method="gns"),  # the safeguard's gauge, on by default for growing ones
+        TrainConfig(method="schedule", batch_schedule="0:8"),
     )
     for config in whole:
         assert needs_whole_model(config)
         check_shardable(config)
         with pytest.raises(ConfigError, match="sharded yourself"):  # ... not of the user's
             check_shardable(config, users=True)
-    assert not needs_whole_model(TrainConfig(method="gns"))
+    assert not needs_whole_model(TrainConfig(method="gns", safeguard=False))
+    assert not needs_whole_model(TrainConfig(method="bl"))  # no growth, no gauge
 
     class Sharpness(BatchController):  # a user's controller that asks for curvature
         measures = frozenset({"eigenvalue"})
 
-    assert needs_whole_model(TrainConfig(method="gns"), Sharpness())
+    assert needs_whole_model(TrainConfig(method="gns", safeguard=False), Sharpness())
     check_shardable(TrainConfig(method="bl", safeguard=False), None, Sharpness())
 
     class Odd(BatchController):  # one that asks for a measurement fsdp has no meter for

@@ -169,17 +169,19 @@ def build_parts(
 
 
 def needs_whole_model(config: TrainConfig, controller: BatchController | None = None) -> bool:
-    """Whether a run takes Hessian-vector products or adversarial examples on the model
-    during training (``abs``, ``absa``, the curvature guard, a controller of the user's
-    that measures the eigenvalue, ``adversarial``): under ``parallel: fsdp`` these run on
-    a whole copy of the model on each rank (:meth:`largebatch.parallel.FSDP.keep_whole`)."""
+    """Whether a run takes Hessian-vector products, adversarial examples or the stability
+    gauge's readings on the model during training (``abs``, ``absa``, the curvature
+    guard, a controller of the user's that measures the eigenvalue, ``adversarial``, the
+    safeguard of a growing run): under ``parallel: fsdp`` these run on a whole copy of the
+    model on each rank (:meth:`largebatch.parallel.FSDP.keep_whole`)."""
     adversarial = config.adversarial if config.adversarial is not None else config.method == "absa"
     curvature = (
         EIGENVALUE in controller.measures
         if controller is not None
         else config.method in ("abs", "absa")
     )
-    return bool(curvature or config.curvature_guard or adversarial)
+    gauged = config.safeguard and (controller is not None or config.method in GROWING_METHODS)
+    return bool(curvature or config.curvature_guard or adversarial or gauged)
 
 
 def check_shardable(
@@ -191,10 +193,10 @@ def check_shardable(
 ) -> None:
     """What ``parallel: fsdp`` does not run, refused before the run starts: an optimizer
     made before the model was sharded, a meter that reads each micro-batch's own gradient
-    (``gns_micro_batch`` included), the stability safeguard, and on a model the user
-    sharded (``users``) anything that needs the model whole. The noise meter (``gns``)
-    runs: it reads each rank's whole slice, in the reduce-scatter; Hessian-vector products
-    and adversarial examples run on a whole copy (:func:`needs_whole_model`)."""
+    (``gns_micro_batch`` included), and on a model the user sharded (``users``) anything
+    that needs the model whole. The noise meter (``gns``) runs: it reads each rank's whole
+    slice, in the reduce-scatter; Hessian-vector products, adversarial examples and the
+    stability gauge run on a whole copy (:func:`needs_whole_model`)."""
     where = "under parallel: fsdp"
     if isinstance(optimizer, torch.optim.Optimizer):
         raise UsageError(
@@ -204,9 +206,10 @@ def check_shardable(
     if users and needs_whole_model(config, controller):
         raise ConfigError(
             f"{where}, a model you sharded yourself cannot be copied whole for Hessian-vector "
-            "products or adversarial examples (method abs or absa, curvature_guard, "
-            "adversarial); pass the model unsharded (largebatch shards it and keeps a whole "
-            "copy), or use method gns"
+            "products, adversarial examples or the stability gauge (method abs or absa, "
+            "curvature_guard, adversarial, the safeguard of a growing method); pass the model "
+            "unsharded (largebatch shards it and keeps a whole copy), or set safeguard: false "
+            "and use method gns"
         )
     wanted = set(controller.measures) if controller is not None else set()
     if wanted - {NOISE_SCALE, EIGENVALUE}:
@@ -225,11 +228,6 @@ def check_shardable(
         raise ConfigError(
             f"a meter of yours that reads each micro-batch's gradient (after_backward) does "
             f"not run {where}: the gradients meet in the backward passes; use parallel: ddp"
-        )
-    if config.safeguard and (controller is not None or config.method in GROWING_METHODS):
-        raise ConfigError(
-            f"the stability safeguard does not run {where} yet; set safeguard: false, or "
-            "use parallel: ddp"
         )
 
 

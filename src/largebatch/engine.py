@@ -467,9 +467,15 @@ class _Epochs:
         started = time.perf_counter()
         base = self.lr.bases()[0] * progress.lr_scale
         # the sharpness along the grown batch's step, over the step its LR would take
-        sharpness, _ = gauge.measure(
-            self.update.model, batch=after.batch_size, step=base * after.lr_factor
-        )
+        # on the model whole, with the optimizer's state whole (under fsdp: copies)
+        parallel, model = self.update.parallel, self.update.model
+        whole = parallel.whole(model)
+        own = gauge.optimizer
+        gauge.optimizer = parallel.whole_optimizer(model, own)
+        try:
+            sharpness, _ = gauge.measure(whole, batch=after.batch_size, step=base * after.lr_factor)
+        finally:
+            gauge.optimizer = own
         stable = math.isfinite(sharpness) and sharpness > 0
         limit = critical_lr(sharpness, self.parts.optimizer) if stable else None
         factor = tempered_factor(in_force, after.lr_factor, None if limit is None else limit / base)

@@ -57,12 +57,12 @@ Kinds (config ``parallel``):
   ``full``, whole in the layout of one process (:meth:`FSDP.stateful`); either resumes
   at another world size or kind. The noise meter's reading of each rank's gradient is
   taken in the reduce-scatter (:class:`_MeasuredReduceScatter`). Hessian-vector
-  products and adversarial examples run on a whole copy of the model on each rank
-  (:meth:`FSDP.keep_whole`, :meth:`Parallel.whole`). ``precision: bf16`` shards with
+  products, adversarial examples and the stability gauge run on a whole copy of the
+  model on each rank (:meth:`FSDP.keep_whole`, :meth:`Parallel.whole`; the gauge with
+  the optimizer's state whole, :meth:`Parallel.whole_optimizer`). ``precision: bf16`` shards with
   FSDP's ``MixedPrecisionPolicy`` (bf16 parameters in the forward and backward passes,
-  fp32 reduce-scatter into fp32 shards). Not yet under ``fsdp``: the
-  stability safeguard and meters that read each micro-batch's own gradient
-  (``gns_micro_batch``): refused before the run.
+  fp32 reduce-scatter into fp32 shards). Not under ``fsdp``: meters that read each
+  micro-batch's own gradient (``gns_micro_batch``): refused before the run.
   A model the user sharded with ``fully_shard`` picks this kind whatever ``parallel``
   says, and is used as it is (:class:`FSDP` ``users``).
 
@@ -201,6 +201,15 @@ class Parallel:
         outside the update (Hessian-vector products, adversarial examples): the model
         itself here (a collective under :class:`FSDP`, where it is a copy)."""
         return model
+
+    def whole_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> torch.optim.Optimizer:
+        """``optimizer`` over the parameters of :meth:`whole` ``(model)``, with its state
+        whole (the stability gauge's direction and preconditioner): ``optimizer`` itself
+        here (under :class:`FSDP` a copy over the whole copy's parameters, its state
+        gathered: a collective; call it after :meth:`whole`)."""
+        return optimizer
 
     def close(self) -> None:
         """Let go of what :meth:`prepare` set up (the run is over)."""
@@ -732,6 +741,32 @@ class FSDP(Parallel):
                 value.copy_(part.full_tensor() if hasattr(part, "full_tensor") else part)
         whole.train(model.training)
         return whole
+
+    def whole_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> torch.optim.Optimizer:
+        whole = getattr(self, "copy", None)
+        if whole is None:
+            return self.whole(model)  # (raises: no copy was kept)
+        state = _FullState(model, optimizer)
+        state.gather()  # every sharded tensor of the state whole, by parameter index
+        gathered = state.state_dict()
+        copies = dict(zip(map(id, model.parameters()), whole.parameters(), strict=True))
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"},
+             "params": [copies[id(p)] for p in group["params"]]}
+            for group in optimizer.param_groups
+        ]  # fmt: skip
+        try:  # each group carries its own hyper-parameters
+            mirror = type(optimizer)(groups)
+        except TypeError as exc:
+            raise UsageError(
+                f"under parallel: fsdp the stability gauge copies the optimizer over the "
+                f"whole model, and {type(optimizer).__name__}(param_groups) failed ({exc}); "
+                "set safeguard: false"
+            ) from None
+        mirror.load_state_dict(gathered)
+        return mirror
 
 
 def make_parallel(
