@@ -1,6 +1,7 @@
-"""``parallel: fsdp`` (its first step): FSDP2's ``fully_shard`` under real gloo processes
-gives one process's run, checkpoints hold the full state in one process's layout, and
-what it does not run yet is refused before the run."""
+"""``parallel: fsdp``: FSDP2's ``fully_shard`` under real gloo processes gives one
+process's run for every method (those that need the model whole on a copy per rank),
+checkpoints (sharded through DCP, or whole) resume at another world size, and what it
+does not run is refused before the run."""
 
 import json
 import os

@@ -40,7 +40,7 @@ Kinds (config ``parallel``):
 - ``flat``: every gradient copied into one flat tensor, all-reduced once per update
   after the backward passes and copied back (nothing overlaps the backward pass); the
   squared norm of a measured update is taken just before.
-- ``fsdp`` (first step, behind the switch): torch's FSDP2, ``fully_shard`` on every
+- ``fsdp``: torch's FSDP2, ``fully_shard`` on every
   child module that holds at least :data:`SHARD_SHARE` of the parameters (searched from
   the root down: a larger child is split further when its own children qualify), then
   on the root, before the optimizer is made (the optimizer must be built over the
